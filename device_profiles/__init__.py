@@ -1,0 +1,1 @@
+"""Device profiles: the typed `Profile` schema, the built-in TOML files and their loader."""
