@@ -29,7 +29,10 @@ test: install
 lint: install
 	$(BIN)/ruff check sdk agent converters device_profiles tests bench examples
 	$(BIN)/ruff format --check sdk agent converters device_profiles tests bench examples
-	$(BIN)/mypy -p edgefleet
+	# mypy cannot follow setuptools' editable finder, so it reads the packages through a symlinked tree.
+	mkdir -p .mypy-src/edgefleet
+	for d in sdk agent converters device_profiles; do ln -sfn ../../$$d .mypy-src/edgefleet/$$d; done
+	MYPYPATH=.mypy-src $(BIN)/mypy -p edgefleet.sdk -p edgefleet.agent -p edgefleet.converters -p edgefleet.device_profiles
 
 format: install
 	$(BIN)/ruff check --fix sdk agent converters device_profiles tests bench examples
