@@ -17,7 +17,20 @@ app = typer.Typer(
 # Each module defines `register(app)`; keeping them separate keeps `edgefleet --help` fast, because
 # heavy libraries are imported inside the commands, never at module level.
 COMMAND_MODULES: list[str] = [
+    "cli_broker",
 ]
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the edgefleet version and exit."),
+) -> None:
+    """Take a trained model to a fleet of Raspberry Pi and Jetson devices and keep it healthy there."""
+    if version:
+        from edgefleet.agent import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit(0)
 
 
 def _register_all() -> None:
