@@ -151,7 +151,7 @@ def torchvision_model(name: str, num_classes: int = 1000, seed: int = 0) -> nn.M
     builder = getattr(torchvision.models, name, None)
     if builder is None:
         raise ValueError(f"torchvision has no model {name!r}")
-    return builder(weights=None, num_classes=num_classes).eval()  # type: ignore[no-any-return]
+    return builder(weights=None, num_classes=num_classes).eval()
 
 
 def minilm_dir() -> Path:
@@ -192,7 +192,7 @@ def load_minilm() -> tuple[Any, nn.Module]:
             out = self.bert(
                 input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
             )
-            return out.last_hidden_state  # type: ignore[no-any-return]
+            return out.last_hidden_state
 
     return tokenizer, MiniLMEncoder(bert).eval()
 
