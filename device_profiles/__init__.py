@@ -1,1 +1,19 @@
 """Device profiles: the typed `Profile` schema, the built-in TOML files and their loader."""
+
+from __future__ import annotations
+
+from .errors import ProfileError
+from .loader import builtin_names, load_profile, load_profile_file
+from .schema import ISA_FEATURES, PRECISIONS, RUNTIMES, Gpu, Profile
+
+__all__ = [
+    "ISA_FEATURES",
+    "PRECISIONS",
+    "RUNTIMES",
+    "Gpu",
+    "Profile",
+    "ProfileError",
+    "builtin_names",
+    "load_profile",
+    "load_profile_file",
+]

@@ -18,6 +18,12 @@ app = typer.Typer(
 # heavy libraries are imported inside the commands, never at module level.
 COMMAND_MODULES: list[str] = [
     "cli_broker",
+    "cli_serve",
+    "cli_keys",
+    "cli_bundle",
+    "cli_build",
+    "cli_profiles",
+    "cli_fleet",
 ]
 
 

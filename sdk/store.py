@@ -422,14 +422,25 @@ class Store:
                     ],
                 )
 
-    def set_rollout_status(self, rollout_id: str, status: str, reason: str | None = None) -> None:
-        """Move a rollout to a new status (with the reason for aborts and failures)."""
+    def set_rollout_status(
+        self,
+        rollout_id: str,
+        status: str,
+        reason: str | None = None,
+        *,
+        only_from: Iterable[str] | None = None,
+    ) -> bool:
+        """Move a rollout to a new status (with the reason for aborts and failures).
+
+        With `only_from`, only when its status is one of those (compare-and-set, for another process
+        racing the engine); returns whether the row changed.
+        """
+        query = update(rollouts).where(rollouts.c.id == rollout_id)
+        if only_from is not None:
+            query = query.where(rollouts.c.status.in_(list(only_from)))
         with self._lock, self._tx() as conn:
-            conn.execute(
-                update(rollouts)
-                .where(rollouts.c.id == rollout_id)
-                .values(status=status, reason=reason, updated_at=time.time())
-            )
+            result = conn.execute(query.values(status=status, reason=reason, updated_at=time.time()))
+        return bool(result.rowcount)
 
     def set_rollout_device(
         self, rollout_id: str, device_id: str, status: str, reason: str | None = None
@@ -443,6 +454,52 @@ class Store:
                 )
                 .values(status=status, reason=reason, updated_at=time.time())
             )
+
+    def update_rollout_settings(self, rollout_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Merge `changes` into a rollout's settings (engine progress, heartbeat); returns the new settings."""
+        with self._lock, self._tx() as conn:
+            row = conn.execute(select(rollouts.c.settings).where(rollouts.c.id == rollout_id)).first()
+            if row is None:
+                raise StoreError(f"no rollout {rollout_id!r}; list them with `edgefleet rollouts`")
+            merged = dict(row[0] or {})
+            merged.update(json.loads(json.dumps(dict(changes), default=str)))
+            conn.execute(
+                update(rollouts)
+                .where(rollouts.c.id == rollout_id)
+                .values(settings=merged, updated_at=time.time())
+            )
+        return merged
+
+    def set_rollout_devices(self, rollout_id: str, updates: Sequence[tuple[str, str, str | None]]) -> None:
+        """Record several devices' progress within a rollout in one transaction: (device id, status, reason)."""
+        if not updates:
+            return
+        now = time.time()
+        with self._lock, self._tx() as conn:
+            for device_id, status, reason in updates:
+                conn.execute(
+                    update(rollout_devices)
+                    .where(
+                        (rollout_devices.c.rollout_id == rollout_id)
+                        & (rollout_devices.c.device_id == device_id)
+                    )
+                    .values(status=status, reason=reason, updated_at=now)
+                )
+
+    def update_devices(self, fleet: str, changes: Mapping[str, Mapping[str, Any]]) -> None:
+        """Update columns of several existing devices in one transaction (device id → {column: value})."""
+        unknown = {k for fields in changes.values() for k in fields} - set(devices.c.keys())
+        if unknown:
+            raise StoreError(f"unknown device field(s) {sorted(unknown)}; known: {sorted(devices.c.keys())}")
+        if not changes:
+            return
+        with self._lock, self._tx() as conn:
+            for device_id, fields in changes.items():
+                conn.execute(
+                    update(devices)
+                    .where((devices.c.fleet == fleet) & (devices.c.device_id == device_id))
+                    .values(**fields)
+                )
 
     def rollout(self, rollout_id: str) -> dict[str, Any] | None:
         """A rollout with its devices under the key `devices`, or None."""
@@ -471,7 +528,7 @@ class Store:
 
     def devices_in_active_rollouts(self, fleet: str) -> dict[str, str]:
         """Device id → rollout id for every device in a rollout that has not ended."""
-        active = ("pending", "running", "paused")
+        active = ("pending", "running", "paused", "aborting")
         query = (
             select(rollout_devices.c.device_id, rollouts.c.id)
             .join(rollouts, rollouts.c.id == rollout_devices.c.rollout_id)
@@ -564,7 +621,11 @@ class Store:
             row = conn.execute(select(devices.c.last_seq).where(key)).first()
             last = row[0] if row else None
             new_gaps = []
+            late = []
             for seq in sorted(set(numbers)):
+                if last is not None and seq <= last:
+                    late.append(seq)
+                    continue
                 if last is not None and seq > last + 1:
                     new_gaps.append(
                         {
@@ -579,6 +640,8 @@ class Store:
                     last = seq
             if new_gaps:
                 conn.execute(insert(gaps), new_gaps)
+            for seq in late:
+                self._fill_gap(conn, fleet, dev, seq)
             if row is None:
                 conn.execute(
                     insert(devices).values(
@@ -594,6 +657,33 @@ class Store:
                 )
             else:
                 conn.execute(update(devices).where(key).values(last_seq=last))
+
+    def _fill_gap(self, conn: Connection, fleet: str, device_id: str, seq: int) -> None:
+        """A late message (several ingest processes on a shared subscription, or a reordering) fills its hole."""
+        rows = conn.execute(
+            select(gaps).where(
+                (gaps.c.fleet == fleet)
+                & (gaps.c.device_id == device_id)
+                & (gaps.c.first_missing <= seq)
+                & (gaps.c.last_missing >= seq)
+            )
+        ).all()
+        for row in rows:
+            conn.execute(delete(gaps).where(gaps.c.id == row.id))
+            parts = [(row.first_missing, seq - 1), (seq + 1, row.last_missing)]
+            rest = [
+                {
+                    "fleet": fleet,
+                    "device_id": device_id,
+                    "first_missing": a,
+                    "last_missing": b,
+                    "detected_at": row.detected_at,
+                }
+                for a, b in parts
+                if a <= b
+            ]
+            if rest:
+                conn.execute(insert(gaps), rest)
 
     def gaps(self, fleet: str, device_id: str | None = None) -> list[Gap]:
         """Every sequence gap recorded for a fleet (or one device), oldest first."""

@@ -173,6 +173,8 @@ def load_minilm() -> tuple[Any, nn.Module]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from torch import nn
+
+    import_torchvision()  # transformers imports torchvision, which fails beside the CPU torch here
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_dir()

@@ -62,6 +62,8 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         text = (
             f"listener {self.port} 127.0.0.1\n"
+            # Run as root, mosquitto drops to a user that cannot write pytest's 0700 tmp folders.
+            "user root\n"
             "allow_anonymous true\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"

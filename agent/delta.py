@@ -1,0 +1,78 @@
+"""Delta updates on the device: find the base file a patch applies to, and rebuild + verify the new file.
+
+The host sends a bsdiff4 patch instead of a model file when this device runs an earlier version of the
+same model (see the `delta` object of a deploy command's file entry). The base must be a file of one of
+the device's own A/B slots with the sha256 the delta names; the rebuilt file must have the size and
+sha256 the signed manifest gives for the new file, exactly as a downloaded one must.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from .bspatch import apply_patch
+from .errors import ProtocolError, TransferError
+from .fsutil import read_json
+from .manifest import MANIFEST_FILE
+from .protocol import Code, FileTransfer
+from .slots import SLOTS, SLOTS_DIR
+
+FORMATS = ("bsdiff4",)
+
+
+def patch_transfer(target: FileTransfer, delta: Any) -> FileTransfer:
+    """The FileTransfer of the patch described by a file entry's `delta` object (validated)."""
+    if not isinstance(delta, dict) or delta.get("format") not in FORMATS:
+        raise ProtocolError(
+            Code.BAD_FIELD, f"file {target.file!r}: 'delta.format' must be one of {list(FORMATS)}"
+        )
+    base = delta.get("base_sha256")
+    if not isinstance(base, str) or len(base) != 64:
+        raise ProtocolError(Code.BAD_FIELD, f"file {target.file!r}: 'delta.base_sha256' must be a sha256")
+    spec = FileTransfer.from_obj(
+        {
+            **{k: v for k, v in delta.items() if k not in ("format", "base_sha256")},
+            "file": target.file + ".bsdiff4",
+        }
+    )
+    if spec.size > target.size * 2 + (1 << 20):
+        raise ProtocolError(
+            Code.BAD_FIELD, f"file {target.file!r}: the delta is larger than any useful patch"
+        )
+    return spec
+
+
+def find_base(state_dir: Path, base_sha256: str) -> Optional[Path]:
+    """A file of this device's slots whose signed sha256 is `base_sha256`, or None."""
+    for slot in SLOTS:
+        root = Path(state_dir) / SLOTS_DIR / slot
+        manifest = read_json(root / MANIFEST_FILE, default=None)
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            continue
+        for name, entry in files.items():
+            if isinstance(entry, dict) and entry.get("sha256") == base_sha256:
+                path = root / name
+                if path.is_file() and path.stat().st_size == entry.get("size"):
+                    return path
+    return None
+
+
+def rebuild(base: Path, patch: Path, out: Path, target: FileTransfer) -> Path:
+    """Apply `patch` to `base` into `out`; the result must match the target's signed size and sha256."""
+    data = apply_patch(base.read_bytes(), patch.read_bytes(), target.size)
+    if len(data) != target.size or hashlib.sha256(data).hexdigest() != target.sha256:
+        raise TransferError(
+            Code.HASH_MISMATCH,
+            f"the file rebuilt from the delta for {target.file!r} does not match its signed sha256",
+        )
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, out)
+    return out

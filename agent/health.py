@@ -1,0 +1,239 @@
+"""Health check of a freshly loaded model: warm-up, quality on the bundle's eval set, p95 latency, timeout.
+
+Quality is accuracy against labels `y`, or fidelity against `reference` outputs (mean row cosine or
+top-1 agreement), as the manifest's `eval` section says; the thresholds come from its `health` policy.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
+
+from .errors import AgentError
+from .telemetry import LatencyHistogram
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .manifest import EvalSpec, HealthPolicy
+
+PathLike = Union[str, "os.PathLike[str]"]
+RunFn = Callable[[Dict[str, "np.ndarray"]], Dict[str, "np.ndarray"]]
+# Quality is scored in batches of this many rows when the model takes any batch size.
+EVAL_BATCH = 64
+# Latency is measured on single requests, like the serving path; at most this many of them.
+LATENCY_RUNS = 50
+
+
+class HealthError(AgentError):
+    """The health check failed; `report` holds what was measured up to the failure."""
+
+    default_code = "health-failed"
+
+    def __init__(self, code: str, reason: str, report: Optional[HealthReport] = None) -> None:
+        self.report = report
+        super().__init__(code, reason)
+
+
+@dataclass
+class HealthReport:
+    """What a health check measured and whether it passed."""
+
+    passed: bool = False
+    metric: str = ""
+    value: Optional[float] = None
+    minimum: Optional[float] = None
+    samples: int = 0
+    top1_agreement: Optional[float] = None
+    p50_ms: Optional[float] = None
+    p95_ms: Optional[float] = None
+    max_p95_ms: Optional[float] = None
+    warmup_runs: int = 0
+    duration_s: float = 0.0
+    code: str = ""
+    reason: str = ""
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON form (floats rounded)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, float):
+                out[key] = round(value, 6) if math.isfinite(value) else None
+        return out
+
+
+@dataclass
+class EvalData:
+    """The eval set: inputs by model input name, labels or reference outputs."""
+
+    inputs: Dict[str, np.ndarray]
+    labels: Optional[np.ndarray]
+    reference: Optional[np.ndarray]
+
+    def __len__(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+
+def load_eval(path: PathLike, input_names: Sequence[str], kind: str) -> EvalData:
+    """Read eval.npz (never pickles): `x` or one array per input name, plus `y` or `reference`."""
+    import numpy as np
+
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise HealthError("eval-invalid", f"{os.fspath(path)} is not a readable .npz: {exc}") from None
+    if all(n in arrays for n in input_names):
+        inputs = {n: arrays[n] for n in input_names}
+    elif len(input_names) == 1 and "x" in arrays:
+        inputs = {input_names[0]: arrays["x"]}
+    else:
+        raise HealthError(
+            "eval-invalid",
+            f"eval.npz has arrays {sorted(arrays)}; it needs `x` or one array per model input {list(input_names)}",
+        )
+    sizes = {int(v.shape[0]) if v.ndim else 0 for v in inputs.values()}
+    if len(sizes) != 1 or 0 in sizes:
+        raise HealthError(
+            "eval-invalid", f"eval inputs must share a non-zero first dimension, got sizes {sizes}"
+        )
+    n = sizes.pop()
+    labels = arrays.get("y")
+    reference = arrays.get("reference")
+    if kind == "labels":
+        if labels is None or labels.shape[0] != n:
+            raise HealthError("eval-invalid", f"eval.npz needs labels `y` with {n} rows for kind `labels`")
+        return EvalData(inputs, labels.reshape(n, -1)[:, 0].astype(np.int64), None)
+    if reference is None or reference.shape[0] != n:
+        raise HealthError(
+            "eval-invalid", f"eval.npz needs `reference` outputs with {n} rows for kind `reference`"
+        )
+    return EvalData(inputs, None, reference)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    return np.asarray(a, dtype=np.float64).reshape(a.shape[0], -1)
+
+
+def score(outputs: np.ndarray, data: EvalData, metric: str) -> Dict[str, float]:
+    """Accuracy, mean cosine and top-1 agreement of the first output over the eval set."""
+    import numpy as np
+
+    got = _rows(outputs)
+    out: Dict[str, float] = {}
+    if data.labels is not None:
+        out["accuracy"] = float(np.mean(got.argmax(axis=1) == data.labels))
+    if data.reference is not None:
+        ref = _rows(data.reference)
+        if ref.shape != got.shape:
+            raise HealthError(
+                "eval-invalid", f"reference outputs have shape {ref.shape}, the model gives {got.shape}"
+            )
+        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+        cos = np.where(norms > 0, np.sum(ref * got, axis=1) / np.maximum(norms, 1e-30), 1.0)
+        out["cosine"] = float(np.mean(cos))
+        out["min_cosine"] = float(np.min(cos))
+        out["top1_agreement"] = (
+            float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1))) if ref.shape[1] > 1 else 1.0
+        )
+    return out
+
+
+def run_outputs(run: RunFn, data: EvalData, output_name: str, batch: int, deadline: float) -> np.ndarray:
+    """The first output over the whole eval set, in batches, checking the deadline between batches."""
+    import numpy as np
+
+    parts: List[np.ndarray] = []
+    n = len(data)
+    for start in range(0, n, batch):
+        if time.monotonic() > deadline:
+            raise HealthError(
+                "health-timeout", f"scoring the eval set ran past the timeout at row {start} of {n}"
+            )
+        feeds = {k: v[start : start + batch] for k, v in data.inputs.items()}
+        parts.append(run(feeds)[output_name])
+    return np.concatenate(parts)
+
+
+def check_health(
+    run: RunFn,
+    input_names: Sequence[str],
+    output_name: str,
+    eval_path: PathLike,
+    eval_spec: EvalSpec,
+    policy: HealthPolicy,
+    *,
+    batch_size: Optional[int] = None,
+) -> HealthReport:
+    """Warm up, score the eval set, measure p95 latency; raise HealthError naming the first failed check."""
+    started = time.monotonic()
+    deadline = started + float(policy.timeout_s)
+    report = HealthReport(
+        metric=eval_spec.metric,
+        minimum=policy.min_accuracy if eval_spec.kind == "labels" else policy.min_fidelity,
+        max_p95_ms=policy.max_p95_ms,
+        warmup_runs=policy.warmup_runs,
+    )
+
+    def fail(code: str, reason: str) -> HealthError:
+        report.passed, report.code, report.reason = False, code, reason
+        report.duration_s = time.monotonic() - started
+        return HealthError(code, reason, report)
+
+    try:
+        data = load_eval(eval_path, input_names, eval_spec.kind)
+        report.samples = len(data)
+        # A model converted with a fixed batch is timed and scored at that batch, others one row at a time.
+        one = max(1, int(batch_size or 1))
+        n = len(data)
+        single = [{k: v[i : i + one] for k, v in data.inputs.items()} for i in range(0, n - one + 1, one)]
+        single = single or [{k: v[:one] for k, v in data.inputs.items()}]
+        eval_batch = EVAL_BATCH if batch_size is None else one
+        for i in range(policy.warmup_runs):
+            if time.monotonic() > deadline:
+                raise HealthError("health-timeout", f"warm-up run {i + 1} ran past the timeout")
+            run(single[i % len(single)])
+        outputs = run_outputs(run, data, output_name, eval_batch, deadline)
+        scores = score(outputs, data, eval_spec.metric)
+        report.value = scores.get(eval_spec.metric)
+        report.top1_agreement = scores.get("top1_agreement")
+        report.extra = {k: round(v, 6) for k, v in scores.items()}
+        hist = LatencyHistogram()
+        for i in range(min(LATENCY_RUNS, len(single) * 4)):
+            if time.monotonic() > deadline:
+                raise HealthError("health-timeout", f"latency run {i + 1} ran past the timeout")
+            t0 = time.perf_counter()
+            run(single[i % len(single)])
+            hist.record((time.perf_counter() - t0) * 1000.0)
+        report.p50_ms, report.p95_ms = hist.percentile(50), hist.percentile(95)
+    except HealthError as exc:
+        raise fail(exc.code, exc.reason) from None
+    except AgentError as exc:
+        raise fail(exc.code, exc.reason) from None
+    except Exception as exc:  # the runtime failed on the bundle's own data: the model is unusable
+        raise fail(
+            "health-infer-failed", f"the model failed on its eval data: {type(exc).__name__}: {exc}"
+        ) from None
+    if time.monotonic() > deadline:
+        raise fail("health-timeout", f"the health check took longer than its {policy.timeout_s:g} s timeout")
+    if report.minimum is not None and (report.value is None or report.value < report.minimum):
+        what = "accuracy" if eval_spec.kind == "labels" else f"fidelity ({eval_spec.metric})"
+        raise fail(
+            "below-minimum",
+            f"{what} {report.value:.4f} on {report.samples} eval samples is below the manifest minimum "
+            f"{report.minimum:.4f}",
+        )
+    if policy.max_p95_ms is not None and report.p95_ms is not None and report.p95_ms > policy.max_p95_ms:
+        raise fail(
+            "latency-above-maximum",
+            f"p95 latency {report.p95_ms:.3f} ms is above the manifest maximum {policy.max_p95_ms:g} ms",
+        )
+    report.passed = True
+    report.duration_s = time.monotonic() - started
+    return report

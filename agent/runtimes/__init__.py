@@ -1,0 +1,7 @@
+"""Runtime plug-ins: one class per inference engine, registered by name; engines are imported lazily."""
+
+from __future__ import annotations
+
+from .base import RUNTIMES, Runtime, TensorInfo, load_runtime
+
+__all__ = ["RUNTIMES", "Runtime", "TensorInfo", "load_runtime"]

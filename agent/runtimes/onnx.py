@@ -1,0 +1,101 @@
+"""onnxruntime plug-in: CPU everywhere, TensorRT and CUDA execution providers first where the build has them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, List, Mapping, Optional, Sequence, Tuple
+
+from ..errors import RuntimeLoadError
+from .base import RUNTIMES, Runtime, TensorInfo
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# onnxruntime's type strings → numpy dtype names.
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int16)": "int16",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+# Preference when the profile does not say: the fastest provider present wins, CPU is always last.
+DEFAULT_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def _shape(raw: Any) -> Tuple[Optional[int], ...]:
+    return tuple(d if isinstance(d, int) and d >= 0 else None for d in (raw or ()))
+
+
+def choose_providers(requested: Sequence[str], available: Sequence[str]) -> List[str]:
+    """The requested providers this build has, in the requested order, always ending with CPU."""
+    wanted = list(requested) or list(DEFAULT_ORDER)
+    chosen = [p for p in wanted if p in available and p != "CPUExecutionProvider"]
+    chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+@RUNTIMES.register("onnxruntime")
+class OnnxRuntime(Runtime):
+    """An onnxruntime InferenceSession; `session.run` is thread-safe, so no lock is taken."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, threads: int, providers: Optional[Sequence[str]] = None) -> None:
+        super().__init__(model_path, threads, providers)
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise RuntimeLoadError(
+                "runtime-missing", "onnxruntime is not installed on this device: pip install onnxruntime"
+            ) from None
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        # One request is one graph; parallel branches are rare in edge models, extra pools cost memory.
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        chosen = choose_providers(self.requested_providers, ort.get_available_providers())
+        self._session: Any = ort.InferenceSession(
+            str(self.model_path), sess_options=options, providers=chosen
+        )
+        self._inputs = [
+            TensorInfo(i.name, _ORT_TYPES.get(i.type, "float32"), _shape(i.shape))
+            for i in self._session.get_inputs()
+        ]
+        self._outputs = [
+            TensorInfo(o.name, _ORT_TYPES.get(o.type, "float32"), _shape(o.shape))
+            for o in self._session.get_outputs()
+        ]
+        self._output_names = [o.name for o in self._outputs]
+
+    @property
+    def inputs(self) -> List[TensorInfo]:
+        """The session's inputs."""
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> List[TensorInfo]:
+        """The session's outputs."""
+        return list(self._outputs)
+
+    @property
+    def providers(self) -> List[str]:
+        """Providers the session actually got (onnxruntime drops those that fail to initialise)."""
+        session = self._session
+        return list(session.get_providers()) if session is not None else []
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+        """One session.run over all outputs."""
+        session = self._session
+        if session is None:
+            raise RuntimeLoadError("runtime-closed", f"{self.model_path.name} was unloaded")
+        return session.run(self._output_names, feeds)
+
+    def close(self) -> None:
+        """Drop the session (onnxruntime frees it when the last reference goes)."""
+        self._session = None

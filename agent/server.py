@@ -1,0 +1,402 @@
+"""The model server: serves the active model, swaps in a new one atomically, keeps serving statistics.
+
+The active model is one reference replaced under a lock. Each request takes the reference it starts
+with and holds it until it ends, so requests already running finish on the old session while new ones go
+to the new. Those references are the in-flight count: CPython frees an object the moment its last
+reference goes, and a finalizer then closes the old session, so it is closed exactly when its last
+request is done and no counter or lock sits on the request path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .errors import AgentError
+from .runtimes.base import Runtime, TensorInfo, load_runtime
+from .telemetry import LatencyHistogram
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    Inputs = Union[Mapping[str, np.ndarray], np.ndarray]
+
+# Predictions remembered for feedback; older ones are forgotten (feedback arrives within seconds).
+FEEDBACK_CAPACITY = 4096
+# Only small outputs (class scores) are kept for feedback, never embeddings.
+FEEDBACK_MAX_ELEMENTS = 4096
+
+
+class InferError(AgentError):
+    """An inference request failed: no model, inputs that do not fit the model, or a runtime error."""
+
+    default_code = "infer-failed"
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """What is serving: model name and version, slot, runtime, providers and tensor specs."""
+
+    name: str
+    version: int
+    slot: str
+    runtime: str
+    providers: Tuple[str, ...]
+    inputs: Tuple[TensorInfo, ...]
+    outputs: Tuple[TensorInfo, ...]
+    path: str
+    loaded_at: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON form."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "slot": self.slot,
+            "runtime": self.runtime,
+            "providers": list(self.providers),
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "loaded_at": round(self.loaded_at, 3),
+        }
+
+
+class InferResult:
+    """One inference: outputs by name, the request id and which model answered, and its latency."""
+
+    __slots__ = ("_id", "latency_ms", "model_name", "model_version", "outputs")
+
+    def __init__(
+        self,
+        outputs: Dict[str, np.ndarray],
+        request_id: Union[str, Tuple[str, int]],
+        model_name: str,
+        model_version: int,
+        latency_ms: float,
+    ) -> None:
+        self.outputs = outputs
+        self._id = request_id
+        self.model_name = model_name
+        self.model_version = model_version
+        self.latency_ms = latency_ms
+
+    @property
+    def request_id(self) -> str:
+        """The caller's id, or one the server made up (formatted only when read)."""
+        rid = self._id
+        return rid if isinstance(rid, str) else f"{rid[0]}-{rid[1]}"
+
+    def __repr__(self) -> str:
+        return f"InferResult({self.request_id!r}, {self.model_name} v{self.model_version}, {self.latency_ms:.3f} ms)"
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A model loaded in a runtime session, serving or not; its runtime closes when the last reference goes."""
+
+    info: ActiveModel
+    runtime: Runtime
+    dtypes: Dict[str, Any]
+    _checks: List[Tuple[str, Any, int, Optional[Tuple[int, ...]]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        import numpy as np
+
+        self._ndarray = np.ndarray
+        self._single = self.info.inputs[0].name if len(self.info.inputs) == 1 else None
+        self._output_names = tuple(t.name for t in self.info.outputs)
+        self._run = self.runtime.run
+        # The finalizer holds the runtime, never the model, so it cannot keep the model alive.
+        self._finalizer = weakref.finalize(self, self.runtime.close)
+        self._checks = []
+        for spec in self.info.inputs:
+            tail = spec.shape[1:] if spec.shape else ()
+            fixed = None if any(d is None for d in tail) else tuple(int(d) for d in tail if d is not None)
+            self._checks.append((spec.name, self.dtypes[spec.name], len(spec.shape or ()), fixed))
+
+    def prepare(self, inputs: Inputs) -> Dict[str, np.ndarray]:
+        """Map the caller's inputs onto the model's: one bare array for a one-input model, names checked, dtypes cast."""
+        # Fast path, taken by every well-formed request: the caller's arrays already fit; no copies.
+        if inputs.__class__ is self._ndarray and self._single is not None:
+            inputs = {self._single: inputs}
+        if inputs.__class__ is dict and len(inputs) == len(self._checks):
+            for name, dtype, rank, fixed in self._checks:
+                value = inputs.get(name)
+                if (
+                    value.__class__ is not self._ndarray
+                    or value.dtype != dtype
+                    or (rank and value.ndim != rank)
+                    or (fixed is not None and value.shape[1:] != fixed)
+                    or (fixed is None and not self._dims_ok(name, value.shape))
+                ):
+                    break
+            else:
+                return inputs
+        return self._prepare_checked(inputs)
+
+    def _dims_ok(self, name: str, shape: Tuple[int, ...]) -> bool:
+        spec = next(t for t in self.info.inputs if t.name == name)
+        return all(want is None or got == want for got, want in zip(shape[1:], (spec.shape or ())[1:]))
+
+    def _prepare_checked(self, inputs: Inputs) -> Dict[str, np.ndarray]:
+        """The slow path: cast what can be cast, and name exactly what does not fit."""
+        import numpy as np
+
+        names = [t.name for t in self.info.inputs]
+        if isinstance(inputs, np.ndarray):
+            if len(names) != 1:
+                raise InferError(
+                    "bad-input",
+                    f"the model takes {len(names)} inputs ({', '.join(names)}); pass them by name",
+                )
+            inputs = {names[0]: inputs}
+        if not isinstance(inputs, Mapping):
+            raise InferError("bad-input", "inputs must be an array or a mapping of input name to array")
+        unknown = sorted(str(k) for k in set(inputs) - set(names))
+        missing = [n for n in names if n not in inputs]
+        if unknown or missing:
+            raise InferError(
+                "bad-input",
+                f"inputs do not match the model: missing {missing or 'none'}, unknown {unknown or 'none'}; "
+                f"it takes {names}",
+            )
+        feeds: Dict[str, np.ndarray] = {}
+        for spec in self.info.inputs:
+            value = inputs[spec.name]
+            dtype = self.dtypes[spec.name]
+            if not isinstance(value, np.ndarray) or value.dtype != dtype:
+                try:
+                    value = np.asarray(value, dtype=dtype)
+                except (TypeError, ValueError, OverflowError) as exc:
+                    raise InferError(
+                        "bad-input", f"input {spec.name!r} is not a {dtype} array: {exc}"
+                    ) from None
+            expected = [d if d is not None else "?" for d in (spec.shape or ())]
+            if spec.shape and value.ndim != len(spec.shape):
+                raise InferError(
+                    "bad-input",
+                    f"input {spec.name!r} has shape {list(value.shape)}, the model expects rank "
+                    f"{len(spec.shape)} {expected}",
+                )
+            if not self._dims_ok(spec.name, value.shape):
+                raise InferError(
+                    "bad-input",
+                    f"input {spec.name!r} has shape {list(value.shape)}, the model expects {expected}",
+                )
+            feeds[spec.name] = value
+        return feeds
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Run prepared feeds; outputs by name."""
+        return dict(zip(self._output_names, self._run(feeds)))
+
+    def close(self) -> None:
+        """Close the runtime now (a candidate that never served); later calls do nothing."""
+        self._finalizer()
+
+
+class _Window:
+    """Serving statistics since the last telemetry message."""
+
+    def __init__(self) -> None:
+        self.hist = LatencyHistogram()
+        self.errors: Dict[str, int] = {}
+        self.feedback = 0
+        self.correct = 0
+        self.started = time.time()
+
+
+class ModelServer:
+    """Serves inferences on the active model; `load` + `activate` switch models with no failed request."""
+
+    def __init__(
+        self,
+        threads: int,
+        providers: Optional[Sequence[str]] = None,
+        feedback_capacity: int = FEEDBACK_CAPACITY,
+    ) -> None:
+        self.threads = max(1, int(threads))
+        self.providers = list(providers) if providers else None
+        self._current: Optional[LoadedModel] = None
+        self._lock = threading.Lock()
+        self._window = _Window()
+        self._totals = {"count": 0, "errors": 0}
+        self._predictions: OrderedDict[Union[str, int], np.ndarray] = OrderedDict()
+        self._feedback_capacity = max(1, int(feedback_capacity))
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}"
+
+    # -- models ----------------------------------------------------------------------------------------
+
+    def load(
+        self, model_path: Path, *, name: str, version: int, slot: str, runtime: str = "onnxruntime"
+    ) -> LoadedModel:
+        """Load a model in a second runtime session beside the serving one (nothing changes for requests)."""
+        import numpy as np
+
+        session = load_runtime(runtime, Path(model_path), self.threads, self.providers)
+        info = ActiveModel(
+            name=name,
+            version=int(version),
+            slot=slot,
+            runtime=runtime,
+            providers=tuple(session.providers),
+            inputs=tuple(session.inputs),
+            outputs=tuple(session.outputs),
+            path=str(model_path),
+            loaded_at=time.time(),
+        )
+        dtypes = {t.name: np.dtype(t.dtype) for t in info.inputs}
+        return LoadedModel(info=info, runtime=session, dtypes=dtypes)
+
+    def activate(self, model: LoadedModel) -> Optional[ActiveModel]:
+        """Make `model` serve new requests; the previous one closes when its in-flight requests end."""
+        with self._lock:
+            old, self._current = self._current, model
+        return None if old is None else old.info
+
+    def unload(self) -> Optional[ActiveModel]:
+        """Stop serving anything (requests then fail with `no-model`)."""
+        with self._lock:
+            old, self._current = self._current, None
+        return None if old is None else old.info
+
+    def discard(self, model: LoadedModel) -> None:
+        """Close a loaded model that never served (a candidate that failed its health check)."""
+        if model is not self._current:
+            model.close()
+
+    @property
+    def active(self) -> Optional[ActiveModel]:
+        """The serving model, or None."""
+        current = self._current
+        return None if current is None else current.info
+
+    @property
+    def current(self) -> Optional[LoadedModel]:
+        """The serving LoadedModel (for evaluations run by the installer)."""
+        return self._current
+
+    # -- requests --------------------------------------------------------------------------------------
+
+    def _acquire(self) -> LoadedModel:
+        # Reading one attribute is atomic; the local reference keeps this model open for the request.
+        model = self._current
+        if model is None:
+            raise InferError("no-model", "no model is installed yet; deploy a bundle to this device")
+        return model
+
+    def infer(self, inputs: Inputs, request_id: Optional[str] = None) -> InferResult:
+        """Run one inference on the active model; raises InferError('no-model' | 'bad-input' | 'infer-failed')."""
+        start = time.perf_counter()
+        try:
+            model = self._acquire()
+        except InferError as exc:
+            self._count_error(exc.code)
+            raise
+        try:
+            feeds = model.prepare(inputs)
+            outputs = model.run(feeds)
+        except Exception as exc:
+            code = exc.code if isinstance(exc, InferError) else "infer-failed"
+            self._count_error(code)
+            if isinstance(exc, InferError):
+                raise
+            # engine errors (shape mismatch at run time, …) become one type
+            raise InferError("infer-failed", f"{type(exc).__name__}: {exc}") from None
+        latency = (time.perf_counter() - start) * 1000.0
+        info = model.info
+        first = outputs[info.outputs[0].name] if info.outputs else None
+        # Server-made ids stay (prefix, number) until someone reads them: formatting costs µs.
+        key: Union[str, int] = request_id if request_id is not None else next(self._ids)
+        with self._lock:
+            self._window.hist.record(latency)
+            self._totals["count"] += 1
+            if first is not None and first.size <= FEEDBACK_MAX_ELEMENTS:
+                # Keep a reference, not the argmax: the cost is paid only when feedback arrives.
+                self._predictions[key] = first
+                if len(self._predictions) > self._feedback_capacity:
+                    self._predictions.popitem(last=False)
+        rid = key if isinstance(key, str) else (self._id_prefix, key)
+        return InferResult(outputs, rid, info.name, info.version, latency)
+
+    def _count_error(self, code: str) -> None:
+        with self._lock:
+            self._window.errors[code] = self._window.errors.get(code, 0) + 1
+            self._totals["errors"] += 1
+
+    def feedback(self, request_id: str, label: int) -> None:
+        """Record the true label of an earlier prediction; feeds live accuracy. Unknown ids raise InferError."""
+        if isinstance(label, bool) or not isinstance(label, int) or label < 0:
+            raise InferError("bad-feedback", f"label must be a class index >= 0, got {label!r}")
+        key: Union[str, int] = request_id
+        prefix, _, number = request_id.rpartition("-")
+        if prefix == self._id_prefix and number.isdigit():
+            key = int(number)
+        with self._lock:
+            scores = self._predictions.pop(key, None)
+        if scores is None:
+            raise InferError(
+                "unknown-request",
+                f"no recent prediction has request id {request_id!r} (only the last "
+                f"{self._feedback_capacity} classifier predictions are kept)",
+            )
+        predicted = int(scores.reshape(-1).argmax()) if scores.ndim <= 1 or scores.shape[0] == 1 else None
+        if predicted is None:
+            raise InferError("bad-feedback", "feedback takes one label per request; send batches row by row")
+        with self._lock:
+            self._window.feedback += 1
+            self._window.correct += int(predicted == label)
+
+    def window_stats(self, reset: bool = True) -> Dict[str, Any]:
+        """Requests, errors, latency p50/p95/p99/mean and live accuracy since the last call (reset by default)."""
+        with self._lock:
+            window = self._window
+            if reset:
+                self._window = _Window()
+            totals = dict(self._totals)
+        summary = window.hist.summary()
+        elapsed = max(1e-9, time.time() - window.started)
+        errors = sum(window.errors.values())
+        return {
+            "count": summary["count"],
+            "errors": errors,
+            "errors_by_code": dict(window.errors),
+            "rate_per_s": round(float(summary["count"] or 0) / elapsed, 2),
+            "latency_ms": {k: v for k, v in summary.items() if k != "count"},
+            "p50_ms": summary["p50_ms"],
+            "p95_ms": summary["p95_ms"],
+            "p99_ms": summary["p99_ms"],
+            "mean_ms": summary["mean_ms"],
+            "feedback": window.feedback,
+            "live_accuracy": round(window.correct / window.feedback, 4) if window.feedback else None,
+            "total_count": totals["count"],
+            "total_errors": totals["errors"],
+            "window_s": round(elapsed, 3),
+        }
+
+    def status(self) -> Dict[str, Any]:
+        """The serving model, for the local API when it fronts a bare server."""
+        active = self.active
+        return {"active": None if active is None else active.to_dict()}
+
+    @contextmanager
+    def hold(self) -> Iterator[LoadedModel]:
+        """The serving model, kept open for the duration of the block even if a switch happens meanwhile."""
+        model = self._acquire()
+        yield model
+
+    def run_on(self, model: LoadedModel, inputs: Inputs) -> Dict[str, np.ndarray]:
+        """Run a model that may not be serving (health checks); not counted in serving statistics."""
+        return model.run(model.prepare(inputs))
+
+
+__all__: List[str] = ["ActiveModel", "InferError", "InferResult", "LoadedModel", "ModelServer"]

@@ -1,0 +1,231 @@
+"""torch → ONNX (opset ≥ 17, dynamic batch) through the TorchScript exporter or dynamo, with parity."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import numpy as np
+
+from .base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
+from .parity import ParityTolerance, check_parity, compare_many
+from .runners import OnnxRunner
+
+if TYPE_CHECKING:
+    from torch import nn
+
+MIN_OPSET = 17
+EXPORTERS = ("torchscript", "dynamo", "auto")
+
+
+def torch_outputs(model: Any, sample_inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a torch module on numpy inputs (in order) and flatten its outputs into numpy arrays."""
+    import torch
+
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)) for a in sample_inputs.values()]
+    with torch.no_grad():
+        out = model(*tensors)
+    return flatten_outputs(out)
+
+
+def flatten_outputs(out: Any) -> list[np.ndarray]:
+    """Tensors, tuples/lists and dicts of tensors → a flat list of numpy arrays, in order."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return [out.detach().cpu().numpy()]
+    if isinstance(out, dict):
+        return [a for v in out.values() for a in flatten_outputs(v)]
+    if isinstance(out, (list, tuple)):
+        return [a for v in out for a in flatten_outputs(v)]
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        return flatten_outputs(out.to_tuple())
+    raise ConversionError(
+        f"model output of type {type(out).__name__} is not a tensor, tuple or dict of tensors"
+    )
+
+
+def as_module(model: Any) -> nn.Module:
+    """An nn.Module (or ScriptModule) from a module or a torch.export ExportedProgram, in eval mode."""
+    import torch
+
+    if isinstance(model, torch.export.ExportedProgram):
+        return model.module()
+    if not isinstance(model, torch.nn.Module):
+        raise ConversionError(f"expected a torch nn.Module or ExportedProgram, got {type(model).__name__}")
+    # ExportedProgram.module() gives a GraphModule whose eval() is not supported; keep it as it is.
+    if not isinstance(model, torch.fx.GraphModule):
+        model.eval()
+    return model
+
+
+@CONVERTERS.register("torch-onnx")
+class TorchToOnnx(Converter):
+    """Export a torch module to ONNX with a dynamic batch dimension and check parity in onnxruntime.
+
+    Options: `opset` (≥ 17, default 17), `exporter` ("torchscript" default — it gave a 12–20 % faster
+    MiniLM graph than dynamo on this machine at equal parity —, "dynamo", or "auto": export with both
+    and keep the one onnxruntime runs faster on the sample inputs), `output_names`.
+    """
+
+    name = "torch-onnx"
+    source = "torch"
+    target = "onnx"
+    requires = ("torch", "onnx", "onnxruntime")
+    default_tolerance = ParityTolerance(atol=1e-4, rtol=1e-3, min_top1_agreement=0.99, min_cosine=0.9999)
+
+    def convert(self, model: Any, out_path: Path, sample_inputs: dict[str, np.ndarray]) -> ConversionResult:
+        """Export `model` to `out_path` and compare onnxruntime's outputs with torch's."""
+        self.check_available()
+        opset = int(self.options.get("opset", MIN_OPSET))
+        if opset < MIN_OPSET:
+            raise ConversionError(f"opset {opset} is too old; use {MIN_OPSET} or newer")
+        exporter = str(self.options.get("exporter", "torchscript"))
+        if exporter not in EXPORTERS:
+            raise ConversionError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+        if not sample_inputs:
+            raise ConversionError("torch → ONNX needs at least one sample input to trace the model")
+        module = as_module(model)
+        reference = torch_outputs(module, sample_inputs)
+        out_path = Path(out_path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        details: dict[str, Any] = {"opset": opset}
+        if exporter == "auto":
+            paths: dict[str, Path] = {}
+            errors: dict[str, str] = {}
+            for candidate in ("torchscript", "dynamo"):
+                path = out_path.with_name(f"{out_path.stem}.{candidate}.onnx")
+                try:
+                    self._export(module, path, sample_inputs, len(reference), opset, candidate)
+                    paths[candidate] = path
+                except ConversionError as exc:
+                    errors[candidate] = str(exc)
+            if not paths:
+                raise ConversionError("; ".join(f"{k}: {v}" for k, v in errors.items()))
+            timings = _interleaved_median_ms(paths, sample_inputs)
+            exporter = min(timings, key=lambda k: timings[k])
+            out_path.unlink(missing_ok=True)
+            paths[exporter].replace(out_path)
+            for other, path in paths.items():
+                if other != exporter:
+                    path.unlink(missing_ok=True)
+            details["exporter_ms"] = timings
+            details["exporter_errors"] = errors
+        else:
+            self._export(module, out_path, sample_inputs, len(reference), opset, exporter)
+        details["exporter"] = exporter
+        runner = OnnxRunner(out_path)
+        try:
+            got = runner.run(dict(zip([s.name for s in runner.inputs], sample_inputs.values())))
+            parity = compare_many(reference, got)
+        except (ValueError, ConversionError) as exc:
+            out_path.unlink(missing_ok=True)
+            raise ConversionError(
+                f"the exported ONNX model does not run like the torch model: {exc}"
+            ) from exc
+        try:
+            check_parity(parity, self.tolerance, f"torch → ONNX ({exporter})")
+        except Exception:
+            out_path.unlink(missing_ok=True)
+            raise
+        return ConversionResult(
+            path=out_path,
+            parity=parity,
+            format="onnx",
+            inputs=runner.inputs,
+            outputs=runner.outputs,
+            details=details,
+        )
+
+    def _export(
+        self,
+        module: nn.Module,
+        path: Path,
+        sample_inputs: dict[str, np.ndarray],
+        n_outputs: int,
+        opset: int,
+        exporter: str,
+    ) -> None:
+        """Run one exporter; library errors become ConversionError naming the unsupported piece."""
+        import torch
+
+        names = list(sample_inputs)
+        output_names = list(
+            self.options.get("output_names")
+            or (["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)])
+        )
+        args = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in sample_inputs.values())
+        try:
+            if exporter == "dynamo":
+                batch = torch.export.Dim("batch")
+                dynamic_shapes = tuple({0: batch} for _ in args)
+                program = torch.onnx.export(
+                    module,
+                    args,
+                    input_names=names,
+                    output_names=output_names,
+                    opset_version=opset,
+                    dynamo=True,
+                    dynamic_shapes=dynamic_shapes,
+                    verbose=False,
+                )
+                if program is None:
+                    raise ConversionError("the dynamo exporter returned no program")
+                program.save(str(path))
+            else:
+                axes = {n: {0: "batch"} for n in [*names, *output_names]}
+                torch.onnx.export(
+                    module,
+                    args,
+                    str(path),
+                    input_names=names,
+                    output_names=output_names,
+                    dynamic_axes=axes,
+                    opset_version=opset,
+                    dynamo=False,
+                    do_constant_folding=True,
+                )
+        except ConversionError:
+            raise
+        except Exception as exc:  # exporters raise many types (UnsupportedOperatorError, TorchExportError…)
+            path.unlink(missing_ok=True)
+            raise ConversionError(
+                f"torch → ONNX ({exporter} exporter, opset {opset}) failed: {short_reason(exc)}. "
+                "If an operator is unsupported, try --exporter dynamo, a newer opset, or the tflite target"
+            ) from exc
+
+
+def _interleaved_median_ms(
+    paths: dict[str, Path], sample_inputs: dict[str, np.ndarray], runs: int = 20
+) -> dict[str, float]:
+    """Median single-thread onnxruntime latency of each file, runs alternating so load drift hits all alike."""
+    runners = {name: OnnxRunner(path, threads=1) for name, path in paths.items()}
+    feeds = {
+        name: dict(zip([s.name for s in runner.inputs], sample_inputs.values()))
+        for name, runner in runners.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for name, runner in runners.items():
+        runner.run(feeds[name])  # warm-up
+    for _ in range(runs):
+        for name, runner in runners.items():
+            start = time.perf_counter()
+            runner.run(feeds[name])
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def export_onnx(
+    model: Any,
+    out_path: Path,
+    sample_inputs: dict[str, np.ndarray],
+    *,
+    opset: int = MIN_OPSET,
+    exporter: str = "torchscript",
+    tolerance: Optional[ParityTolerance] = None,
+) -> ConversionResult:
+    """Shortcut: torch → ONNX with parity, as `CONVERTERS.get("torch-onnx")` does it."""
+    return TorchToOnnx(tolerance=tolerance, opset=opset, exporter=exporter).convert(
+        model, out_path, sample_inputs
+    )

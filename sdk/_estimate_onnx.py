@@ -1,0 +1,398 @@
+"""Per-op FLOPs and bytes of an ONNX graph, from onnx shape inference with dynamic dims bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from .estimate import EstimateError, ModelCost, OpCost, prod
+
+# FLOPs per output element of cheap ops; a multiply-add counts 2 everywhere.
+_PER_ELEMENT: dict[str, float] = {
+    **dict.fromkeys(
+        (
+            "Add",
+            "Sub",
+            "Mul",
+            "Div",
+            "Relu",
+            "LeakyRelu",
+            "PRelu",
+            "Sigmoid",
+            "Tanh",
+            "Clip",
+            "Erf",
+            "Sqrt",
+            "Pow",
+            "Max",
+            "Min",
+            "Neg",
+            "Exp",
+            "Log",
+            "Abs",
+            "Reciprocal",
+            "HardSigmoid",
+            "HardSwish",
+            "Elu",
+            "Selu",
+            "Softplus",
+            "Gelu",
+            "FastGelu",
+            "BiasGelu",
+            "QuickGelu",
+            "Where",
+            "Equal",
+            "Less",
+            "LessOrEqual",
+            "Greater",
+            "GreaterOrEqual",
+            "Not",
+            "And",
+            "Or",
+            "Mod",
+            "Floor",
+            "Ceil",
+            "Round",
+            "Sign",
+            "Sin",
+            "Cos",
+            "Mish",
+            "Sum",
+            "Mean",
+            "BiasAdd",
+            "IsNaN",
+            "IsInf",
+        ),
+        1.0,
+    ),
+    # max, subtract, exp, sum, divide
+    "Softmax": 5.0,
+    "LogSoftmax": 5.0,
+    # mean, variance, normalise, scale, shift
+    **dict.fromkeys(
+        (
+            "LayerNormalization",
+            "SimplifiedLayerNormalization",
+            "SkipLayerNormalization",
+            "SkipSimplifiedLayerNormalization",
+            "InstanceNormalization",
+            "GroupNormalization",
+        ),
+        8.0,
+    ),
+    "BatchNormalization": 2.0,
+    "QuantizeLinear": 2.0,
+    "DequantizeLinear": 2.0,
+    "DynamicQuantizeLinear": 4.0,
+}
+# Ops whose FLOPs are one per input element (reductions, global pools).
+_PER_INPUT_ELEMENT = frozenset(
+    (
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceL2",
+        "ReduceL1",
+        "ReduceSumSquare",
+        "ReduceLogSumExp",
+        "ArgMax",
+        "ArgMin",
+        "TopK",
+        "CumSum",
+    )
+)
+# Ops that only move data: no FLOPs, but their bytes count.
+_DATA_MOVEMENT = frozenset(
+    (
+        "Transpose",
+        "Concat",
+        "Gather",
+        "GatherElements",
+        "GatherND",
+        "Slice",
+        "Split",
+        "Cast",
+        "Expand",
+        "Pad",
+        "Tile",
+        "Resize",
+        "Upsample",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "ScatterND",
+        "ScatterElements",
+        "ConstantOfShape",
+        "Range",
+        "Trilu",
+        "NonZero",
+        "OneHot",
+    )
+)
+_GATHERS = frozenset(("Gather", "GatherElements", "GatherND"))
+# Ops that change only metadata (or vanish at inference): free.
+_FREE = frozenset(
+    ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Shape", "Size", "Identity", "Constant", "Dropout")
+)
+_INT8_OPS = frozenset(
+    ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul")
+)
+_HEAVY = frozenset(
+    ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedMatMul", "FusedConv", "FusedGemm", *_INT8_OPS)
+)
+_FP16 = 10  # onnx.TensorProto.FLOAT16
+_INT8_TYPES = (2, 3)  # UINT8, INT8
+
+
+class _Graph:
+    """Shapes, element sizes and weights of a shape-inferred graph."""
+
+    def __init__(self, model: Any) -> None:
+        import onnx
+
+        graph = model.graph
+        self.shapes: dict[str, Optional[tuple[int, ...]]] = {}
+        self.elem: dict[str, int] = {}
+        self.weights: set[str] = set()
+        self.producer: dict[str, Any] = {}
+        for init in graph.initializer:
+            self.shapes[init.name] = tuple(int(d) for d in init.dims)
+            self.elem[init.name] = init.data_type
+            self.weights.add(init.name)
+        for info in [*graph.input, *graph.value_info, *graph.output]:
+            if info.name in self.weights or not info.type.HasField("tensor_type"):
+                continue
+            ttype = info.type.tensor_type
+            self.elem[info.name] = ttype.elem_type
+            if not ttype.HasField("shape"):
+                self.shapes.setdefault(info.name, None)
+                continue
+            dims = [d.dim_value if d.HasField("dim_value") else -1 for d in ttype.shape.dim]
+            self.shapes[info.name] = tuple(dims) if all(d >= 0 for d in dims) else None
+        for node in graph.node:
+            for out in node.output:
+                self.producer[out] = node
+            if node.op_type == "Constant":
+                # Constant outputs are weights: read once, by the op that first uses them.
+                self.weights.update(node.output)
+                for attr in node.attribute:
+                    if attr.name == "value":
+                        self.shapes[node.output[0]] = tuple(int(d) for d in attr.t.dims)
+                        self.elem[node.output[0]] = attr.t.data_type
+        self._itemsize: dict[int, int] = {}
+        self._onnx = onnx
+
+    def shape(self, name: str) -> Optional[tuple[int, ...]]:
+        """The static shape of a tensor, None when unknown."""
+        return self.shapes.get(name)
+
+    def nbytes(self, name: str) -> int:
+        """Bytes of a tensor with a known shape, 0 when unknown."""
+        shape = self.shape(name)
+        elem = self.elem.get(name)
+        if shape is None or elem is None or elem == 0:
+            return 0
+        if elem not in self._itemsize:
+            try:
+                self._itemsize[elem] = int(self._onnx.helper.tensor_dtype_to_np_dtype(elem).itemsize)
+            except (KeyError, TypeError, ValueError):
+                self._itemsize[elem] = 4
+        return prod(shape) * self._itemsize[elem]
+
+    def is_quantized_input(self, name: str) -> bool:
+        """Whether a tensor comes from DequantizeLinear of int8/uint8 data (a QDQ graph)."""
+        node = self.producer.get(name)
+        return bool(
+            node is not None
+            and node.op_type == "DequantizeLinear"
+            and self.elem.get(node.input[0]) in _INT8_TYPES
+        )
+
+
+def onnx_costs(path: Path, batch_size: int, dims: dict[str, int]) -> ModelCost:
+    """Shape-infer the ONNX model at `batch_size` and cost every node of its main graph."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError and friends for a corrupt file
+        raise EstimateError(f"{path}: not a readable ONNX model ({exc})") from None
+    batch = _bind_inputs(model, batch_size, dims, path)
+    inferred = _infer_shapes(model, path)
+    graph = _Graph(inferred)
+    ops: list[OpCost] = []
+    unknown: list[str] = []
+    read_weights: set[str] = set()
+    for node in inferred.graph.node:
+        flops, heavy, known = _node_flops(node, graph)
+        if not known and node.op_type not in unknown:
+            unknown.append(node.op_type)
+        if node.op_type in _FREE:
+            ops.append(OpCost(node.name or node.op_type, node.op_type, 0.0, 0.0, "fp32", False))
+            continue
+        moved = 0
+        for position, name in enumerate(node.input):
+            if not name:
+                continue
+            if position == 0 and node.op_type in _GATHERS:
+                # an embedding lookup reads the rows it returns, not the whole table
+                moved += min(graph.nbytes(name), graph.nbytes(node.output[0]))
+                continue
+            if name in graph.weights:
+                if name in read_weights:
+                    continue
+                read_weights.add(name)
+            moved += graph.nbytes(name)
+        if node.op_type == "DequantizeLinear" and node.input[0] in graph.weights:
+            # Runtimes fold the dequantization of a constant weight; its consumer reads the int8 weight.
+            graph.weights.add(node.output[0])
+            read_weights.add(node.output[0])
+            flops = 0.0
+        else:
+            moved += sum(graph.nbytes(out) for out in node.output if out)
+        ops.append(
+            OpCost(
+                node.name or node.op_type,
+                node.op_type,
+                float(flops),
+                float(moved),
+                _precision(node, graph),
+                heavy,
+            )
+        )
+    return ModelCost("onnx", batch, tuple(ops), tuple(unknown))
+
+
+def _infer_shapes(model: Any, path: Path) -> Any:
+    """The model with static shapes on every value it can infer.
+
+    onnxruntime's symbolic shape inference first: it resolves shapes computed at run time (BERT's
+    Shape→Gather→Concat→Reshape chains) that onnx's own inference leaves unknown; onnx's is the fallback
+    for graphs the symbolic pass rejects (it gives up on some contrib ops).
+    """
+    import onnx
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+        if inferred is not None:
+            return inferred
+    except Exception:  # any failure of the optional pass: onnx's inference below still works
+        pass
+    try:
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference errors on exotic graphs: name the file and keep the cause
+        raise EstimateError(f"{path}: ONNX shape inference failed: {exc}") from None
+
+
+def _bind_inputs(model: Any, batch_size: int, dims: dict[str, int], path: Path) -> int:
+    """Give every dynamic input dim a value: the first dim is the batch, others come from `dims`."""
+    initializers = {init.name for init in model.graph.initializer}
+    unbound: list[str] = []
+    batch = batch_size
+    for inp in model.graph.input:
+        if inp.name in initializers or not inp.type.HasField("tensor_type"):
+            continue
+        for index, dim in enumerate(inp.type.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                if index == 0:
+                    batch = int(dim.dim_value)  # a static batch is what the model runs at
+                continue
+            label = dim.dim_param or f"{inp.name}[{index}]"
+            if label in dims:
+                dim.dim_value = int(dims[label])
+            elif index == 0:
+                dim.dim_value = batch_size
+            else:
+                unbound.append(label)
+    if unbound:
+        names = ", ".join(sorted(set(unbound)))
+        raise EstimateError(
+            f"{path}: dynamic input dimensions {names} need a value; pass dims={{'{unbound[0]}': N, ...}} "
+            "(e.g. the sequence length)"
+        )
+    return batch
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    """An attribute's value (ints, int, float) or `default`."""
+    import onnx
+
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def _node_flops(node: Any, graph: _Graph) -> tuple[float, bool, bool]:
+    """(FLOPs, is heavy, op type known) of one node; unknown shapes give 0 FLOPs."""
+    op = node.op_type
+    out = graph.shape(node.output[0]) if node.output else None
+    if op in _FREE or op in _DATA_MOVEMENT:
+        return 0.0, False, True
+    if op in _PER_ELEMENT:
+        return (_PER_ELEMENT[op] * prod(out) if out is not None else 0.0), False, True
+    if op in _PER_INPUT_ELEMENT:
+        shape = graph.shape(node.input[0])
+        return (float(prod(shape)) if shape is not None else 0.0), False, True
+    if op in ("MaxPool", "AveragePool", "LpPool"):
+        kernel = _attr(node, "kernel_shape", [])
+        return (float(prod(out) * prod(kernel)) if out is not None else 0.0), False, True
+    if op in _HEAVY:
+        return _heavy_flops(node, graph, out), True, True
+    # Unknown op: one FLOP per output element, and say so in the estimate.
+    return (float(prod(out)) if out is not None else 0.0), False, False
+
+
+def _heavy_flops(node: Any, graph: _Graph, out: Optional[tuple[int, ...]]) -> float:
+    """FLOPs of a convolution or matrix product (multiply-add = 2)."""
+    op = node.op_type
+    if op == "MatMulNBits":
+        a = graph.shape(node.input[0])
+        k, n = int(_attr(node, "K", 0)), int(_attr(node, "N", 0))
+        return 2.0 * prod(a[:-1]) * k * n if a is not None else 0.0
+    if out is None:
+        return 0.0
+    if op in ("Conv", "ConvInteger", "QLinearConv", "FusedConv"):
+        w = graph.shape(node.input[3 if op == "QLinearConv" else 1])
+        if w is None:
+            return 0.0
+        flops = 2.0 * prod(out) * prod(w[1:])
+        bias_index = 8 if op == "QLinearConv" else 2
+        if len(node.input) > bias_index and node.input[bias_index]:
+            flops += prod(out)
+        return flops
+    if op == "ConvTranspose":
+        x, w = graph.shape(node.input[0]), graph.shape(node.input[1])
+        if x is None or w is None:
+            return 0.0
+        return 2.0 * prod(x) * prod(w[1:])
+    if op in ("Gemm", "FusedGemm"):
+        a = graph.shape(node.input[0])
+        if a is None:
+            return 0.0
+        k = a[0] if _attr(node, "transA", 0) else a[-1]
+        flops = 2.0 * prod(out) * k
+        if len(node.input) > 2 and node.input[2]:
+            flops += prod(out)
+        return flops
+    # MatMul, MatMulInteger, QLinearMatMul, FusedMatMul, DynamicQuantizeMatMul: K is A's last dim.
+    a = graph.shape(node.input[0])
+    if a is None or not a:
+        return 0.0
+    return 2.0 * prod(out) * a[-1]
+
+
+def _precision(node: Any, graph: _Graph) -> str:
+    """The precision a node computes in: int8 for quantized kernels, fp16 for fp16 inputs, else fp32."""
+    if node.op_type in _INT8_OPS:
+        return "int8"
+    if node.op_type in _HEAVY and any(graph.is_quantized_input(name) for name in node.input[:2] if name):
+        return "int8"
+    if node.input and graph.elem.get(node.input[0]) == _FP16:
+        return "fp16"
+    return "fp32"

@@ -1,0 +1,151 @@
+"""The candidates a build tries for a profile: formats × precisions × pruning levels × runtimes."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .compress.base import COMPRESSORS
+
+DEFAULT_PRUNE_LEVELS = (0.3, 0.5)
+STATIC_CALIBRATIONS = ("minmax", "entropy", "percentile")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One plug-in to run: its registry name and parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CandidateSpec:
+    """How to produce one candidate: torch-stage steps, the target format, then format-stage steps."""
+
+    id: str
+    format: str  # "onnx" or "tflite"
+    precision: str  # "fp32", "fp16", "int8", "int8-mixed"
+    runtime: str  # "onnxruntime" or "tflite"
+    torch_steps: tuple[Step, ...] = ()
+    onnx_steps: tuple[Step, ...] = ()
+    tflite_quant: Optional[Step] = None  # a torch-stage step that converts straight to .tflite
+    baseline: bool = False
+
+    @property
+    def variant(self) -> str:
+        """Key of the torch model this candidate starts from (shared by candidates with equal steps)."""
+        return "+".join(f"{s.name}:{sorted(s.params.items())}" for s in self.torch_steps) or "base"
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Knobs of the plan: pruning levels, fine-tune epochs, which families to try."""
+
+    prune_levels: tuple[float, ...] = DEFAULT_PRUNE_LEVELS
+    finetune_epochs: int = 10
+    static_calibrations: tuple[str, ...] = STATIC_CALIBRATIONS
+    mixed_precision: bool = True
+    tflite: bool = True
+    only: tuple[str, ...] = ()  # candidate ids to keep (empty: all)
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _onnx_family(
+    prefix: str, precisions: set[str], has_calib: bool, calibrations: tuple[str, ...]
+) -> list[tuple[str, str, tuple[Step, ...]]]:
+    """(id suffix, precision, onnx steps) for one torch variant on onnxruntime."""
+    out: list[tuple[str, str, tuple[Step, ...]]] = [
+        (f"{prefix}onnx-fp32-opt", "fp32", (Step("onnx-optimize", {"ort_level": "extended"}),))
+    ]
+    if "fp16" in precisions:
+        out.append((f"{prefix}onnx-fp16", "fp16", (Step("ort-fp16"),)))
+    if "int8" in precisions:
+        out.append((f"{prefix}onnx-int8-dynamic", "int8", (Step("ort-dynamic-int8", {"per_channel": True}),)))
+        if has_calib:
+            for method in calibrations:
+                out.append(
+                    (
+                        f"{prefix}onnx-int8-static-{method}",
+                        "int8",
+                        (Step("ort-static-int8", {"calibration": method, "per_channel": True}),),
+                    )
+                )
+    return out
+
+
+def plan_candidates(
+    stage: str,
+    *,
+    runtimes: list[str],
+    precisions: list[str],
+    has_calib: bool,
+    options: PlanOptions = PlanOptions(),
+) -> list[CandidateSpec]:
+    """Every candidate worth producing for a model at `stage` on a device with these runtimes/precisions."""
+    precision_set = {p.lower() for p in precisions}
+    specs: list[CandidateSpec] = []
+    if stage == "tflite":
+        # A .tflite file cannot be re-quantized without its source; it is measured as given.
+        return [CandidateSpec("tflite-as-given", "tflite", "fp32", "tflite", baseline=True)]
+    if "onnxruntime" in runtimes:
+        specs.append(CandidateSpec("onnx-fp32", "onnx", "fp32", "onnxruntime", baseline=True))
+        for cid, precision, steps in _onnx_family("", precision_set, has_calib, options.static_calibrations):
+            specs.append(CandidateSpec(cid, "onnx", precision, "onnxruntime", onnx_steps=steps))
+        if options.mixed_precision and "int8" in precision_set and has_calib and "mixed-int8" in COMPRESSORS:
+            specs.append(
+                CandidateSpec(
+                    "onnx-int8-mixed", "onnx", "int8-mixed", "onnxruntime", onnx_steps=(Step("mixed-int8"),)
+                )
+            )
+    if stage == "torch" and "onnxruntime" in runtimes and has_calib and "prune-channels" in COMPRESSORS:
+        for level in options.prune_levels:
+            prune = Step("prune-channels", {"amount": level, "finetune_epochs": options.finetune_epochs})
+            tag = f"pruned{round(level * 100)}-"
+            specs.append(
+                CandidateSpec(
+                    f"{tag}onnx-fp32",
+                    "onnx",
+                    "fp32",
+                    "onnxruntime",
+                    torch_steps=(prune,),
+                    onnx_steps=(Step("onnx-optimize", {"ort_level": "extended"}),),
+                )
+            )
+            if "int8" in precision_set:
+                specs.append(
+                    CandidateSpec(
+                        f"{tag}onnx-int8-static-minmax",
+                        "onnx",
+                        "int8",
+                        "onnxruntime",
+                        torch_steps=(prune,),
+                        onnx_steps=(Step("ort-static-int8", {"calibration": "minmax", "per_channel": True}),),
+                    )
+                )
+    if stage == "torch" and "tflite" in runtimes and options.tflite and _has("litert_torch"):
+        specs.append(
+            CandidateSpec("tflite-fp32", "tflite", "fp32", "tflite", baseline="onnxruntime" not in runtimes)
+        )
+        if "int8" in precision_set:
+            specs.append(
+                CandidateSpec(
+                    "tflite-dynamic-int8", "tflite", "int8", "tflite", tflite_quant=Step("tflite-dynamic")
+                )
+            )
+            if has_calib:
+                specs.append(
+                    CandidateSpec("tflite-int8", "tflite", "int8", "tflite", tflite_quant=Step("tflite-int8"))
+                )
+        if "fp16" in precision_set:
+            specs.append(
+                CandidateSpec("tflite-fp16", "tflite", "fp16", "tflite", tflite_quant=Step("tflite-fp16"))
+            )
+    if options.only:
+        keep = set(options.only)
+        specs = [s for s in specs if s.id in keep or s.baseline]
+    return specs

@@ -1,0 +1,206 @@
+"""`edgefleet build MODEL --profile NAME ... -o BUNDLE`: convert, compress, measure, pick, bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a user error to stderr and return the Exit to raise."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False, markup=True)
+    return typer.Exit(code)
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def candidates_table(report: dict[str, Any]) -> Table:
+    """A rich table of every candidate in a build report, the chosen one marked."""
+    from rich.table import Table
+
+    metric = report["data"].get("metric") or "quality"
+    table = Table(title=f"build for {report['profile']['name']}: {len(report['candidates'])} candidates")
+    for column in (
+        "candidate",
+        "format",
+        "precision",
+        "size KB",
+        metric,
+        "drop",
+        "p50 ms",
+        "p95 ms",
+        "× fp32",
+        "target ms",
+        "status",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("candidate", "format", "precision", "status") else "right"
+        )
+    for cand in report["candidates"]:
+        quality = cand.get("quality") or {}
+        latency = cand.get("host_latency_ms") or {}
+        status = cand["status"]
+        style = (
+            "bold green"
+            if cand["id"] == report["chosen"]
+            else ("red" if status == "failed" else ("yellow" if status == "over-budget" else ""))
+        )
+        label = f"{cand['id']} ✓" if cand["id"] == report["chosen"] else cand["id"]
+        table.add_row(
+            label,
+            cand["format"],
+            cand["precision"],
+            _fmt(cand["size_bytes"] / 1024 if cand.get("size_bytes") else None, ".1f"),
+            _fmt(quality.get("value"), ".4f"),
+            _fmt(cand.get("accuracy_drop"), "+.4f"),
+            _fmt(latency.get("p50"), ".3f"),
+            _fmt(latency.get("p95"), ".3f"),
+            _fmt(cand.get("speedup_vs_fp32"), ".2f"),
+            _fmt(cand.get("estimated_target_latency_ms"), ".2f"),
+            status if status == "ok" else f"{status}: {cand['reason']}",
+            style=style,
+        )
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    """Attach `build` to the app."""
+
+    @app.command("build")
+    def build_command(
+        model: Path = typer.Argument(
+            ..., help="TorchScript / ExportedProgram (.pt, .pt2), .onnx or .tflite file."
+        ),
+        profile: str = typer.Option(
+            ..., "--profile", "-p", help="Device profile name or the path of a profile TOML."
+        ),
+        out: Optional[Path] = typer.Option(
+            None, "--out", "-o", help="Bundle folder to write (report.json goes inside)."
+        ),
+        calib: Optional[Path] = typer.Option(
+            None, "--calib", help=".npz with 'x' (and optional 'y') for calibration."
+        ),
+        eval_data: Optional[Path] = typer.Option(
+            None, "--eval", help=".npz with 'x' and optional labels 'y' for evaluation."
+        ),
+        max_accuracy_drop: float = typer.Option(
+            0.01,
+            "--max-accuracy-drop",
+            help="Largest accuracy loss allowed (0.01 = one point; 1 − cosine without labels).",
+        ),
+        input_shape: Optional[str] = typer.Option(
+            None,
+            "--input-shape",
+            help="Input shape(s) when no data is given, e.g. 1,3,224,224 (';' between inputs).",
+        ),
+        key: Optional[Path] = typer.Option(
+            None, "--key", help="Signing key (default: the fleet key from `edgefleet keys init`)."
+        ),
+        name: Optional[str] = typer.Option(
+            None, "--name", help="Model name in the manifest (default: the file's stem)."
+        ),
+        only: Optional[str] = typer.Option(
+            None, "--only", help="Comma-separated candidate ids to try (the fp32 baseline always runs)."
+        ),
+        no_prune: bool = typer.Option(False, "--no-prune", help="Skip the pruned candidates."),
+        finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="Fine-tune epochs after pruning."),
+        threads: Optional[int] = typer.Option(
+            None, "--threads", help="Threads for host latency (default: the profile's)."
+        ),
+        force: bool = typer.Option(False, "--force", help="Replace an existing bundle in the output folder."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    ) -> None:
+        """Build MODEL for a device profile: convert, compress, measure every candidate, pick, and bundle."""
+        from rich.console import Console
+
+        from edgefleet.sdk.build_errors import BudgetError, BuildError
+        from edgefleet.sdk.builder import PlanOptions, build
+        from edgefleet.sdk.model_io import parse_input_shape
+
+        console = Console(stderr=as_json)
+        plan = PlanOptions(
+            prune_levels=() if no_prune else PlanOptions().prune_levels,
+            finetune_epochs=finetune_epochs,
+            only=tuple(s.strip() for s in only.split(",") if s.strip()) if only else (),
+        )
+        try:
+            shapes = parse_input_shape(input_shape) if input_shape else None
+            result = _run_with_progress(
+                console,
+                lambda progress: build(
+                    model,
+                    profile,
+                    calib=calib,
+                    eval=eval_data,
+                    max_accuracy_drop=max_accuracy_drop,
+                    out=out,
+                    input_shape=shapes,
+                    plan=plan,
+                    threads=threads,
+                    private_key=key,
+                    progress=progress,
+                    overwrite=force,
+                    name=name or _safe_name(model.stem),
+                ),
+                quiet=as_json,
+            )
+        except BudgetError as exc:
+            if as_json:
+                typer.echo(json.dumps({"error": str(exc), "closest": exc.candidates}, indent=2))
+            raise _fail(str(exc), 2) from None
+        except BuildError as exc:
+            raise _fail(str(exc)) from None
+        if as_json:
+            typer.echo(
+                json.dumps(
+                    {**result.report, "bundle": str(result.bundle_dir) if result.bundle_dir else None},
+                    indent=2,
+                )
+            )
+            return
+        console.print(candidates_table(result.report))
+        console.print(f"[bold]chosen:[/] {result.chosen.id} — {result.reason}", highlight=False)
+        if result.bundle_dir is not None:
+            console.print(f"bundle written to {result.bundle_dir} (report.json inside)", highlight=False)
+
+
+def _safe_name(stem: str) -> str:
+    """A manifest-safe model name from a file stem (letters, digits, '.', '_', '-')."""
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "-" for c in stem).strip("-._")
+    return cleaned[:128] or "model"
+
+
+def _run_with_progress(console: Any, work: Any, quiet: bool) -> Any:
+    """Run `work(progress)` under a rich progress bar (no bar with --json)."""
+    if quiet:
+        import contextlib
+        import sys
+
+        # Libraries print progress to stdout; with --json, stdout must hold the JSON document alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            return work(None)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
+    ) as bar:
+        task = bar.add_task("building", total=1.0)
+        overall = {"value": 0.0}
+
+        def progress(message: str, fraction: float) -> None:
+            # Candidate-level messages move the bar; step-level ones only change its text.
+            if message.startswith("candidate ") or message.startswith("measured"):
+                overall["value"] = fraction
+            bar.update(task, completed=overall["value"], description=message[:60])
+
+        return work(progress)

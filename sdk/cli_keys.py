@@ -1,0 +1,151 @@
+"""`edgefleet keys init|rotate|show`: the fleet's Ed25519 signing keys and root rotations."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """Print a user error to stderr and return the Exit to raise."""
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _passphrase(env_var: Optional[str], prompt: bool, confirm: bool) -> Optional[str]:
+    """Resolve the passphrase from an environment variable or an interactive prompt."""
+    if env_var:
+        value = os.environ.get(env_var)
+        if not value:
+            raise _fail(
+                f"--passphrase-env {env_var}: that environment variable is empty or unset; export it first"
+            )
+        return value
+    if prompt:
+        return str(typer.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm))
+    return None
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the `keys` command group."""
+    keys_app = typer.Typer(
+        help="The fleet's Ed25519 signing keys: create, rotate, show.", no_args_is_help=True
+    )
+    app.add_typer(keys_app, name="keys")
+
+    @keys_app.command("init")
+    def init(
+        directory: Optional[Path] = typer.Option(
+            None, "--dir", help="Key folder (default ~/.edgefleet/keys)."
+        ),
+        passphrase_env: Optional[str] = typer.Option(
+            None, "--passphrase-env", help="Encrypt the private key with the passphrase in this env variable."
+        ),
+        passphrase: bool = typer.Option(
+            False, "--passphrase", help="Prompt for a passphrase to encrypt the key."
+        ),
+        force: bool = typer.Option(
+            False, "--force", help="Overwrite an existing key pair (devices trusting it break)."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Create the fleet's signing key pair; prints the public key and key id to give the agents."""
+        from .keys import KeysError, init_keys
+
+        secret = _passphrase(passphrase_env, passphrase, confirm=True)
+        try:
+            pair = init_keys(directory, passphrase=secret, force=force)
+        except KeysError as exc:
+            raise _fail(exc.reason) from None
+        info = {
+            "keyid": pair.keyid,
+            "private_key": str(pair.private_path),
+            "public_key": str(pair.public_path),
+            "public_pem": pair.public_pem,
+            "encrypted": pair.encrypted,
+        }
+        if as_json:
+            typer.echo(json.dumps(info, indent=2))
+            return
+        typer.echo(
+            f"private key: {pair.private_path} (0600{', passphrase-encrypted' if pair.encrypted else ''})"
+        )
+        typer.echo(f"public key:  {pair.public_path}")
+        typer.echo(f"key id:      {pair.keyid}")
+        typer.echo(pair.public_pem.rstrip())
+        typer.echo(f"Give the agents the public key: edgefleet-agent --trusted-key {pair.public_path}")
+
+    @keys_app.command("show")
+    def show(
+        directory: Optional[Path] = typer.Option(
+            None, "--dir", help="Key folder (default ~/.edgefleet/keys)."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Show the host's current fleet root: version, thresholds, trusted key ids."""
+        from .keys import KeysError, load_host_root
+
+        try:
+            root = load_host_root(directory)
+        except KeysError as exc:
+            raise _fail(exc.reason) from None
+        if as_json:
+            typer.echo(json.dumps(root, indent=2, sort_keys=True))
+            return
+        typer.echo(
+            f"root version {root['version']}, rotation threshold {root['threshold']}, "
+            f"bundle threshold {root.get('bundle_threshold', 1)}, expires {root.get('expires') or 'never'}"
+        )
+        for kid in sorted(root["keys"]):
+            typer.echo(f"  trusted key {kid}")
+
+    @keys_app.command("rotate")
+    def rotate(
+        new_keys: list[Path] = typer.Option(
+            ..., "--key", help="Public key (.pub) of the new root; repeat for each."
+        ),
+        sign_with: list[Path] = typer.Option(
+            ..., "--sign-with", help="Private key that signs the rotation; repeat (old keys and new keys)."
+        ),
+        threshold: int = typer.Option(1, help="Signatures the NEXT rotation will need."),
+        bundle_threshold: int = typer.Option(1, help="Signatures each bundle will need."),
+        expires_days: int = typer.Option(365, help="Days until the new root expires."),
+        out: Path = typer.Option(..., "-o", "--out", help="Where to write the rotation statement (JSON)."),
+        directory: Optional[Path] = typer.Option(None, "--dir", help="Key folder holding root.json."),
+        passphrase_env: Optional[str] = typer.Option(
+            None, "--passphrase-env", help="Passphrase of the signing keys, from this env variable."
+        ),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Make root version n+1 with new keys, signed by enough current (and new) keys; devices apply it."""
+        from datetime import datetime, timedelta, timezone
+
+        from .keys import KeysError, load_host_root, load_private_key, make_rotation, save_rotation
+
+        secret = _passphrase(passphrase_env, False, confirm=False)
+        try:
+            current = load_host_root(directory)
+            signers = [load_private_key(p, secret) for p in sign_with]
+            statement = make_rotation(
+                current,
+                [str(p) for p in new_keys],
+                signers,
+                threshold=threshold,
+                bundle_threshold=bundle_threshold,
+                expires=datetime.now(timezone.utc) + timedelta(days=expires_days),
+            )
+            save_rotation(statement, out, directory)
+        except KeysError as exc:
+            raise _fail(f"{exc.code}: {exc.reason}") from None
+        root = statement["root"]
+        if as_json:
+            typer.echo(json.dumps({"out": str(out), "root": root}, indent=2, sort_keys=True))
+            return
+        typer.echo(f"root version {root['version']} with {len(root['keys'])} key(s) written to {out}")
+        typer.echo("Send it to the devices; they apply it only if enough current keys signed it.")

@@ -1,0 +1,164 @@
+"""`edgefleet serve`: the control plane's window: ingest (with --broker), REST API, metrics and dashboard."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+
+def _home() -> Path:
+    """edgefleet's folder: `EDGEFLEET_HOME`, default ~/.edgefleet."""
+    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
+
+
+def _attach_fleet(options: Any, store: Any, fleet: str, trusted_keys: list[Path]) -> Any:
+    """Connect the fleet control plane to the broker and start ingesting state, events and telemetry.
+
+    Ingest also resumes any rollout whose host process died, as `edgefleet deploy` would.
+    """
+    from edgefleet.sdk.fleet.client import Fleet
+
+    client = Fleet(broker=options, store=store, fleet=fleet, trusted_keys=trusted_keys)
+    client.start_ingest()
+    return client
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the `serve` command."""
+
+    @app.command("serve")
+    def serve(
+        host: str = typer.Option(
+            "127.0.0.1", help="Address to listen on; beyond loopback a token is required."
+        ),
+        port: int = typer.Option(8080, help="Port to listen on."),
+        db: Optional[str] = typer.Option(
+            None, envvar="EDGEFLEET_DB", help="Store URL (sqlite:///PATH or postgresql://...)."
+        ),
+        broker: Optional[str] = typer.Option(
+            None,
+            envvar="EDGEFLEET_BROKER",
+            help="mqtt://HOST:PORT: ingest telemetry and enable deploy/abort. Without it the API is read-only.",
+        ),
+        fleet: str = typer.Option("default", help="Fleet name (topic prefix edgefleet/v1/NAME)."),
+        username: Optional[str] = typer.Option(None, help="Broker username."),
+        password: Optional[str] = typer.Option(
+            None, envvar="EDGEFLEET_MQTT_PASSWORD", help="Broker password (prefer the env variable)."
+        ),
+        tls_ca: Optional[str] = typer.Option(None, help="CA file to verify the broker's TLS certificate."),
+        tls_cert: Optional[str] = typer.Option(None, help="Client certificate for TLS (with --tls-key)."),
+        tls_key: Optional[str] = typer.Option(None, help="Client key for TLS (with --tls-cert)."),
+        token: Optional[str] = typer.Option(
+            None, envvar="EDGEFLEET_TOKEN", help="Bearer token the API requires (required beyond loopback)."
+        ),
+        trusted_key: list[Path] = typer.Option(
+            [], help="Public key(s) uploads must be signed with (default ~/.edgefleet/keys/fleet.pub)."
+        ),
+        bundle_dir: Optional[Path] = typer.Option(
+            None, help="Where uploaded bundles are kept (default ~/.edgefleet/bundles)."
+        ),
+        max_upload_mb: int = typer.Option(512, min=1, help="Largest bundle upload accepted, in MiB."),
+        poll: float = typer.Option(
+            1.0, min=0.05, help="Seconds between checks of the store for live updates."
+        ),
+        log_level: str = typer.Option(
+            "info", help="uvicorn log level: critical, error, warning, info, debug."
+        ),
+    ) -> None:
+        """Serve the REST API (/docs), Prometheus /metrics and the live dashboard (/) over the fleet's store."""
+        from rich.console import Console
+
+        from edgefleet.sdk.server.auth import check_bind, resolve_token
+        from edgefleet.sdk.server.errors import ServerConfigError
+        from edgefleet.sdk.store import Store, StoreError
+
+        err = Console(stderr=True)
+        the_token = resolve_token(token)
+        try:
+            check_bind(host, the_token)
+        except ServerConfigError as exc:
+            err.print(f"[red]serve refused:[/] {exc}")
+            raise typer.Exit(2) from exc
+        if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+            err.print(
+                f"[red]unknown --log-level {log_level!r}[/]: use critical, error, warning, info or debug"
+            )
+            raise typer.Exit(2)
+        keys = list(trusted_key)
+        default_key = _home() / "keys" / "fleet.pub"
+        if not keys and default_key.is_file():
+            keys = [default_key]
+        missing = [k for k in keys if not k.is_file()]
+        if missing:
+            err.print(
+                f"[red]no such key file:[/] {missing[0]}; pass the fleet's .pub file (edgefleet keys init)"
+            )
+            raise typer.Exit(2)
+        if keys:
+            from edgefleet.agent.errors import VerifyError
+            from edgefleet.agent.trust import TrustStore
+
+            try:
+                TrustStore.from_public_keys([str(k) for k in keys])
+            except VerifyError as exc:
+                err.print(f"[red]--trusted-key:[/] {exc.reason}")
+                raise typer.Exit(2) from exc
+        try:
+            store = Store(db)
+        except StoreError as exc:
+            err.print(f"[red]store:[/] {exc}")
+            raise typer.Exit(1) from exc
+
+        import uvicorn
+
+        from edgefleet.sdk.server.app import create_app
+
+        control = None
+        if broker:
+            from edgefleet.sdk.fleet.errors import FleetError
+            from edgefleet.sdk.mqtt_url import MqttOptions
+
+            try:
+                options = MqttOptions(
+                    broker,
+                    username=username,
+                    password=password,
+                    tls_ca=tls_ca,
+                    tls_cert=tls_cert,
+                    tls_key=tls_key,
+                )
+                control = _attach_fleet(options, store, fleet, keys)
+            except (FleetError, OSError) as exc:
+                err.print(
+                    f"[red]cannot use the broker {broker}:[/] {exc}. Check that it runs, or drop --broker"
+                )
+                store.close()
+                raise typer.Exit(1) from exc
+        app = create_app(
+            store,
+            control,
+            the_token,
+            fleet_name=fleet,
+            bundle_dir=bundle_dir or _home() / "bundles",
+            trusted_keys=keys,
+            poll_s=poll,
+            max_upload_bytes=max_upload_mb * 1024 * 1024,
+        )
+        shown = f"[{host}]" if ":" in host else host
+        Console().print(
+            f"edgefleet serve: fleet [bold]{fleet}[/], store {store.engine.url.render_as_string(hide_password=True)}, "
+            f"{'ingesting from ' + broker if broker else 'read-only (no --broker)'}\n"
+            f"dashboard [bold]http://{shown}:{port}/[/]  API docs http://{shown}:{port}/docs"
+            + ("  (bearer token required)" if the_token else "")
+        )
+        try:
+            uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+        finally:
+            if control is not None:
+                close = getattr(control, "close", None)
+                if callable(close):
+                    close()
+            store.close()

@@ -1,0 +1,128 @@
+"""The device registry: retained `state` birth messages and Last Wills → device rows in the store.
+
+Reported state (online, profile, tags, agent version, runtimes, active model) comes from the devices;
+the desired model is what the latest rollout asked for. `differences` says which devices do not run
+what they should.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from edgefleet.agent.errors import ProtocolError
+from edgefleet.agent.protocol import TOPIC_ROOT, State, parse_device_message
+from edgefleet.sdk.mqtt_url import MqttOptions, connect
+from edgefleet.sdk.store import Store
+
+
+def state_topic_filter(fleet: str) -> str:
+    """Subscription for every device's retained state in a fleet."""
+    return f"{TOPIC_ROOT}/{fleet}/dev/+/state"
+
+
+def device_from_topic(topic: str) -> str | None:
+    """The device id in `edgefleet/v1/{fleet}/dev/{id}/...`, or None."""
+    parts = topic.split("/")
+    if len(parts) >= 6 and parts[3] == "dev":
+        return parts[4]
+    return None
+
+
+def apply_state(store: Store, fleet: str, message: State) -> None:
+    """Write one state message (birth or Last Will) into the device's row."""
+    if not message.online:
+        # The Last Will carries nothing but "offline": keep what the device said before.
+        store.upsert_device(fleet, message.device, online=False, last_seen=time.time())
+        return
+    info = message.info
+    active = info.get("active") if isinstance(info.get("active"), Mapping) else None
+    fields: dict[str, Any] = {
+        "online": True,
+        "profile": _str_or_none(info.get("profile")),
+        "tags": [str(t) for t in info.get("tags") or [] if isinstance(t, str)],
+        "agent_version": _str_or_none(info.get("agent_version")),
+        "runtimes": [str(r) for r in info.get("runtimes") or [] if isinstance(r, str)],
+        "emulated": bool(info.get("emulated")),
+        "active_model": _str_or_none(active.get("name")) if active else None,
+        "active_version": _int_or_none(active.get("version")) if active else None,
+        "state": dict(info),
+        "last_seen": message.ts or time.time(),
+    }
+    store.upsert_device(fleet, message.device, **fields)
+
+
+def _str_or_none(value: Any) -> str | None:
+    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def handle_state_payload(store: Store, fleet: str, topic: str, payload: bytes) -> bool:
+    """Parse and apply a payload from a state topic; an empty (cleared) or malformed one is ignored."""
+    if not payload:
+        return False
+    try:
+        message = parse_device_message(payload)
+    except ProtocolError:
+        return False
+    if not isinstance(message, State) or device_from_topic(topic) != message.device:
+        return False
+    apply_state(store, fleet, message)
+    return True
+
+
+def refresh(
+    store: Store, options: MqttOptions, fleet: str, *, quiet_s: float = 0.2, max_wait_s: float = 3.0
+) -> int:
+    """Read every retained state of the fleet from the broker into the store; returns how many came.
+
+    Retained messages arrive right after the subscription; the wait ends when none came for `quiet_s`.
+    """
+    last = [time.monotonic()]
+    count = [0]
+    lock = threading.Lock()
+
+    def on_message(topic: str, payload: bytes, retain: bool) -> None:
+        with lock:
+            if handle_state_payload(store, fleet, topic, payload):
+                count[0] += 1
+            last[0] = time.monotonic()
+
+    conn = connect(options, on_message=on_message)
+    try:
+        start = time.monotonic()
+        last[0] = start
+        conn.subscribe([(state_topic_filter(fleet), 1)])
+        while time.monotonic() - start < max_wait_s:
+            time.sleep(0.05)
+            with lock:
+                if time.monotonic() - last[0] >= quiet_s:
+                    break
+    finally:
+        conn.close()
+    return count[0]
+
+
+def differences(store: Store, fleet: str) -> list[dict[str, Any]]:
+    """Devices whose reported model differs from the desired one: id, desired, reported, online."""
+    out = []
+    for d in store.devices(fleet):
+        if d.get("desired_model") is None:
+            continue
+        desired = (d["desired_model"], d["desired_version"])
+        reported = (d.get("active_model"), d.get("active_version"))
+        if desired != reported:
+            out.append(
+                {
+                    "device_id": d["device_id"],
+                    "desired": f"{desired[0]} v{desired[1]}",
+                    "reported": f"{reported[0]} v{reported[1]}" if reported[0] else None,
+                    "online": bool(d.get("online")),
+                }
+            )
+    return out

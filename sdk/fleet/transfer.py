@@ -1,0 +1,239 @@
+"""Moving bundle files to devices: chunks broadcast once per wave, repairs per device on request.
+
+The chunk size stays under the broker's packet limit (MQTT 5 CONNACK `Maximum Packet Size`), and the
+publisher waits for the broker's acknowledgements every window of chunks, so a 20 MB file never sits
+whole in memory and a broker restart mid-broadcast resumes (paho re-sends what was not acknowledged;
+devices ask for whatever they still miss).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgefleet.agent.protocol import TOPIC_ROOT, DeployCommand, FileTransfer, Topics
+
+from .errors import BundleRefused
+
+DEFAULT_CHUNK_SIZE = 256 * 1024
+MIN_CHUNK_SIZE = 1024
+# Topic, fixed header and MQTT 5 properties of a chunk PUBLISH stay well under this.
+PACKET_OVERHEAD = 512
+PUBLISH_WINDOW = 32
+
+
+def choose_chunk_size(max_packet_size: int | None, requested: int | None = None) -> int:
+    """The chunk size: the requested one (default 256 KiB) capped under the broker's packet limit."""
+    size = requested or DEFAULT_CHUNK_SIZE
+    if max_packet_size:
+        size = min(size, max_packet_size - PACKET_OVERHEAD)
+    if size < MIN_CHUNK_SIZE:
+        raise BundleRefused(
+            f"the broker accepts packets of at most {max_packet_size} bytes, too small for chunks of "
+            f"{MIN_CHUNK_SIZE} bytes; raise the broker's max_packet_size"
+        )
+    return size
+
+
+@dataclass(frozen=True)
+class _File:
+    spec: FileTransfer
+    path: Path
+
+
+@dataclass
+class TransferStats:
+    """What the host published: payload bytes and messages, by purpose."""
+
+    broadcast_bytes: int = 0
+    broadcast_chunks: int = 0
+    repair_bytes: int = 0
+    repair_chunks: int = 0
+    command_bytes: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything the host published for the rollout."""
+        return self.broadcast_bytes + self.repair_bytes + self.command_bytes
+
+    def to_dict(self) -> dict[str, int]:
+        """Plain JSON."""
+        return {
+            "broadcast_bytes": self.broadcast_bytes,
+            "broadcast_chunks": self.broadcast_chunks,
+            "repair_bytes": self.repair_bytes,
+            "repair_chunks": self.repair_chunks,
+            "command_bytes": self.command_bytes,
+            "total_bytes": self.total_bytes,
+        }
+
+
+class Blob:
+    """Any file the host sends in chunks under its sha256: a bundle file or a delta patch."""
+
+    def __init__(self, path: str | Path, sha256: str, chunk_size: int) -> None:
+        self.path = Path(path)
+        self.sha256 = sha256
+        self.size = self.path.stat().st_size
+        self.chunk_size = chunk_size
+        self.chunks = -(-self.size // chunk_size)
+        self._handle: Any = None
+        self._lock = threading.Lock()
+
+    def digests(self) -> list[str]:
+        """sha256 of every chunk (an unsigned hint that lets the device refuse a bad chunk at once)."""
+        out = []
+        with open(self.path, "rb") as handle:
+            for _ in range(self.chunks):
+                out.append(hashlib.sha256(handle.read(self.chunk_size)).hexdigest())
+        return out
+
+    def chunk(self, index: int) -> bytes | None:
+        """Bytes of one chunk, or None when the index is out of range."""
+        if not 0 <= index < self.chunks:
+            return None
+        with self._lock:
+            if self._handle is None:
+                self._handle = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            self._handle.seek(index * self.chunk_size)
+            return bytes(self._handle.read(self.chunk_size))
+
+    def broadcast(
+        self, conn: Any, fleet: str, stats: TransferStats, should_stop: Callable[[], bool] | None = None
+    ) -> None:
+        """Publish every chunk once on `artifact/{sha256}/{index}`, waiting for acks every window."""
+        info = None
+        with open(self.path, "rb") as handle:
+            for index in range(self.chunks):
+                if should_stop is not None and should_stop():
+                    return
+                data = handle.read(self.chunk_size)
+                info = conn.publish(f"{TOPIC_ROOT}/{fleet}/artifact/{self.sha256}/{index}", data, qos=1)
+                with stats.lock:
+                    stats.broadcast_bytes += len(data)
+                    stats.broadcast_chunks += 1
+                if (index + 1) % PUBLISH_WINDOW == 0:
+                    wait_published(conn, info)
+        if info is not None:
+            wait_published(conn, info)
+
+    def repair(
+        self, conn: Any, fleet: str, device: str, ranges: Iterable[tuple[int, int]], stats: TransferStats
+    ) -> int:
+        """Re-send the chunks one device asked for on its own repair topic; returns how many went."""
+        topics = Topics(fleet, device)
+        count = 0
+        for start, end in ranges:
+            for index in range(max(0, start), min(end, self.chunks - 1) + 1):
+                data = self.chunk(index)
+                if data is None:
+                    continue
+                conn.publish(topics.repair(self.sha256, index), data, qos=1)
+                count += 1
+                with stats.lock:
+                    stats.repair_bytes += len(data)
+                    stats.repair_chunks += 1
+        return count
+
+    def close(self) -> None:
+        """Close the file handle kept for repairs."""
+        with self._lock:
+            if self._handle is not None:
+                self._handle.close()
+                self._handle = None
+
+
+class BundleTransfer:
+    """One bundle folder cut into chunks: its deploy commands (full or with delta patches) and its blobs."""
+
+    def __init__(self, bundle_dir: str | Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        self.chunk_size = chunk_size
+        manifest_path = self.bundle_dir / "manifest.json"
+        signature_path = self.bundle_dir / "signature.json"
+        for path in (manifest_path, signature_path):
+            if not path.is_file():
+                raise BundleRefused(
+                    f"{path} is missing: is {self.bundle_dir} a bundle made by `edgefleet build`?"
+                )
+        self.manifest_bytes = manifest_path.read_bytes()
+        try:
+            self.signatures = json.loads(signature_path.read_bytes())
+            entries = json.loads(self.manifest_bytes)["files"]
+        except (ValueError, KeyError, TypeError):
+            raise BundleRefused(
+                f"{self.bundle_dir}: manifest.json or signature.json is not valid JSON"
+            ) from None
+        self.files: list[_File] = []
+        self.blobs: dict[str, Blob] = {}
+        for name, entry in sorted(entries.items()):
+            path = self.bundle_dir / name
+            if not path.is_file():
+                raise BundleRefused(f"bundle file {path} named in the manifest is missing")
+            blob = Blob(path, str(entry["sha256"]), chunk_size)
+            spec = FileTransfer(name, blob.sha256, blob.size, chunk_size, blob.chunks, tuple(blob.digests()))
+            self.files.append(_File(spec, path))
+            self.blobs[blob.sha256] = blob
+        self.total_bytes = sum(f.spec.size for f in self.files)
+
+    def deploy_command(self, deploy_id: str, device: str) -> DeployCommand:
+        """The signed deploy command for one device (every file in full)."""
+        return DeployCommand(
+            id=deploy_id,
+            manifest=self.manifest_bytes,
+            signatures=self.signatures,
+            files=tuple(f.spec for f in self.files),
+            device=device,
+        )
+
+    def deploy_payload(self, deploy_id: str, device: str, patches: Mapping[str, tuple[str, Blob]]) -> bytes:
+        """The deploy command's JSON; files in `patches` (file → (base sha256, patch blob)) carry a `delta`.
+
+        The `delta` object tells an agent that can rebuild the file from the base it holds to fetch the
+        patch's chunks (under the patch's sha256) instead of the file's; the file's signed sha256 and size
+        stay as they are, so the rebuilt file is verified exactly like a downloaded one.
+        """
+        obj = json.loads(self.deploy_command(deploy_id, device).to_wire())
+        for entry in obj["files"]:
+            if entry["file"] in patches:
+                base_sha, blob = patches[entry["file"]]
+                entry["delta"] = {
+                    "format": "bsdiff4",
+                    "base_sha256": base_sha,
+                    "sha256": blob.sha256,
+                    "size": blob.size,
+                    "chunk_size": blob.chunk_size,
+                    "chunks": blob.chunks,
+                    "chunk_sha256": blob.digests(),
+                }
+        return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+    def shas(self) -> list[str]:
+        """The signed sha256 of every file."""
+        return [f.spec.sha256 for f in self.files]
+
+    def close(self) -> None:
+        """Close the file handles kept for repairs."""
+        for blob in self.blobs.values():
+            blob.close()
+
+
+def wait_published(conn: Any, info: Any, timeout_s: float = 60.0) -> bool:
+    """Wait for a PUBACK; while the broker is away paho keeps the message and re-sends it on reconnect."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not info.is_published():
+        if conn.connected.is_set():
+            try:
+                info.wait_for_publish(min(1.0, max(0.01, deadline - time.monotonic())))
+            except (RuntimeError, ValueError):
+                time.sleep(0.05)
+        else:
+            time.sleep(0.05)
+    return bool(info.is_published())

@@ -1,0 +1,209 @@
+"""Host-side MQTT connections: broker URL, TLS and auth options, and a connected paho client.
+
+Every host component (registry refresh, ingest, rollout engine, benches) connects through `connect`, so
+TLS, username/password and client certificates behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from edgefleet.sdk.fleet.errors import BrokerUnavailable
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+CONNECT_TIMEOUT_S = 10.0
+
+MessageHandler = Callable[[str, bytes, bool], None]
+
+
+def default_broker_url() -> str:
+    """`EDGEFLEET_BROKER`, else mqtt://127.0.0.1:1883."""
+    return os.environ.get("EDGEFLEET_BROKER") or DEFAULT_BROKER
+
+
+@dataclass(frozen=True)
+class MqttOptions:
+    """Where the broker is and how to authenticate: URL, username/password, CA, client certificate."""
+
+    url: str = DEFAULT_BROKER
+    username: str | None = None
+    password: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_insecure: bool = False
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise BrokerUnavailable(
+                f"broker URL {self.url!r} is not usable: write mqtt://HOST:PORT or mqtts://HOST:PORT"
+            )
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+        except ValueError:
+            raise BrokerUnavailable(f"broker URL {self.url!r} has an invalid port") from None
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise BrokerUnavailable("--tls-cert and --tls-key go together: give both or neither")
+        for label, path in (
+            ("--tls-ca", self.tls_ca),
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+        ):
+            if path and not os.path.isfile(path):
+                raise BrokerUnavailable(f"{label} {path}: no such file")
+        if self.password and not self.username:
+            raise BrokerUnavailable("a broker password needs a username: pass --username too")
+
+    @property
+    def host(self) -> str:
+        """Host part of the URL."""
+        return str(urlsplit(self.url).hostname)
+
+    @property
+    def port(self) -> int:
+        """Port of the URL (1883 for mqtt://, 8883 for mqtts:// when none is given)."""
+        parts = urlsplit(self.url)
+        return int(parts.port or (8883 if parts.scheme == "mqtts" else 1883))
+
+    @property
+    def tls(self) -> bool:
+        """Whether the connection uses TLS."""
+        return urlsplit(self.url).scheme == "mqtts" or bool(self.tls_ca or self.tls_cert)
+
+
+@dataclass
+class Connection:
+    """A connected paho client plus what the broker told us in CONNACK (its packet size limit)."""
+
+    client: Any
+    client_id: str
+    max_packet_size: int | None = None
+    connected: threading.Event = field(default_factory=threading.Event)
+
+    def subscribe(self, filters: list[tuple[str, int]], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Subscribe and wait for the SUBACK, so nothing published right after is missed."""
+        if not filters:
+            return
+        done = threading.Event()
+        ud = self.client._userdata
+        result, mid = self.client.subscribe(filters)
+        if result != 0:
+            raise BrokerUnavailable(f"subscribe failed with paho code {result}: is the client connected?")
+        # The SUBACK may beat us here: on_subscribe then leaves the mid in `acked`.
+        with ud["lock"]:
+            if mid in ud["acked"]:
+                ud["acked"].discard(mid)
+                return
+            ud["suback"][mid] = done
+        if not done.wait(timeout_s):
+            raise BrokerUnavailable(f"the broker did not confirm the subscription within {timeout_s:g} s")
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
+        """Publish; returns paho's MQTTMessageInfo."""
+        return self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def close(self) -> None:
+        """Disconnect cleanly and stop the network thread."""
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+
+def connect(
+    options: MqttOptions,
+    *,
+    on_message: MessageHandler | None = None,
+    client_id: str | None = None,
+    persistent: bool = False,
+    session_expiry_s: int = 3600,
+    on_connect: Callable[[], None] | None = None,
+    max_inflight: int = 64,
+) -> Connection:
+    """Connect with MQTT 5 (QoS 1, reconnect with backoff); `persistent` keeps the session across drops.
+
+    A persistent session (clean_start False with a session expiry) lets the broker queue QoS 1 messages
+    for us while this process is away, so a restarted host process picks up what it missed.
+    """
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    cid = client_id or f"edgefleet-host-{uuid.uuid4().hex[:12]}"
+    userdata: dict[str, Any] = {"suback": {}, "acked": set(), "lock": threading.Lock()}
+    client = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5, userdata=userdata
+    )
+    conn = Connection(client, cid)
+    client.reconnect_delay_set(1, 30)
+    # 0 = unbounded outgoing queue: a rollout publishes bursts of chunks and must not drop any.
+    client.max_queued_messages_set(0)
+    client.max_inflight_messages_set(max_inflight)
+    if options.username:
+        client.username_pw_set(options.username, options.password)
+    if options.tls:
+        import ssl
+
+        client.tls_set(
+            ca_certs=options.tls_ca,
+            certfile=options.tls_cert,
+            keyfile=options.tls_key,
+            cert_reqs=ssl.CERT_NONE if options.tls_insecure else ssl.CERT_REQUIRED,
+        )
+        if options.tls_insecure:
+            client.tls_insecure_set(True)
+    refused: queue.Queue[str] = queue.Queue()
+
+    def _on_connect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            refused.put(str(rc))
+            return
+        size = getattr(props, "MaximumPacketSize", None) if props is not None else None
+        conn.max_packet_size = int(size) if size else None
+        conn.connected.set()
+        if on_connect is not None:
+            on_connect()
+
+    def _on_disconnect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        conn.connected.clear()
+
+    def _on_subscribe(c: Any, u: Any, mid: int, codes: Any, props: Any) -> None:
+        with userdata["lock"]:
+            event = userdata["suback"].pop(mid, None)
+            if event is None:
+                userdata["acked"].add(mid)
+        if event is not None:
+            event.set()
+
+    client.on_connect = _on_connect
+    client.on_disconnect = _on_disconnect
+    client.on_subscribe = _on_subscribe
+    if on_message is not None:
+        handler = on_message
+        client.on_message = lambda c, u, m: handler(m.topic, bytes(m.payload), bool(m.retain))
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = session_expiry_s if persistent else 0
+    try:
+        client.connect(options.host, options.port, keepalive=30, clean_start=not persistent, properties=props)
+    except (OSError, ValueError) as exc:
+        raise BrokerUnavailable(
+            f"cannot reach the broker at {options.url}: {exc}; check that it runs (edgefleet broker) "
+            "and the URL, or pass --broker"
+        ) from None
+    client.loop_start()
+    if not conn.connected.wait(CONNECT_TIMEOUT_S):
+        client.loop_stop()
+        reason = refused.get_nowait() if not refused.empty() else "no answer"
+        raise BrokerUnavailable(
+            f"the broker at {options.url} did not accept the connection within {CONNECT_TIMEOUT_S:g} s "
+            f"({reason}); check the username/password or certificates"
+        )
+    return conn

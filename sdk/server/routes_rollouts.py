@@ -1,0 +1,117 @@
+"""Rollouts: list and progress from the store; start and abort through the attached fleet."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, Field, field_validator
+
+from . import queries
+from .context import ServerContext, get_ctx
+from .errors import Conflict, NotFound, Unavailable, Unprocessable
+
+router = APIRouter(prefix="/api", tags=["rollouts"])
+
+DEFAULT_ABORT_REASON = "aborted from the API"
+NO_ACTIONS = (
+    "this server shows the store read-only: start `edgefleet serve --broker mqtt://HOST:PORT` to deploy "
+    "and abort from the API"
+)
+
+
+class RolloutRequest(BaseModel):
+    """Start a rollout of stored bundles to the devices a selector names."""
+
+    bundles: list[int] = Field(
+        ..., min_length=1, description="Ids of uploaded bundles (GET /api/bundles); one per target profile."
+    )
+    to: str = Field(
+        ..., min_length=1, max_length=256, description="Selector: a device id, tag:NAME, profile:NAME or all."
+    )
+    strategy: str = Field("all", description="all, canary:PCT or waves:P1,P2,...")
+    soak_s: Optional[float] = Field(None, ge=0, description="Seconds to watch each wave before the next.")
+    timeout_s: Optional[float] = Field(
+        None, gt=0, description="Seconds a device may take before it counts as timed out."
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_parses(cls, value: str) -> str:
+        # The control plane's own parser, so the API accepts exactly what `edgefleet deploy` accepts.
+        from edgefleet.sdk.fleet.errors import StrategyError
+        from edgefleet.sdk.fleet.strategy import parse_strategy
+
+        try:
+            parse_strategy(value)
+        except StrategyError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+
+class AbortRequest(BaseModel):
+    """Why a rollout is aborted (kept with the rollout)."""
+
+    reason: str = Field(DEFAULT_ABORT_REASON, min_length=1, max_length=1000)
+
+
+@router.get("/rollouts", summary="Rollouts, newest first, with progress")
+def list_rollouts(
+    status: Optional[list[str]] = Query(None, description="Only rollouts in these statuses (repeatable)."),
+    limit: int = Query(50, ge=1, le=1000),
+    ctx: ServerContext = Depends(get_ctx),
+) -> list[dict[str, Any]]:
+    """Rollouts of the fleet with their devices and progress."""
+    return queries.rollouts_with_devices(ctx.store, ctx.fleet, status=status, limit=limit)
+
+
+def _require_rollout(ctx: ServerContext, rollout_id: str) -> dict[str, Any]:
+    row = ctx.store.rollout(rollout_id)
+    if row is None or row.get("fleet") != ctx.fleet:
+        recent = [r["id"] for r in ctx.store.rollouts(ctx.fleet)[:10]]
+        raise NotFound(
+            f"no rollout {rollout_id!r} in fleet {ctx.fleet!r}; recent rollouts: {recent or 'none yet'} "
+            "(GET /api/rollouts lists them)"
+        )
+    return row
+
+
+@router.get("/rollouts/{rollout_id}", summary="One rollout: status, reason, per-device progress")
+def get_rollout(rollout_id: str, ctx: ServerContext = Depends(get_ctx)) -> dict[str, Any]:
+    """One rollout with its devices and progress."""
+    return queries.rollout_view(_require_rollout(ctx, rollout_id))
+
+
+@router.post("/rollouts", status_code=202, summary="Start a rollout (needs the server attached to a broker)")
+def start_rollout(body: RolloutRequest, ctx: ServerContext = Depends(get_ctx)) -> dict[str, Any]:
+    """Validate the bundles and start the rollout in the background; returns its id at once."""
+    if ctx.actions is None:
+        raise Unavailable(NO_ACTIONS)
+    paths = []
+    for bundle_id in body.bundles:
+        row = ctx.store.bundle(bundle_id)
+        if row is None:
+            raise Unprocessable(
+                f"no bundle with id {bundle_id}; upload it first (POST /api/bundles) or pick one from "
+                "GET /api/bundles"
+            )
+        paths.append(str(row["path"]))
+    rollout_id = ctx.actions.start_rollout(
+        paths, body.to, body.strategy, soak_s=body.soak_s, timeout_s=body.timeout_s
+    )
+    row = ctx.store.rollout(rollout_id)
+    return queries.rollout_view(row) if row else {"id": rollout_id}
+
+
+@router.post("/rollouts/{rollout_id}/abort", summary="Abort a rollout: roll back the devices it reached")
+def abort_rollout(
+    rollout_id: str, body: Optional[AbortRequest] = None, ctx: ServerContext = Depends(get_ctx)
+) -> dict[str, Any]:
+    """Abort a rollout that has not ended; 409 when it already has."""
+    row = _require_rollout(ctx, rollout_id)
+    if ctx.actions is None:
+        raise Unavailable(NO_ACTIONS)
+    if str(row["status"]) in queries.FINISHED_ROLLOUT_STATUSES:
+        raise Conflict(f"rollout {rollout_id!r} already ended ({row['status']}); there is nothing to abort")
+    ctx.actions.abort_rollout(rollout_id, body.reason if body else DEFAULT_ABORT_REASON)
+    return queries.rollout_view(_require_rollout(ctx, rollout_id))
