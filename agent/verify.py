@@ -12,7 +12,7 @@ import os
 import stat
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Mapping, Optional, Union
+from typing import IO, Any, BinaryIO, Dict, Mapping, Optional, Union
 
 from .errors import VerifyError
 from .ledger import VersionLedger
@@ -136,7 +136,7 @@ def verify_manifest(
     return manifest
 
 
-def _hash_stream(src: BinaryIO, limit: int, sink: Optional[BinaryIO] = None) -> tuple[str, int, bool]:
+def _hash_stream(src: IO[bytes], limit: int, sink: Optional[BinaryIO] = None) -> tuple[str, int, bool]:
     """Read at most `limit` bytes (+1 probe byte); return (sha256, bytes read, whether more followed)."""
     digest = hashlib.sha256()
     remaining = limit
@@ -195,7 +195,7 @@ def verify_file(path: Union[str, os.PathLike[str]], entry: FileEntry, max_bytes:
 
 
 def copy_bounded(
-    src: BinaryIO, dst_path: Union[str, os.PathLike[str]], declared_size: int, max_bytes: int
+    src: IO[bytes], dst_path: Union[str, os.PathLike[str]], declared_size: int, max_bytes: int
 ) -> str:
     """Copy a stream into `dst_path`, never more than `declared_size` bytes; return the sha256 of what was copied.
 

