@@ -278,9 +278,16 @@ def _infer_shapes(model: Any, path: Path) -> Any:
     try:
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
-        if inferred is not None:
-            return inferred
+        # The loop of `SymbolicShapeInference.infer_shapes`, without its side effect: on a partial
+        # result that method saves the model (with external data) into the current folder.
+        sym = SymbolicShapeInference(2**31 - 1, True, False, 0)
+        sym._preprocess(model)
+        complete = False
+        while sym.run_:
+            complete = sym._infer_impl()
+        sym._update_output_from_vi()
+        if complete:
+            return sym.out_mp_
     except Exception:  # any failure of the optional pass: onnx's inference below still works
         pass
     try:
