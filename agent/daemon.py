@@ -40,6 +40,7 @@ from .protocol import (
     Rejected,
     Result,
     RollbackCommand,
+    RotateRootCommand,
     StatusCommand,
     Telemetry,
     Topics,
@@ -61,6 +62,8 @@ MAX_RANGES_PER_REQUEST = 256
 # Whole-file hash failures tolerated before a deploy is rejected (each one re-downloads the file).
 MAX_HASH_FAILURES = 3
 MAX_REPAIR_INTERVAL_S = 30.0
+# Least payload bytes the inbox holds before paho's thread waits for the worker (4 messages at most).
+MIN_INBOX_BYTES = 16 << 20
 
 
 class StartupError(AgentError):
@@ -132,6 +135,10 @@ class Agent:
         self.staging: Optional[StagingArea] = None
         self.threads = 1
         self._inbox: queue.Queue[Optional[Tuple[str, bytes]]] = queue.Queue(maxsize=10000)
+        # Payload bytes waiting in the inbox, capped so a flood of large chunks cannot pile up in memory.
+        self._inbox_bytes = 0
+        self._inbox_limit = max(MIN_INBOX_BYTES, 4 * max(config.max_chunk_bytes, config.max_message_bytes))
+        self._inbox_space = threading.Condition()
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._pending: Optional[_Pending] = None
@@ -347,6 +354,8 @@ class Agent:
             "delta": ["bsdiff4"],
             "active": None if active is None else {"name": active.name, "version": active.version},
             "slots": slots,
+            # Which fleet root (key set) this device trusts, so the host can see a rotation land.
+            "root_version": None if self.trust is None else int(self.trust.version),
             "tags": list(self.config.tags),
             "http_port": self.http_port,
             "mqtt_infer": self.config.mqtt_infer,
@@ -392,6 +401,13 @@ class Agent:
 
     def _enqueue(self, topic: str, payload: bytes) -> None:
         """Called on paho's thread: hand over to the worker (blocking here back-pressures the broker)."""
+        with self._inbox_space:
+            # One message always fits, so a payload larger than the limit cannot wedge the queue.
+            while self._inbox_bytes and self._inbox_bytes + len(payload) > self._inbox_limit:
+                if self._stop.is_set():
+                    return
+                self._inbox_space.wait(0.5)
+            self._inbox_bytes += len(payload)
         self._inbox.put((topic, payload))
 
     def _work(self) -> None:
@@ -399,6 +415,9 @@ class Agent:
             item = self._inbox.get()
             if item is None:
                 break
+            with self._inbox_space:
+                self._inbox_bytes -= len(item[1])
+                self._inbox_space.notify()
             self.handle_message(*item)
 
     def handle_message(self, topic: str, payload: bytes) -> None:
@@ -441,6 +460,35 @@ class Agent:
             self._send(Result, ref=cmd.id, command=cmd.TYPE, data=_jsonable(self._run_eval()))
         elif isinstance(cmd, InferCommand):
             self._on_infer(cmd)
+        elif isinstance(cmd, RotateRootCommand):
+            self._on_rotate_root(cmd)
+
+    def _on_rotate_root(self, cmd: RotateRootCommand) -> None:
+        """Apply a key rotation; a refused one raises VerifyError, which becomes an Error event with its code."""
+        if self._install_thread is not None and self._install_thread.is_alive():
+            # The install verifies with the trust store; swapping keys under it would mix two roots.
+            raise ProtocolError(Code.BUSY, f"an install is running; resend rotation {cmd.id!r} after it ends")
+        from .manifest import canonical_bytes
+
+        applied = cmd.root != canonical_bytes(self.trust.root)
+        if applied:
+            # Nothing changes on a refusal: apply_root checks everything before it replaces the root.
+            self.trust.apply_root(cmd.root, {"signatures": [dict(s) for s in cmd.signatures]})
+            log.info("trusting fleet root version %d: keys %s", self.trust.version, self.trust.keyids)
+        # else: a QoS 1 redelivery or a re-push of the root already in force: answer, change nothing.
+        self._send(
+            Result,
+            ref=cmd.id,
+            command=cmd.TYPE,
+            data={
+                "applied": applied,
+                "root_version": int(self.trust.version),
+                "keyids": list(self.trust.keyids),
+                "threshold": int(self.trust.threshold),
+                "bundle_threshold": int(self.trust.bundle_threshold),
+            },
+        )
+        self._publish_state()
 
     def _on_infer(self, cmd: InferCommand) -> None:
         if not self.config.mqtt_infer:
@@ -606,6 +654,8 @@ class Agent:
         ):
             # Killed after the switch but before clean-up: the install is done.
             self._finish(cmd.id, Deployed, name=manifest.name, version=int(manifest.version), health={})
+            if self.staging is not None:
+                self.staging.prune()  # no transfer was reopened, so _finish left the staged files
             return
         if self.staging is not None:
             self.staging.prune(keep={f.sha256 for f in cmd.files})

@@ -178,6 +178,12 @@ class Installer:
                 if slot != state.active:
                     state.active, state.previous = slot, None
                     self.slots.write_state(state)
+                try:
+                    # A kill between the switch (install.json) and the ledger write leaves the ledger
+                    # behind the serving model; catch it up (it only moves forward).
+                    self.ledger.record(manifest.name, manifest.version)
+                except (VerifyError, OSError) as exc:
+                    log.error("version ledger not updated: %s", exc)
                 log.info("serving %s v%s from slot %s", manifest.name, manifest.version, slot)
                 return
             if order:

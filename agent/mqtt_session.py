@@ -27,6 +27,15 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 _AUTH_FAILURES = {0x84, 0x85, 0x86, 0x87, 0x8C}
 
 
+# Room for the fixed header, topic and properties around the largest payload the agent accepts.
+PACKET_OVERHEAD_BYTES = 4096
+
+
+def max_packet_bytes(config: AgentConfig) -> int:
+    """The MQTT 5 Maximum Packet Size this device announces: its largest accepted payload plus headers."""
+    return max(config.max_message_bytes, config.max_chunk_bytes) + PACKET_OVERHEAD_BYTES
+
+
 class SeqCounter:
     """Per-device sequence numbers, monotonic across restarts; persisted in reserved blocks.
 
@@ -196,6 +205,9 @@ class MqttSession:
         if self.config.mqtt_version == "5":
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S
+            # The broker must not send this device anything larger than it would accept: paho reads a
+            # whole packet into memory (and copies it) before the agent can refuse it by size.
+            props.MaximumPacketSize = max_packet_bytes(self.config)
             self._client.connect(
                 self.config.broker_host,
                 self.config.broker_port,
@@ -299,6 +311,14 @@ class MqttSession:
 
     def send(self, cls: Type[DeviceMessage], **fields: Any) -> Any:
         """Build a device message with the next seq and publish it on its topic; returns paho's info."""
+        if cls is State and fields.get("online") and isinstance(fields.get("info"), dict):
+            # The host presumes a device gone after it stayed silent this long (sdk/fleet/ingest.py),
+            # without waiting for the broker's keepalive sweep to publish the Last Will.
+            fields["info"] = {
+                **fields["info"],
+                "keepalive_s": self.config.keepalive_s,
+                "telemetry_interval_s": self.config.telemetry_interval_s,
+            }
         message = cls(device=self.topics.device_id, seq=self.seq.next(), ts=round(time.time(), 3), **fields)
         if isinstance(message, State):
             return self.publish(self.topics.state, message.to_wire(), retain=True)

@@ -433,12 +433,67 @@ class InferCommand(Command):
         return cls(id=cmd_id, inputs=dict(inputs))
 
 
+# A rotation carries at most this many signatures (the agent's trust store refuses more, too).
+MAX_ROTATION_SIGNATURES = 64
+
+
+@dataclass(frozen=True)
+class RotateRootCommand(Command):
+    """Trust a new fleet root (key rotation): its canonical bytes and the signatures over them.
+
+    The device applies it only when it is exactly one root version newer and signed by the threshold
+    of both the current and the new root (agent/trust.py `TrustStore.apply_root`); `root` travels as the
+    exact signed bytes, like a deploy's manifest, so no re-encoding can change what was signed.
+    """
+
+    TYPE: ClassVar[str] = "rotate-root"
+    root: bytes = b""
+    signatures: Tuple[Dict[str, str], ...] = ()
+
+    def _fields(self) -> Dict[str, Any]:
+        return {
+            "root": base64.b64encode(self.root).decode("ascii"),
+            "signatures": [{"keyid": s["keyid"], "sig": s["sig"]} for s in self.signatures],
+        }
+
+    @classmethod
+    def _parse(cls, obj: Mapping[str, Any], cmd_id: str) -> RotateRootCommand:
+        entries = _list(obj, "signatures", max_len=MAX_ROTATION_SIGNATURES)
+        signatures: List[Dict[str, str]] = []
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise ProtocolError(Code.BAD_FIELD, "field 'signatures' must list {keyid, sig} objects")
+            signatures.append(
+                {"keyid": _str(entry, "keyid", max_len=128), "sig": _str(entry, "sig", max_len=256)}
+            )
+        root = _b64(obj, "root")
+        if not root:
+            raise ProtocolError(Code.BAD_FIELD, "field 'root' must hold the canonical root document")
+        return cls(id=cmd_id, root=root, signatures=tuple(signatures))
+
+
 COMMANDS: Dict[str, Type[Command]] = {
     c.TYPE: c
-    for c in (DeployCommand, RollbackCommand, EvalCommand, StatusCommand, ConfigCommand, InferCommand)
+    for c in (
+        DeployCommand,
+        RollbackCommand,
+        EvalCommand,
+        StatusCommand,
+        ConfigCommand,
+        InferCommand,
+        RotateRootCommand,
+    )
 }
 
-AnyCommand = Union[DeployCommand, RollbackCommand, EvalCommand, StatusCommand, ConfigCommand, InferCommand]
+AnyCommand = Union[
+    DeployCommand,
+    RollbackCommand,
+    EvalCommand,
+    StatusCommand,
+    ConfigCommand,
+    InferCommand,
+    RotateRootCommand,
+]
 
 
 def parse_command(payload: bytes, *, max_bytes: int = DEFAULT_MAX_CONTROL_BYTES) -> Command:
@@ -628,7 +683,7 @@ class Rejected(DeviceMessage):
 
 @dataclass(frozen=True)
 class Result(DeviceMessage):
-    """The answer to a command other than deploy (rollback, eval, status, config, infer)."""
+    """The answer to a command other than deploy (rollback, eval, status, config, infer, rotate-root)."""
 
     TYPE: ClassVar[str] = "result"
     ref: str = ""
@@ -734,14 +789,20 @@ def decode_array(spec: Mapping[str, Any], *, max_bytes: int = DEFAULT_MAX_CONTRO
     """Decode `{dtype, shape, data}` into a numpy array, checking the byte count against the shape."""
     import numpy as np
 
+    if not isinstance(spec, Mapping):
+        raise ProtocolError(Code.BAD_FIELD, "an array must be an object with dtype, shape and data")
+    name = _str(spec, "dtype", max_len=16)
     try:
-        dtype = np.dtype(str(spec["dtype"]))
-    except (TypeError, KeyError):
-        raise ProtocolError(Code.BAD_FIELD, f"dtype {spec.get('dtype')!r} is not a numpy dtype") from None
+        dtype = np.dtype(name)
+    except (TypeError, ValueError, SyntaxError):
+        raise ProtocolError(Code.BAD_FIELD, f"dtype {name!r} is not a numpy dtype") from None
     if dtype.kind not in "biuf":
         raise ProtocolError(Code.BAD_FIELD, f"dtype {dtype} is not numeric")
+    dims = _list(spec, "shape", max_len=32)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ProtocolError(Code.BAD_FIELD, "field 'shape' must list non-negative integers")
     raw = _b64(spec, "data")
-    shape = tuple(int(d) for d in spec["shape"])
+    shape = tuple(dims)
     count = 1
     for d in shape:
         count *= d

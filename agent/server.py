@@ -18,11 +18,13 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import AgentError
 from .runtimes.base import Runtime, TensorInfo, load_runtime
 from .telemetry import LatencyHistogram
+
+_clock = time.perf_counter
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,12 +35,18 @@ if TYPE_CHECKING:
 FEEDBACK_CAPACITY = 4096
 # Only small outputs (class scores) are kept for feedback, never embeddings.
 FEEDBACK_MAX_ELEMENTS = 4096
+# Latencies are counted into the histogram in batches of this many (and whenever stats are read).
+_FOLD_AT = 256
 
 
 class InferError(AgentError):
     """An inference request failed: no model, inputs that do not fit the model, or a runtime error."""
 
     default_code = "infer-failed"
+
+
+def _no_model() -> InferError:
+    return InferError("no-model", "no model is installed yet; deploy a bundle to this device")
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,11 @@ class ActiveModel:
     path: str
     loaded_at: float
 
+    @property
+    def output_names(self) -> Tuple[str, ...]:
+        """The outputs' names in order."""
+        return tuple(t.name for t in self.outputs)
+
     def to_dict(self) -> Dict[str, Any]:
         """JSON form."""
         return {
@@ -70,23 +83,46 @@ class ActiveModel:
 
 
 class InferResult:
-    """One inference: outputs by name, the request id and which model answered, and its latency."""
+    """One inference: outputs by name, the request id and which model answered, and its latency.
 
-    __slots__ = ("_id", "latency_ms", "model_name", "model_version", "outputs")
+    Built on every request, so it stores what it was handed and does the rest when read: the outputs
+    dict is made on first access, a server-made id is formatted on read.
+    """
+
+    __slots__ = ("_id", "_info", "_out", "latency_ms")
 
     def __init__(
         self,
-        outputs: Dict[str, np.ndarray],
+        outputs: Union[Dict[str, np.ndarray], Sequence[np.ndarray]],
         request_id: Union[str, Tuple[str, int]],
-        model_name: str,
-        model_version: int,
+        model: ActiveModel,
         latency_ms: float,
     ) -> None:
-        self.outputs = outputs
+        self._out = outputs
         self._id = request_id
-        self.model_name = model_name
-        self.model_version = model_version
+        self._info = model
         self.latency_ms = latency_ms
+
+    @property
+    def outputs(self) -> Dict[str, np.ndarray]:
+        """The model's outputs by name, in the model's order."""
+        out = self._out
+        if out.__class__ is dict:
+            return out  # type: ignore[return-value]
+        names = self._info.output_names
+        built = {names[0]: out[0]} if len(names) == 1 else dict(zip(names, out))
+        self._out = built
+        return built
+
+    @property
+    def model_name(self) -> str:
+        """The name of the model that answered."""
+        return self._info.name
+
+    @property
+    def model_version(self) -> int:
+        """The version of the model that answered."""
+        return self._info.version
 
     @property
     def request_id(self) -> str:
@@ -113,23 +149,56 @@ class LoadedModel:
         self._ndarray = np.ndarray
         self._single = self.info.inputs[0].name if len(self.info.inputs) == 1 else None
         self._output_names = tuple(t.name for t in self.info.outputs)
-        self._run = self.runtime.run
+        # One output (a classifier, an encoder) is the common case: a dict display beats dict(zip()).
+        self._only_output = self._output_names[0] if len(self._output_names) == 1 else None
+        # The runtime's cheapest call (onnxruntime: the C-level run; prepare() already did its checks).
+        self.call: Callable[[Mapping[str, np.ndarray]], List[np.ndarray]] = self.runtime.runner()
         # The finalizer holds the runtime, never the model, so it cannot keep the model alive.
         self._finalizer = weakref.finalize(self, self.runtime.close)
         self._checks = []
         for spec in self.info.inputs:
-            tail = spec.shape[1:] if spec.shape else ()
-            fixed = None if any(d is None for d in tail) else tuple(int(d) for d in tail if d is not None)
-            self._checks.append((spec.name, self.dtypes[spec.name], len(spec.shape or ()), fixed))
+            shape = spec.shape or ()
+            tail = shape[1:]
+            # With rank >= 2 and a fully known tail, `shape[1:] == tail` alone also proves the rank.
+            fixed = None if len(shape) < 2 or any(d is None for d in tail) else tuple(int(d) for d in tail)  # type: ignore[arg-type]
+            self._checks.append((spec.name, self.dtypes[spec.name], len(shape), fixed))
+        self._check_one = self._checks[0] if len(self._checks) == 1 else None
+        # (name, dtype, tail shape) of a one-input model whose shape is known but for the batch: the
+        # case ModelServer.infer checks inline, saving a call per request; prepare() does the rest.
+        one = self._check_one
+        self.fit: Optional[Tuple[str, Any, Tuple[int, ...]]] = (
+            None if one is None or one[3] is None else (one[0], one[1], one[3])
+        )
 
     def prepare(self, inputs: Inputs) -> Dict[str, np.ndarray]:
         """Map the caller's inputs onto the model's: one bare array for a one-input model, names checked, dtypes cast."""
         # Fast path, taken by every well-formed request: the caller's arrays already fit; no copies.
-        if inputs.__class__ is self._ndarray and self._single is not None:
-            inputs = {self._single: inputs}
-        if inputs.__class__ is dict and len(inputs) == len(self._checks):
+        # (onnxruntime copies a non-contiguous array itself, so contiguity needs no check here.)
+        one = self._check_one
+        if one is not None:
+            name, dtype, rank, fixed = one
+            if inputs.__class__ is dict:
+                value = inputs.get(name) if len(inputs) == 1 else None  # type: ignore[union-attr]
+                feeds = inputs
+            elif inputs.__class__ is self._ndarray:
+                value = inputs
+                feeds = None
+            else:
+                return self._prepare_checked(inputs)
+            if (
+                value.__class__ is self._ndarray
+                and (value.dtype is dtype or value.dtype == dtype)
+                and (
+                    value.shape[1:] == fixed
+                    if fixed is not None
+                    else (not rank or value.ndim == rank) and self._dims_ok(name, value.shape)
+                )
+            ):
+                return {name: value} if feeds is None else feeds  # type: ignore[return-value]
+            return self._prepare_checked(inputs)
+        if inputs.__class__ is dict and len(inputs) == len(self._checks):  # type: ignore[arg-type]
             for name, dtype, rank, fixed in self._checks:
-                value = inputs.get(name)
+                value = inputs.get(name)  # type: ignore[union-attr]
                 if (
                     value.__class__ is not self._ndarray
                     or value.dtype != dtype
@@ -139,7 +208,7 @@ class LoadedModel:
                 ):
                     break
             else:
-                return inputs
+                return inputs  # type: ignore[return-value]
         return self._prepare_checked(inputs)
 
     def _dims_ok(self, name: str, shape: Tuple[int, ...]) -> bool:
@@ -196,11 +265,20 @@ class LoadedModel:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Run prepared feeds; outputs by name."""
-        return dict(zip(self._output_names, self._run(feeds)))
+        return self.outputs_by_name(self.call(feeds))
+
+    def outputs_by_name(self, values: Sequence[np.ndarray]) -> Dict[str, np.ndarray]:
+        """The runtime's output list as a dict keyed by output name."""
+        only = self._only_output
+        if only is not None:
+            return {only: values[0]}
+        return dict(zip(self._output_names, values))
 
     def close(self) -> None:
-        """Close the runtime now (a candidate that never served); later calls do nothing."""
+        """Close the runtime now (a candidate that never served); later calls raise `runtime-closed`."""
         self._finalizer()
+        # The fast call may hold the engine's session itself; drop it so the memory goes now.
+        self.call = self.runtime.run
 
 
 class _Window:
@@ -228,9 +306,15 @@ class ModelServer:
         self._current: Optional[LoadedModel] = None
         self._lock = threading.Lock()
         self._window = _Window()
+        # Totals of the windows already reported; the open window's counts are added when read.
         self._totals = {"count": 0, "errors": 0}
-        self._predictions: OrderedDict[Union[str, int], np.ndarray] = OrderedDict()
         self._feedback_capacity = max(1, int(feedback_capacity))
+        # Predictions kept for feedback: the last N under server-made ids (a ring indexed by id % N)
+        # and the last N under the callers' own ids.
+        self._ring: List[Optional[Tuple[int, np.ndarray]]] = [None] * self._feedback_capacity
+        self._named: OrderedDict[str, np.ndarray] = OrderedDict()
+        # Latencies of requests not yet counted in the window's histogram (see infer and _fold).
+        self._pending: List[float] = []
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}"
 
@@ -291,58 +375,112 @@ class ModelServer:
         # Reading one attribute is atomic; the local reference keeps this model open for the request.
         model = self._current
         if model is None:
-            raise InferError("no-model", "no model is installed yet; deploy a bundle to this device")
+            raise _no_model()
         return model
 
     def infer(self, inputs: Inputs, request_id: Optional[str] = None) -> InferResult:
         """Run one inference on the active model; raises InferError('no-model' | 'bad-input' | 'infer-failed')."""
-        start = time.perf_counter()
+        # Every line here is paid per request, on models that run in tens of µs (docs/agent-core.md):
+        # attributes are read once, the runtime is called through its cheapest entry point after
+        # prepare() has checked the inputs, and the bookkeeping takes no lock.
+        start = _clock()
+        model = self._current  # one atomic read; the local reference keeps this model open
+        if model is None:
+            self._count_error("no-model")
+            raise _no_model()
         try:
-            model = self._acquire()
+            fit = model.fit
+            if fit is not None:
+                # prepare()'s fast path, inline: the caller's array already fits, no copy is made.
+                cls = inputs.__class__
+                if cls is dict and len(inputs) == 1:  # type: ignore[arg-type]
+                    value = inputs.get(fit[0])  # type: ignore[union-attr]
+                    feeds = inputs
+                elif cls is model._ndarray:
+                    value = inputs
+                    feeds = None
+                else:
+                    value = feeds = None
+                if (
+                    value.__class__ is model._ndarray
+                    and (value.dtype is fit[1] or value.dtype == fit[1])
+                    and value.shape[1:] == fit[2]
+                ):
+                    if feeds is None:
+                        feeds = {fit[0]: value}
+                else:
+                    feeds = model.prepare(inputs)
+            else:
+                feeds = model.prepare(inputs)
+            values = model.call(feeds)  # type: ignore[arg-type]
         except InferError as exc:
             self._count_error(exc.code)
             raise
-        try:
-            feeds = model.prepare(inputs)
-            outputs = model.run(feeds)
         except Exception as exc:
-            code = exc.code if isinstance(exc, InferError) else "infer-failed"
-            self._count_error(code)
-            if isinstance(exc, InferError):
-                raise
+            self._count_error("infer-failed")
             # engine errors (shape mismatch at run time, …) become one type
             raise InferError("infer-failed", f"{type(exc).__name__}: {exc}") from None
-        latency = (time.perf_counter() - start) * 1000.0
-        info = model.info
-        first = outputs[info.outputs[0].name] if info.outputs else None
-        # Server-made ids stay (prefix, number) until someone reads them: formatting costs µs.
-        key: Union[str, int] = request_id if request_id is not None else next(self._ids)
+        latency = (_clock() - start) * 1000.0
+        # No lock from here on: list.append, dict set/pop and next() on a counter are single C calls,
+        # atomic under the GIL. Latencies wait in a short list and go into the window's histogram
+        # in batches (C-level loops), which costs a fraction of one locked record() per request.
+        pending = self._pending
+        pending.append(latency)
+        if len(pending) >= _FOLD_AT:
+            self._fold()
+        first = values[0] if values else None
+        # Keep a reference to small outputs (class scores), not their argmax: that cost is paid only
+        # when feedback arrives.
+        keep = first.__class__ is model._ndarray and first.size <= FEEDBACK_MAX_ELEMENTS  # type: ignore[union-attr]
+        if request_id is None:
+            # Server-made ids are consecutive, so the last N predictions sit in a ring at id % N: one
+            # list store, no dict, no eviction. The id stays (prefix, number) until someone reads it.
+            n = next(self._ids)
+            if keep:
+                self._ring[n % self._feedback_capacity] = (n, first)
+            rid: Union[str, Tuple[str, int]] = (self._id_prefix, n)
+        else:
+            # Callers' own ids come over HTTP or MQTT, where a lock is noise.
+            if keep:
+                with self._lock:
+                    named = self._named
+                    named[request_id] = first  # type: ignore[assignment]
+                    if len(named) > self._feedback_capacity:
+                        named.popitem(last=False)
+            rid = request_id
+        return InferResult(values, rid, model.info, latency)
+
+    def _fold(self) -> None:
+        """Move the waiting latencies into the open window's histogram."""
         with self._lock:
-            self._window.hist.record(latency)
-            self._totals["count"] += 1
-            if first is not None and first.size <= FEEDBACK_MAX_ELEMENTS:
-                # Keep a reference, not the argmax: the cost is paid only when feedback arrives.
-                self._predictions[key] = first
-                if len(self._predictions) > self._feedback_capacity:
-                    self._predictions.popitem(last=False)
-        rid = key if isinstance(key, str) else (self._id_prefix, key)
-        return InferResult(outputs, rid, info.name, info.version, latency)
+            pending = self._pending
+            n = len(pending)
+            if n:
+                # Copy then delete the first n in place: appends racing with this land after them.
+                batch = pending[:n]
+                del pending[:n]
+                self._window.hist.record_many(batch)
 
     def _count_error(self, code: str) -> None:
         with self._lock:
             self._window.errors[code] = self._window.errors.get(code, 0) + 1
-            self._totals["errors"] += 1
 
     def feedback(self, request_id: str, label: int) -> None:
         """Record the true label of an earlier prediction; feeds live accuracy. Unknown ids raise InferError."""
         if isinstance(label, bool) or not isinstance(label, int) or label < 0:
             raise InferError("bad-feedback", f"label must be a class index >= 0, got {label!r}")
-        key: Union[str, int] = request_id
+        scores: Optional[np.ndarray] = None
         prefix, _, number = request_id.rpartition("-")
-        if prefix == self._id_prefix and number.isdigit():
-            key = int(number)
         with self._lock:
-            scores = self._predictions.pop(key, None)
+            if prefix == self._id_prefix and number.isdigit():
+                slot = int(number) % self._feedback_capacity
+                entry = self._ring[slot]
+                if entry is not None and entry[0] == int(number):
+                    scores = entry[1]
+                    if self._ring[slot] is entry:  # one feedback per prediction
+                        self._ring[slot] = None
+            else:
+                scores = self._named.pop(request_id, None)
         if scores is None:
             raise InferError(
                 "unknown-request",
@@ -358,11 +496,15 @@ class ModelServer:
 
     def window_stats(self, reset: bool = True) -> Dict[str, Any]:
         """Requests, errors, latency p50/p95/p99/mean and live accuracy since the last call (reset by default)."""
+        self._fold()
         with self._lock:
             window = self._window
+            totals = dict(self._totals)
+            totals["count"] += window.hist.count
+            totals["errors"] += sum(window.errors.values())
             if reset:
                 self._window = _Window()
-            totals = dict(self._totals)
+                self._totals = totals
         summary = window.hist.summary()
         elapsed = max(1e-9, time.time() - window.started)
         errors = sum(window.errors.values())

@@ -13,7 +13,7 @@ import os
 import shutil
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -61,6 +61,27 @@ class LatencyHistogram:
         self.total_ms += ms
         self.max_seen = max(self.max_seen, ms)
         self.min_seen = min(self.min_seen, ms)
+
+    def record_many(self, values: Iterable[float]) -> None:
+        """Count many latencies (ms) at once; the same counts as `record` on each, at a fraction of the cost."""
+        # `0.0 <= v` is False for NaN and negatives, which record() ignores too. Sorted, the values of
+        # one bucket are one run, found by bisecting: the loop turns once per bucket, not per value.
+        kept = sorted(filter((0.0).__le__, values))
+        n = len(kept)
+        if not n:
+            return
+        counts, bounds = self.counts, self._bounds
+        last = len(bounds)
+        lo = 0
+        while lo < n:
+            bucket = bisect.bisect_left(bounds, kept[lo])
+            hi = bisect.bisect_right(kept, bounds[bucket], lo) if bucket < last else n
+            counts[bucket] += hi - lo
+            lo = hi
+        self.count += n
+        self.total_ms += sum(kept)
+        self.max_seen = max(self.max_seen, kept[-1])
+        self.min_seen = min(self.min_seen, kept[0])
 
     def percentile(self, q: float) -> Optional[float]:
         """The q-th percentile (0–100), interpolated log-linearly inside its bucket; None when empty."""

@@ -125,8 +125,13 @@ class EmbeddedBroker:
     def _start_mosquitto(self, binary: str, workdir: Path, timeout: float) -> None:
         conf = workdir / "mosquitto.conf"
         conf.write_text(mosquitto_config(self.host, self.port, workdir))
+        # Its own session: a Ctrl-C in the terminal reaches only the owner, which stops the broker
+        # last, after the clients it serves (`edgefleet demo`'s agents) have said goodbye.
         self._proc = subprocess.Popen(
-            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [binary, "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         _wait_listening(self.host, self.port, timeout, self._proc)
         self.chosen = "mosquitto"

@@ -24,6 +24,8 @@ COMMAND_MODULES: list[str] = [
     "cli_build",
     "cli_profiles",
     "cli_fleet",
+    "cli_credentials",
+    "cli_demo",
 ]
 
 

@@ -1,4 +1,4 @@
-"""`edgefleet keys init|rotate|show`: the fleet's Ed25519 signing keys and root rotations."""
+"""`edgefleet keys init|rotate|show|push-rotation`: the fleet's Ed25519 signing keys and root rotations."""
 
 from __future__ import annotations
 
@@ -149,3 +149,64 @@ def register(app: typer.Typer) -> None:
             return
         typer.echo(f"root version {root['version']} with {len(root['keys'])} key(s) written to {out}")
         typer.echo("Send it to the devices; they apply it only if enough current keys signed it.")
+
+    @keys_app.command("push-rotation")
+    def push_rotation_cmd(
+        statement: Path = typer.Argument(
+            ..., help="Rotation statement written by `edgefleet keys rotate -o`."
+        ),
+        to: str = typer.Option(
+            "all", "--to", "--target", help="Devices: a device id, tag:NAME, profile:NAME or all."
+        ),
+        timeout: float = typer.Option(30.0, "--timeout", min=0.1, help="Seconds to wait for the answers."),
+        broker: Optional[str] = typer.Option(
+            None, "--broker", envvar="EDGEFLEET_BROKER", help="mqtt://HOST:PORT or mqtts://HOST:PORT."
+        ),
+        fleet: str = typer.Option("default", "--fleet", help="Fleet name (topic prefix edgefleet/v1/NAME)."),
+        username: Optional[str] = typer.Option(None, "--username", help="Broker username."),
+        password: Optional[str] = typer.Option(
+            None, "--password", envvar="EDGEFLEET_BROKER_PASSWORD", help="Broker password."
+        ),
+        tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate (PEM) of the broker."),
+        tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Client certificate (PEM)."),
+        tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="Client private key (PEM)."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Send a key rotation to the devices; each applies it only if enough current and new keys signed it.
+
+        Exit 0 when every device applied it (or had it, or is offline with the command queued), 2 when a
+        device refused it (the code says why), 1 when a device did not answer in time.
+        """
+        from dataclasses import asdict
+
+        from edgefleet.sdk.fleet.errors import FleetError
+        from edgefleet.sdk.mqtt_url import MqttOptions, default_broker_url
+
+        from .keys import KeysError, push_rotation
+
+        try:
+            options = MqttOptions(
+                broker or default_broker_url(),
+                username=username,
+                password=password,
+                tls_ca=str(tls_ca) if tls_ca else None,
+                tls_cert=str(tls_cert) if tls_cert else None,
+                tls_key=str(tls_key) if tls_key else None,
+            )
+            outcomes = push_rotation(statement, to, broker=options, fleet=fleet, timeout_s=timeout)
+        except KeysError as exc:
+            raise _fail(f"{exc.code}: {exc.reason}") from None
+        except FleetError as exc:
+            raise _fail(str(exc)) from None
+        rows = [asdict(o) for o in outcomes.values()]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2, sort_keys=True))
+        else:
+            for o in outcomes.values():
+                detail = f" root v{o.root_version}" if o.root_version is not None else ""
+                why = f" [{o.code}] {o.reason}" if o.code else ""
+                typer.echo(f"{o.device_id}: {o.status}{detail}{why}")
+        if any(o.status == "refused" for o in outcomes.values()):
+            raise typer.Exit(2)
+        if not all(o.ok for o in outcomes.values()):
+            raise typer.Exit(1)

@@ -39,8 +39,13 @@ class MqttOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_insecure: bool = False
+    # "3.1.1" for brokers without MQTT 5 (amqtt, the embedded fallback): sessions then persist by
+    # clean_session=False, without an expiry, and CONNACK carries no packet size limit.
+    mqtt_version: str = "5"
 
     def __post_init__(self) -> None:
+        if self.mqtt_version not in ("5", "3.1.1"):
+            raise BrokerUnavailable(f"MQTT version {self.mqtt_version!r}: use 5 or 3.1.1")
         parts = urlsplit(self.url)
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise BrokerUnavailable(
@@ -87,6 +92,8 @@ class Connection:
     client_id: str
     max_packet_size: int | None = None
     connected: threading.Event = field(default_factory=threading.Event)
+    # Every filter subscribed so far, subscribed again after a reconnect that finds no session.
+    filters: list[tuple[str, int]] = field(default_factory=list)
 
     def subscribe(self, filters: list[tuple[str, int]], timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         """Subscribe and wait for the SUBACK, so nothing published right after is missed."""
@@ -94,6 +101,7 @@ class Connection:
             return
         done = threading.Event()
         ud = self.client._userdata
+        self.filters.extend(f for f in filters if f not in self.filters)
         result, mid = self.client.subscribe(filters)
         if result != 0:
             raise BrokerUnavailable(f"subscribe failed with paho code {result}: is the client connected?")
@@ -139,8 +147,13 @@ def connect(
 
     cid = client_id or f"edgefleet-host-{uuid.uuid4().hex[:12]}"
     userdata: dict[str, Any] = {"suback": {}, "acked": set(), "lock": threading.Lock()}
+    v5 = options.mqtt_version == "5"
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5, userdata=userdata
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id=cid,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        userdata=userdata,
+        clean_session=None if v5 else not persistent,
     )
     conn = Connection(client, cid)
     client.reconnect_delay_set(1, 30)
@@ -168,6 +181,10 @@ def connect(
             return
         size = getattr(props, "MaximumPacketSize", None) if props is not None else None
         conn.max_packet_size = int(size) if size else None
+        if conn.filters and not getattr(flags, "session_present", False):
+            # The broker has no session for us (a clean start, or it restarted without having saved
+            # it): without this, a reconnected ingest or rollout engine would hear nothing again.
+            c.subscribe(list(conn.filters))
         conn.connected.set()
         if on_connect is not None:
             on_connect()
@@ -192,7 +209,12 @@ def connect(
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = session_expiry_s if persistent else 0
     try:
-        client.connect(options.host, options.port, keepalive=30, clean_start=not persistent, properties=props)
+        if v5:
+            client.connect(
+                options.host, options.port, keepalive=30, clean_start=not persistent, properties=props
+            )
+        else:
+            client.connect(options.host, options.port, keepalive=30)
     except (OSError, ValueError) as exc:
         raise BrokerUnavailable(
             f"cannot reach the broker at {options.url}: {exc}; check that it runs (edgefleet broker) "

@@ -55,9 +55,15 @@ class ProcessGroup:
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
-        proc = subprocess.Popen(
-            list(argv), stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
-        )
+        try:
+            proc = subprocess.Popen(
+                list(argv), stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True
+            )
+        except OSError as exc:
+            log.close()
+            raise RuntimeError(
+                f"cannot start {name} ({argv[0] if argv else 'no command'}): {exc.strerror or exc}"
+            ) from exc
         child = Child(name, proc, log_path, log)
         self.children.append(child)
         return child
@@ -71,8 +77,12 @@ class ProcessGroup:
                     + child.tail()
                 )
 
+    def pids(self) -> list[int]:
+        """Process ids of the children still running."""
+        return [c.proc.pid for c in self.children if c.alive()]
+
     def stop(self, child: Child, timeout: float = 10.0, kill: bool = False) -> None:
-        """Stop one child (SIGKILL at once when `kill`)."""
+        """Stop one child (SIGKILL at once when `kill`); SIGKILL after `timeout` if SIGTERM is ignored."""
         if child.alive():
             try:
                 os.killpg(child.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
@@ -81,7 +91,10 @@ class ProcessGroup:
             try:
                 child.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(child.proc.pid, signal.SIGKILL)
+                try:
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # it exited between the timeout and the kill
                 child.proc.wait(timeout=timeout)
         child.log.close()
 

@@ -596,9 +596,56 @@ class Store:
             row["errors"] = int(row["errors"] or 0)
             rows.append(row)
         with self._lock, self._tx() as conn:
+            rows = self._without_duplicates(conn, fleet, rows)
+            if not rows:
+                return 0
             self._track_sequences(conn, fleet, [(r["device_id"], r["seq"]) for r in rows])
             conn.execute(insert(telemetry), rows)
         return len(rows)
+
+    def _without_duplicates(self, conn: Connection, fleet: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Drop QoS 1 redeliveries: a (device, seq, ts) already stored, or twice in this batch.
+
+        Only rows at or below a device's last sequence number can be repeats, so the lookup (on the
+        device/ts index) runs only for those; a device whose counter restarted keeps its new rows.
+        """
+        seen: set[tuple[str, int, float]] = set()
+        unique = []
+        for row in rows:
+            seq = row["seq"]
+            if isinstance(seq, int) and not isinstance(seq, bool):
+                ident = (row["device_id"], seq, row["ts"])
+                if ident in seen:
+                    continue
+                seen.add(ident)
+            unique.append(row)
+        ids = sorted({r["device_id"] for r in unique})
+        last = dict(
+            conn.execute(
+                select(devices.c.device_id, devices.c.last_seq).where(
+                    (devices.c.fleet == fleet) & devices.c.device_id.in_(ids)
+                )
+            ).all()
+        )
+        maybe = [
+            r
+            for r in unique
+            if isinstance(r["seq"], int) and last.get(r["device_id"]) is not None and r["seq"] <= last[r["device_id"]]
+        ]
+        if not maybe:
+            return unique
+        stored = {
+            (str(d), int(q), float(t))
+            for d, q, t in conn.execute(
+                select(telemetry.c.device_id, telemetry.c.seq, telemetry.c.ts).where(
+                    (telemetry.c.fleet == fleet)
+                    & telemetry.c.device_id.in_({r["device_id"] for r in maybe})
+                    & telemetry.c.ts.in_({r["ts"] for r in maybe})
+                )
+            )
+            if q is not None
+        }
+        return [r for r in unique if (r["device_id"], r["seq"], r["ts"]) not in stored]
 
     def note_sequence(self, fleet: str, device_id: str, seq: int | None) -> None:
         """Check one sequence number of a non-telemetry message (state, evt) for gaps."""
@@ -648,6 +695,7 @@ class Store:
                         fleet=fleet,
                         device_id=dev,
                         last_seq=last,
+                        last_seen=now,
                         tags=[],
                         runtimes=[],
                         state={},
@@ -656,7 +704,8 @@ class Store:
                     )
                 )
             else:
-                conn.execute(update(devices).where(key).values(last_seq=last))
+                # Host time of the last message: the ingest's liveness check reads it across processes.
+                conn.execute(update(devices).where(key).values(last_seq=last, last_seen=now))
 
     def _fill_gap(self, conn: Connection, fleet: str, device_id: str, seq: int) -> None:
         """A late message (several ingest processes on a shared subscription, or a reordering) fills its hole."""

@@ -10,7 +10,7 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from ..errors import RuntimeLoadError
 from ..registry import Registry, UnknownPluginError
@@ -68,6 +68,15 @@ class Runtime(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the engine's memory; `run` must not be called afterwards."""
+
+    def runner(self) -> Callable[[Mapping[str, np.ndarray]], List[np.ndarray]]:
+        """The cheapest callable doing what `run` does, for feeds the caller has already checked.
+
+        The model server calls it on every request after validating names, dtypes and shapes itself,
+        so an engine whose `run` re-checks its inputs (onnxruntime's Python layer) can skip that here.
+        The default is `run` itself.
+        """
+        return self.run
 
     def describe(self) -> Dict[str, Any]:
         """Runtime name, providers, threads and tensor specs, for status and telemetry."""

@@ -111,6 +111,14 @@ class Fleet:
         """Devices whose reported model is not the desired one."""
         return registry.differences(self.store, self.fleet)
 
+    def push_rotation(
+        self, statement: str | Path | bytes | dict[str, Any], to: str = "all", timeout_s: float = 30.0
+    ) -> dict[str, Any]:
+        """Send a key rotation (`edgefleet keys rotate -o FILE`) to the devices `to` selects; outcome per device."""
+        from edgefleet.sdk.keys import push_rotation
+
+        return push_rotation(statement, to, broker=self.options, fleet=self.fleet, timeout_s=timeout_s)
+
     # ---- deploy -------------------------------------------------------------------------------
 
     def plan(

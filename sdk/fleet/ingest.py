@@ -24,6 +24,26 @@ from .registry import apply_state, device_from_topic
 log = logging.getLogger(__name__)
 
 _KINDS = ("state", "evt", "telemetry")
+# How often the writer thread looks for devices that went silent.
+LIVENESS_CHECK_S = 0.25
+# Devices silent this long are forgotten by the liveness check (their Last Will has long come).
+FORGET_AFTER_S = 600.0
+
+
+def liveness_limit(info: Mapping[str, Any]) -> float | None:
+    """Seconds of silence after which the host presumes a device gone, from what its `state` advertised.
+
+    A broker publishes the Last Will once a client was silent for 1.5 × its keepalive, but only when its
+    keepalive sweep comes round: Mosquitto 2.0 sweeps every 5-6 s, so a device cut off at keepalive 5 s
+    was marked offline 7.1-11 s after the cut. A device that reports every `telemetry_interval_s` and
+    has said nothing for its whole keepalive (and two reports) is gone without waiting for that sweep.
+    None when the device does not advertise both (older agents): the Last Will alone decides.
+    """
+    keepalive = _num(info.get("keepalive_s"))
+    interval = _num(info.get("telemetry_interval_s"))
+    if keepalive is None or interval is None or keepalive <= 0 or interval <= 0:
+        return None
+    return max(keepalive, 2.0 * interval)
 
 
 def flatten_telemetry(message: Telemetry) -> dict[str, Any]:
@@ -86,6 +106,11 @@ class Ingest:
         self._conn: Connection | None = None
         self._thread: threading.Thread | None = None
         self._processed = 0
+        # device → monotonic time of its last live (not retained) message; written on paho's thread.
+        self._heard: dict[str, float] = {}
+        self._presumed_offline: set[str] = set()
+        self._last_liveness_check = 0.0
+        self.presumed_offline = 0
 
     def filters(self) -> list[str]:
         """The topic filters this ingest subscribes to (shared when a group is set)."""
@@ -111,11 +136,19 @@ class Ingest:
 
     def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
         self.received += 1
+        if not retain:
+            device = device_from_topic(topic)
+            if device is not None:
+                self._heard[device] = time.monotonic()
         self._queue.put((topic, payload))
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=LIVENESS_CHECK_S)
+            except queue.Empty:
+                self._check_liveness()
+                continue
             if item is None:
                 return
             batch = [item]
@@ -134,6 +167,37 @@ class Ingest:
             self._processed += len(batch)
             if stop:
                 return
+            if self._queue.empty():
+                # Only once caught up: a backlog would make devices look silent that are not.
+                self._check_liveness()
+
+    def _check_liveness(self) -> None:
+        """Mark online devices offline that have been silent past their `liveness_limit`."""
+        now = time.monotonic()
+        if now - self._last_liveness_check < LIVENESS_CHECK_S:
+            return
+        self._last_liveness_check = now
+        for device, heard in list(self._heard.items()):
+            silent = now - heard
+            if silent > FORGET_AFTER_S:
+                self._heard.pop(device, None)
+                continue
+            try:
+                row = self.store.device(self.fleet, device)
+            except StoreError:
+                return
+            if not row or not row.get("online"):
+                continue
+            limit = liveness_limit(row.get("state") or {})
+            if limit is None or silent <= limit:
+                continue
+            seen = row.get("last_seen")
+            if isinstance(seen, (int, float)) and time.time() - seen <= limit:
+                continue  # another ingest process (shared subscription) heard it recently
+            log.info("no message from %s for %.1f s (limit %.1f s): presumed offline", device, silent, limit)
+            self._retry(lambda d=device: self.store.upsert_device(self.fleet, d, online=False))
+            self._presumed_offline.add(device)
+            self.presumed_offline += 1
 
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
         """Write a batch in arrival order: telemetry runs go in one statement, events one by one."""
@@ -152,6 +216,12 @@ class Ingest:
             if message.device != device:
                 self.dropped += 1
                 continue
+            if isinstance(message, State):
+                self._presumed_offline.discard(device)  # a birth or a Last Will says it for sure
+            elif device in self._presumed_offline:
+                # Presumed gone, yet it speaks: it is back (a slow spell, not a lost link).
+                self._presumed_offline.discard(device)
+                self._retry(lambda d=device: self.store.upsert_device(self.fleet, d, online=True))
             if kind == "telemetry" and isinstance(message, Telemetry):
                 pending.append(flatten_telemetry(message))
                 continue

@@ -228,7 +228,17 @@ class BundleTransfer:
 def wait_published(conn: Any, info: Any, timeout_s: float = 60.0) -> bool:
     """Wait for a PUBACK; while the broker is away paho keeps the message and re-sends it on reconnect."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not info.is_published():
+    while time.monotonic() < deadline:
+        try:
+            if info.is_published():
+                return True
+        except (RuntimeError, ValueError):
+            # Published while the broker was away: paho keeps it and re-sends it after the reconnect,
+            # but this info keeps the error code for good (is_published raises), so wait for that.
+            if conn.connected.is_set():
+                return True
+            time.sleep(0.05)
+            continue
         if conn.connected.is_set():
             try:
                 info.wait_for_publish(min(1.0, max(0.01, deadline - time.monotonic())))
@@ -236,4 +246,4 @@ def wait_published(conn: Any, info: Any, timeout_s: float = 60.0) -> bool:
                 time.sleep(0.05)
         else:
             time.sleep(0.05)
-    return bool(info.is_published())
+    return False

@@ -1,0 +1,826 @@
+"""Broker credentials for a fleet: a CA, per-device client certificates or passwords, a CRL and the ACL.
+
+`edgefleet credentials` writes everything a Mosquitto broker needs so that each device can publish only
+to its own `dev/{id}/state|evt|telemetry` and read only its own `cmd` and `chunk` topics plus the
+broadcast artifacts, while the host identity may send commands and chunks and read the whole fleet.
+The ACL binds topics to identities with Mosquitto `pattern` lines and `%u`: in certificate mode the
+username is the certificate's CN (`use_identity_as_username true`), in password mode the login name.
+Keys are EC P-256 (every TLS stack on a Pi or Jetson accepts it; Ed25519 certificates are not universal).
+No private key or password goes into `credentials.json` (password hashes do, in password mode);
+private keys, password files and the state file are written 0600.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgefleet.agent.fsutil import atomic_write_bytes, atomic_write_json
+from edgefleet.agent.protocol import TOPIC_ROOT, valid_name
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+
+STATE_FILE = "credentials.json"
+STATE_VERSION = 1
+AUTH_MODES = ("cert", "password")
+DEFAULT_HOST_NAME = "edgefleet-host"
+DEFAULT_TLS_PORT = 8883
+CA_DAYS = 3650
+LEAF_DAYS = 1825
+# Mosquitto 2.0's `mosquitto_passwd` default: PBKDF2-SHA512, 101 rounds, 12-byte salt. The passwords we
+# generate carry 192 random bits, so slow hashing would add nothing but connect latency on the broker.
+PBKDF2_ROUNDS = 101
+PBKDF2_SALT_BYTES = 12
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9*](?:[A-Za-z0-9\-]{0,62})(?:\.[A-Za-z0-9\-]{1,63})*$")
+
+
+class CredentialsError(Exception):
+    """A credentials command could not run; the message names the problem and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Paths: one folder per fleet. The layout is documented in docs/credentials.md.
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every file of a credentials folder lies."""
+
+    root: Path
+
+    @property
+    def state(self) -> Path:
+        """Identities, serials and revocations (no secrets)."""
+        return self.root / STATE_FILE
+
+    @property
+    def ca_cert(self) -> Path:
+        """The CA certificate every party trusts."""
+        return self.root / "ca" / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        """The CA private key (0600): only `credentials` commands use it."""
+        return self.root / "ca" / "ca.key"
+
+    @property
+    def crl(self) -> Path:
+        """The certificate revocation list Mosquitto reads (`crlfile`)."""
+        return self.broker_dir / "crl.pem"
+
+    @property
+    def broker_ca(self) -> Path:
+        """The broker's copy of the CA certificate (`cafile`), so `broker/` is complete on its own."""
+        return self.broker_dir / "ca.crt"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Everything the broker reads, and nothing else: copy this folder onto the broker machine."""
+        return self.root / "broker"
+
+    @property
+    def server_cert(self) -> Path:
+        """The broker's TLS certificate."""
+        return self.broker_dir / "server.crt"
+
+    @property
+    def server_key(self) -> Path:
+        """The broker's TLS private key (0600)."""
+        return self.broker_dir / "server.key"
+
+    @property
+    def acl(self) -> Path:
+        """The Mosquitto ACL file."""
+        return self.broker_dir / "acl"
+
+    @property
+    def passwd(self) -> Path:
+        """The Mosquitto password file (password mode, 0600)."""
+        return self.broker_dir / "passwd"
+
+    @property
+    def conf(self) -> Path:
+        """Where `mosquitto-conf --write` puts the config by default."""
+        return self.broker_dir / "mosquitto.conf"
+
+    @property
+    def host_dir(self) -> Path:
+        """The host identity's folder (Fleet, `edgefleet deploy`, `edgefleet serve`)."""
+        return self.root / "host"
+
+    def device_dir(self, device_id: str) -> Path:
+        """One device's folder: copy it onto the device."""
+        return self.root / "devices" / device_id
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The files one client (a device or the host) connects with."""
+
+    name: str
+    folder: Path
+    ca: Path
+    cert: Path | None
+    key: Path | None
+    password_file: Path | None
+
+    def as_dict(self) -> dict[str, str | None]:
+        """Paths as strings, for `--json`."""
+        return {
+            "name": self.name,
+            "folder": str(self.folder),
+            "tls_ca": str(self.ca),
+            "tls_cert": str(self.cert) if self.cert else None,
+            "tls_key": str(self.key) if self.key else None,
+            "password_file": str(self.password_file) if self.password_file else None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small pieces: keys, certificates, password hashes, file writing.
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Write a private file: created 0600 (mkstemp) and renamed into place, never readable by others."""
+    atomic_write_bytes(path, data, mode=0o600)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    atomic_write_bytes(path, data, mode=0o644)
+
+
+def _private_dir(path: Path) -> None:
+    """A folder that holds private keys: 0700."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def _new_key() -> EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _name(common_name: str, fleet: str) -> x509.Name:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgefleet"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, fleet),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def _make_ca(fleet: str, days: int) -> tuple[EllipticCurvePrivateKey, x509.Certificate]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    key = _new_key()
+    name = _name(f"edgefleet {fleet} CA", fleet)
+    start = _now() - timedelta(minutes=5)  # tolerate a device clock a little behind
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+def _issue(
+    ca_key: EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    common_name: str,
+    fleet: str,
+    *,
+    server_names: Sequence[str] = (),
+    days: int = LEAF_DAYS,
+) -> tuple[EllipticCurvePrivateKey, x509.Certificate]:
+    """A leaf certificate: a client one (CN = identity), or a server one with SANs when `server_names`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = _new_key()
+    start = _now() - timedelta(minutes=5)
+    # A leaf must not outlive its CA: OpenSSL would refuse the chain after the CA expires anyway.
+    end = min(start + timedelta(days=days), ca_cert.not_valid_after_utc)
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name, fleet))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if server_names:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([_san(n) for n in server_names]), critical=False
+        )
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _san(name: str) -> x509.GeneralName:
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def _check_broker_host(name: str) -> str:
+    """A broker host name for the server certificate's SANs: an IP address or a DNS name."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    if not _HOSTNAME_RE.match(name):
+        raise CredentialsError(
+            f"--broker-host {name!r} is neither an IP address nor a DNS name: "
+            "give the name devices use in their broker URL, e.g. broker.example.lan or 192.168.1.10"
+        )
+    return name.lower()
+
+
+def _make_crl(
+    ca_key: EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    revoked: Iterable[tuple[int, datetime]],
+    number: int,
+) -> bytes:
+    """The CRL in PEM, valid until the CA expires.
+
+    OpenSSL refuses every client once a CRL's nextUpdate has passed, so it is set to the CA's own end
+    of validity: revocations still take effect as soon as the CRL is re-issued and the broker reloads it.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - timedelta(minutes=5))
+        .next_update(ca_cert.not_valid_after_utc)
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    for serial, when in sorted(revoked):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
+        )
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def mosquitto_password_hash(password: str, *, salt: bytes | None = None, rounds: int = PBKDF2_ROUNDS) -> str:
+    """The `$7$` entry Mosquitto 2.0 stores in its password file: PBKDF2-SHA512, base64 salt and hash."""
+    if rounds < 1:
+        raise CredentialsError("PBKDF2 rounds must be at least 1")
+    salt = salt if salt is not None else secrets.token_bytes(PBKDF2_SALT_BYTES)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, rounds)
+    return f"$7${rounds}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
+
+
+def verify_mosquitto_password(entry: str, password: str) -> bool:
+    """Whether `password` matches a `$7$` password-file entry (the hash part, after `user:`)."""
+    parts = entry.split("$")
+    if len(parts) != 5 or parts[1] != "7" or not parts[2].isdigit():
+        return False
+    salt, digest = base64.b64decode(parts[3]), base64.b64decode(parts[4])
+    candidate = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(parts[2]))
+    return secrets.compare_digest(candidate, digest)
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    """Serialize commands on one folder (two `add-device` runs must not lose each other's serials)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; commands there are run one at a time by hand
+        yield
+        return
+    with open(root / ".lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ACL and the Mosquitto config.
+
+
+def acl_text(fleet: str, host_name: str = DEFAULT_HOST_NAME) -> str:
+    """The Mosquitto ACL: each device its own topics (via `%u`), the host identity the whole fleet."""
+    prefix = f"{TOPIC_ROOT}/{fleet}"
+    return (
+        f"# edgefleet ACL for fleet {fleet!r}, generated by `edgefleet credentials`.\n"
+        "# Mosquitto denies every topic not granted here. `pattern` lines apply to every client, with %u\n"
+        "# replaced by its username: the certificate CN (use_identity_as_username) or the login name.\n"
+        "#\n"
+        "# A device publishes only its own birth/Last Will, events and telemetry ...\n"
+        f"pattern write {prefix}/dev/%u/state\n"
+        f"pattern write {prefix}/dev/%u/evt\n"
+        f"pattern write {prefix}/dev/%u/telemetry\n"
+        "# ... and reads only its own commands, its own repair chunks and the broadcast artifacts.\n"
+        f"pattern read {prefix}/dev/%u/cmd\n"
+        f"pattern read {prefix}/dev/%u/chunk/#\n"
+        f"pattern read {prefix}/artifact/#\n"
+        "\n"
+        "# The host (rollouts, registry, ingest, dashboard) reads the whole fleet and sends commands,\n"
+        "# repair chunks and broadcast chunks; it never speaks for a device.\n"
+        f"user {host_name}\n"
+        f"topic read {prefix}/#\n"
+        f"topic write {prefix}/dev/+/cmd\n"
+        f"topic write {prefix}/dev/+/chunk/#\n"
+        f"topic write {prefix}/artifact/#\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# The credentials folder.
+
+
+class Credentials:
+    """One fleet's credentials folder: create it, add and revoke devices, render the broker config."""
+
+    def __init__(self, root: Path, state: dict[str, Any]) -> None:
+        self.layout = Layout(root)
+        self.state = state
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    @property
+    def root(self) -> Path:
+        """The folder."""
+        return self.layout.root
+
+    @property
+    def fleet(self) -> str:
+        """The fleet these credentials are for (the ACL's topic prefix)."""
+        return str(self.state["fleet"])
+
+    @property
+    def auth(self) -> str:
+        """`cert` (client certificates) or `password` (usernames and passwords over TLS)."""
+        return str(self.state["auth"])
+
+    @property
+    def host_name(self) -> str:
+        """The host identity's CN / username."""
+        return str(self.state["host"]["name"])
+
+    @property
+    def broker_hosts(self) -> list[str]:
+        """Names and addresses in the broker certificate's SANs."""
+        return list(self.state["server"]["names"])
+
+    def devices(self) -> list[dict[str, Any]]:
+        """Every device ever added, with status `active` or `revoked`."""
+        return [dict(v, id=k) for k, v in sorted(self.state["devices"].items())]
+
+    def device(self, device_id: str) -> Identity:
+        """The files of one device; CredentialsError when it is unknown."""
+        if device_id not in self.state["devices"]:
+            raise CredentialsError(
+                f"device {device_id!r} has no credentials in {self.root}: "
+                f"add it with `edgefleet credentials add-device {device_id} --dir {self.root}`"
+            )
+        return self._identity(device_id, self.layout.device_dir(device_id), "client")
+
+    def host(self) -> Identity:
+        """The host identity's files (pass them to Fleet, `edgefleet deploy`, `edgefleet serve`)."""
+        return self._identity(self.host_name, self.layout.host_dir, "host")
+
+    def _identity(self, name: str, folder: Path, stem: str) -> Identity:
+        cert_mode = self.auth == "cert"
+        return Identity(
+            name=name,
+            folder=folder,
+            ca=folder / "ca.crt",
+            cert=folder / f"{stem}.crt" if cert_mode else None,
+            key=folder / f"{stem}.key" if cert_mode else None,
+            password_file=None if cert_mode else folder / "password",
+        )
+
+    @classmethod
+    def open(cls, root: Path | str) -> Credentials:
+        """Open a folder made by `init`; CredentialsError when it is missing or not one."""
+        path = Path(root).expanduser()
+        state_path = path / STATE_FILE
+        if not state_path.is_file():
+            raise CredentialsError(
+                f"{path} holds no edgefleet credentials ({STATE_FILE} is missing): "
+                "create them with `edgefleet credentials init --fleet NAME --out DIR`, or pass --dir"
+            )
+        try:
+            state = json.loads(state_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CredentialsError(f"{state_path} cannot be read ({exc}): restore it from a backup") from None
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise CredentialsError(
+                f"{state_path} is not a version-{STATE_VERSION} credentials file: "
+                "it was written by another edgefleet version; use that version or re-run init"
+            )
+        return cls(path, state)
+
+    # -- creating -------------------------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        root: Path | str,
+        fleet: str,
+        *,
+        auth: str = "cert",
+        host_name: str = DEFAULT_HOST_NAME,
+        broker_hosts: Sequence[str] = (),
+        ca_days: int = CA_DAYS,
+        days: int = LEAF_DAYS,
+        force: bool = False,
+    ) -> Credentials:
+        """Create a CA, the broker's server certificate, the host identity, an empty CRL and the ACL."""
+        path = Path(root).expanduser()
+        if not valid_name(fleet):
+            raise CredentialsError(f"--fleet {fleet!r}: use 1-128 letters, digits, '.', '_' or '-'")
+        if auth not in AUTH_MODES:
+            raise CredentialsError(f"--auth {auth!r}: use 'cert' (client certificates) or 'password'")
+        if not valid_name(host_name):
+            raise CredentialsError(f"--host-name {host_name!r}: use 1-128 letters, digits, '.', '_' or '-'")
+        if ca_days < 1 or days < 1:
+            raise CredentialsError("--ca-days and --days must be at least 1")
+        if (path / STATE_FILE).exists() and not force:
+            raise CredentialsError(
+                f"{path} already holds credentials: every device's certificate comes from its CA, so "
+                "re-creating it locks all of them out; pass --force only to start over, or choose another --out"
+            )
+        given = [_check_broker_host(name) for name in broker_hosts]
+        # Loopback names always, so the host and tests on the broker machine itself can connect.
+        names = list(dict.fromkeys([*given, "localhost", "127.0.0.1", "::1"]))
+        primary = given[0] if given else "localhost"
+        path.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            layout = Layout(path)
+            old_devices = path / "devices"
+            if force and old_devices.is_dir() and any(old_devices.iterdir()):
+                # Their certificates chain to the CA being replaced: keep them aside, never delete them.
+                old_devices.rename(path / f"devices.replaced-{_now().strftime('%Y%m%dT%H%M%S')}")
+            for folder in (layout.ca_key.parent, layout.broker_dir, layout.host_dir):
+                _private_dir(folder)
+            (path / "devices").mkdir(exist_ok=True)
+            ca_key, ca_cert = _make_ca(fleet, ca_days)
+            _write_secret(layout.ca_key, _key_pem(ca_key))
+            _write_public(layout.ca_cert, _cert_pem(ca_cert))
+            _write_public(layout.broker_ca, _cert_pem(ca_cert))
+            server_key, server_cert = _issue(ca_key, ca_cert, primary, fleet, server_names=names, days=days)
+            _write_secret(layout.server_key, _key_pem(server_key))
+            _write_public(layout.server_cert, _cert_pem(server_cert))
+            state: dict[str, Any] = {
+                "version": STATE_VERSION,
+                "fleet": fleet,
+                "auth": auth,
+                "created": _iso(_now()),
+                "leaf_days": days,
+                "ca": {
+                    "not_after": _iso(ca_cert.not_valid_after_utc),
+                    "subject": ca_cert.subject.rfc4514_string(),
+                },
+                "server": {
+                    "primary": primary,
+                    "names": names,
+                    "serial": format(server_cert.serial_number, "x"),
+                },
+                "host": {"name": host_name},
+                "devices": {},
+                "crl_number": 1,
+            }
+            creds = cls(path, state)
+            creds._issue_identity(ca_key, ca_cert, host_name, layout.host_dir, "host", state["host"])
+            _write_public(layout.crl, _make_crl(ca_key, ca_cert, [], 1))
+            _write_public(layout.acl, acl_text(fleet, host_name).encode())
+            creds._write_passwd()
+            creds._save()
+        return creds
+
+    def _issue_identity(
+        self,
+        ca_key: EllipticCurvePrivateKey,
+        ca_cert: x509.Certificate,
+        name: str,
+        folder: Path,
+        stem: str,
+        record: dict[str, Any],
+    ) -> None:
+        """Write one client's files into `folder` and its public facts into `record`."""
+        _private_dir(folder)
+        _write_public(folder / "ca.crt", _cert_pem(ca_cert))
+        record["issued"] = _iso(_now())
+        if self.auth == "cert":
+            key, cert = _issue(ca_key, ca_cert, name, self.fleet, days=int(self.state["leaf_days"]))
+            _write_secret(folder / f"{stem}.key", _key_pem(key))
+            _write_public(folder / f"{stem}.crt", _cert_pem(cert))
+            record["serial"] = format(cert.serial_number, "x")
+            record["not_after"] = _iso(cert.not_valid_after_utc)
+            record.pop("password_hash", None)
+        else:
+            password = secrets.token_urlsafe(24)
+            _write_secret(folder / "password", (password + "\n").encode())
+            # The hash (not the password) lives in the state so the passwd file can be rebuilt.
+            record["password_hash"] = mosquitto_password_hash(password)
+            record.pop("serial", None)
+            record.pop("not_after", None)
+
+    def _load_ca(self) -> tuple[EllipticCurvePrivateKey, x509.Certificate]:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+
+        try:
+            key = serialization.load_pem_private_key(self.layout.ca_key.read_bytes(), password=None)
+            cert = x509.load_pem_x509_certificate(self.layout.ca_cert.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise CredentialsError(
+                f"the CA in {self.layout.ca_key.parent} cannot be read ({exc}): restore ca.key and ca.crt "
+                "from your backup; without them no device can be added or revoked"
+            ) from None
+        if not isinstance(key, EllipticCurvePrivateKey):
+            raise CredentialsError(
+                f"{self.layout.ca_key} is not an EC private key: restore the CA from backup"
+            )
+        return key, cert
+
+    def _save(self) -> None:
+        # 0600: in password mode it holds the password hashes the passwd file is rebuilt from.
+        atomic_write_json(self.layout.state, self.state, mode=0o600)
+
+    def _write_passwd(self) -> None:
+        """Rebuild the Mosquitto password file from the state (password mode only)."""
+        if self.auth != "password":
+            return
+        lines = [f"{self.host_name}:{self.state['host']['password_hash']}"]
+        for device_id, record in sorted(self.state["devices"].items()):
+            if record["status"] == "active":
+                lines.append(f"{device_id}:{record['password_hash']}")
+        _write_secret(self.layout.passwd, ("\n".join(lines) + "\n").encode())
+
+    def _write_crl(self, ca_key: EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> None:
+        revoked = [
+            (
+                int(r["serial"], 16),
+                datetime.strptime(r["revoked"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc),
+            )
+            for r in self.state["devices"].values()
+            if r["status"] == "revoked" and r.get("serial")
+        ]
+        revoked += [
+            (int(s, 16), datetime.strptime(w, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc))
+            for s, w in self.state.get("revoked_serials", {}).items()
+        ]
+        self.state["crl_number"] = int(self.state.get("crl_number", 0)) + 1
+        _write_public(self.layout.crl, _make_crl(ca_key, ca_cert, revoked, self.state["crl_number"]))
+
+    # -- devices --------------------------------------------------------------------------------------
+
+    def check_device_ids(self, device_ids: Sequence[str]) -> None:
+        """Refuse bad, repeated, reserved or already active ids, all before anything is written."""
+        if not device_ids:
+            raise CredentialsError(
+                "name at least one device id: edgefleet credentials add-device ID [ID ...]"
+            )
+        seen: set[str] = set()
+        for device_id in device_ids:
+            if not valid_name(device_id):
+                raise CredentialsError(
+                    f"device id {device_id!r} is not usable in a topic or certificate: "
+                    "use 1-128 letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+                )
+            if device_id in seen:
+                raise CredentialsError(f"device id {device_id!r} is given twice: name each device once")
+            seen.add(device_id)
+            if device_id == self.host_name:
+                raise CredentialsError(
+                    f"device id {device_id!r} is the host identity's name: a device under it would get the "
+                    "host's rights; choose another id"
+                )
+            record = self.state["devices"].get(device_id)
+            if record is not None and record["status"] == "active":
+                raise CredentialsError(
+                    f"device {device_id!r} already has credentials (issued {record['issued']}): to replace "
+                    f"them, revoke the old ones first (edgefleet credentials revoke {device_id}), then add it again"
+                )
+
+    def add_devices(self, device_ids: Sequence[str]) -> list[Identity]:
+        """Issue credentials for new devices (or devices revoked earlier); returns their files."""
+        with _locked(self.root):
+            self._reload()
+            self.check_device_ids(device_ids)
+            ca_key, ca_cert = self._load_ca()
+            for device_id in device_ids:
+                old = self.state["devices"].get(device_id)
+                if old is not None and old.get("serial"):
+                    # Keep the revoked certificate in the CRL after its record is replaced.
+                    self.state.setdefault("revoked_serials", {})[old["serial"]] = old["revoked"]
+                record: dict[str, Any] = {"status": "active"}
+                self._issue_identity(
+                    ca_key, ca_cert, device_id, self.layout.device_dir(device_id), "client", record
+                )
+                self.state["devices"][device_id] = record
+                self._write_agent_toml(device_id)
+            self._write_passwd()
+            self._save()
+        return [self.device(d) for d in device_ids]
+
+    def revoke(self, device_ids: Sequence[str]) -> None:
+        """Revoke devices: re-issue the CRL (cert mode) or drop them from the password file."""
+        if not device_ids:
+            raise CredentialsError("name at least one device id: edgefleet credentials revoke ID [ID ...]")
+        with _locked(self.root):
+            self._reload()
+            for device_id in device_ids:
+                record = self.state["devices"].get(device_id)
+                if record is None:
+                    known = ", ".join(sorted(self.state["devices"])) or "none yet"
+                    raise CredentialsError(
+                        f"device {device_id!r} has no credentials here, so there is nothing to revoke "
+                        f"(devices: {known}); check the id and --dir"
+                    )
+                if record["status"] == "revoked":
+                    raise CredentialsError(
+                        f"device {device_id!r} is already revoked (on {record['revoked']})"
+                    )
+            ca_key, ca_cert = self._load_ca()
+            now = _iso(_now())
+            for device_id in device_ids:
+                self.state["devices"][device_id].update(status="revoked", revoked=now)
+            self._write_crl(ca_key, ca_cert)
+            self._write_passwd()
+            self._save()
+
+    def _reload(self) -> None:
+        """Re-read the state under the lock: another command may have changed it since open()."""
+        self.state = Credentials.open(self.root).state
+
+    def _write_agent_toml(self, device_id: str) -> None:
+        """An agent config fragment beside the device's files (relative paths resolve to its folder)."""
+        ident = self.device(device_id)
+        host = str(self.state["server"]["primary"])
+        lines = [
+            f"# Broker identity of device {device_id} in fleet {self.fleet}, by `edgefleet credentials`.",
+            "# Copy this folder onto the device and run: edgefleet-agent --config agent.toml",
+            "# --profile PROFILE --trusted-key fleet.pub (or add profile and trusted_keys below).",
+            f'device_id = "{device_id}"',
+            f'fleet = "{self.fleet}"',
+            f'broker = "mqtts://{_url_host(host)}:{DEFAULT_TLS_PORT}"',
+            'tls_ca = "ca.crt"',
+        ]
+        if ident.cert is not None:
+            lines += ['tls_cert = "client.crt"', 'tls_key = "client.key"']
+        else:
+            lines += [f'username = "{device_id}"', 'password_file = "password"']
+        _write_public(ident.folder / "agent.toml", ("\n".join(lines) + "\n").encode())
+
+    # -- broker config --------------------------------------------------------------------------------
+
+    def mosquitto_conf(
+        self, port: int = DEFAULT_TLS_PORT, bind: str | None = None, base: str | None = None
+    ) -> str:
+        """A Mosquitto 2.0 config: one TLS listener, no plaintext one, the CA, CRL or passwords, the ACL.
+
+        Every file it names lies in `broker/`; `base` is where that folder will lie on the broker
+        machine, when that differs from here.
+        """
+        if not 0 < port < 65536:
+            raise CredentialsError(f"--port {port}: use 1-65535 (8883 is MQTT over TLS)")
+        root = Path(base) if base else self.layout.broker_dir.resolve()
+
+        def at(path: Path) -> str:
+            return str(root / path.relative_to(self.layout.broker_dir))
+
+        lay = self.layout
+        mode = "client certificates" if self.auth == "cert" else "usernames and passwords"
+        lines = [
+            f"# Mosquitto config for edgefleet fleet {self.fleet!r} ({mode}), by `edgefleet credentials`.",
+            "# One TLS listener and no plaintext one: nothing reaches the fleet's topics unencrypted.",
+            "# Mosquitto must be able to read these files (chown them to the broker's user, keep keys 0600).",
+            "per_listener_settings false",
+            "allow_anonymous false",
+            f"acl_file {at(lay.acl)}",
+        ]
+        if self.auth == "password":
+            lines.append(f"password_file {at(lay.passwd)}")
+        lines += [
+            "# Rollouts publish bursts of QoS 1 chunks; past this queue Mosquitto drops them silently.",
+            "max_queued_messages 0",
+            "",
+            f"listener {port}{' ' + bind if bind else ''}",
+            "tls_version tlsv1.2",
+            f"cafile {at(lay.broker_ca)}",
+            f"certfile {at(lay.server_cert)}",
+            f"keyfile {at(lay.server_key)}",
+        ]
+        if self.auth == "cert":
+            lines += [
+                "# Every client shows a certificate our CA signed and not revoked; its CN becomes the",
+                "# username the ACL's %u stands for.",
+                "require_certificate true",
+                "use_identity_as_username true",
+                f"crlfile {at(lay.crl)}",
+            ]
+        else:
+            lines.append("require_certificate false")
+        return "\n".join(lines) + "\n"
+
+
+def _url_host(host: str) -> str:
+    """A host as it appears in a URL (IPv6 addresses in brackets)."""
+    return f"[{host}]" if ":" in host else host
+
+
+def default_dir() -> Path:
+    """`$EDGEFLEET_HOME/credentials`, or `~/.edgefleet/credentials`."""
+    home = os.environ.get("EDGEFLEET_HOME") or str(Path.home() / ".edgefleet")
+    return Path(home) / "credentials"
