@@ -524,7 +524,7 @@ def main() -> None:
         console.print(f"overhead: {name} …")
         heavy = name.startswith("minilm")
         report["overhead"][name] = overhead(
-            model, feeds, rounds=31 if heavy else 101, per_round=10 if heavy else 300, workdir=workdir
+            model, feeds, rounds=301 if heavy else 151, per_round=2 if heavy else 300, workdir=workdir
         )
     if args.overhead_only:
         console.print_json(json.dumps(report["overhead"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import socket
@@ -48,6 +49,14 @@ class PrivateMosquitto:
         """mqtt://127.0.0.1:PORT."""
         return f"mqtt://127.0.0.1:{self.port}"
 
+    def cpu_s(self) -> float:
+        """CPU seconds the broker has used so far (user + system, from /proc)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         """Stop the broker and remove its folder."""
         self.proc.terminate()
@@ -65,6 +74,11 @@ def write_result(name: str, data: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def cpus() -> int:
+    """Cores this process may use."""
+    return _cpus()
 
 
 def _cpus() -> int:

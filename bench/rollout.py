@@ -1,16 +1,20 @@
 """Rollout bench: a ~20 MB bundle to 50 receivers vs Mosquitto's plain fan-out, and a last-layer delta.
 
 Side by side in one run against a private Mosquitto:
-  1. fan-out baseline: the bundle's bytes published once (same chunks, same publisher code) to 50 plain
-     paho subscribers; time until all 50 have every byte; again with subscribers that sha256 every
-     byte, the CPU work each device must do to verify (50 simulated devices share 2 cores here);
-  2. rollout: `Fleet.deploy(bundle, "all")` to 50 receivers that speak the agent's transfer protocol
-     (deploy command, broadcast + repairs, whole-file sha256 checked; no install, so both runs measure
-     transfer); bytes the host published and the wall time of `deploy` (registry read, bundle
-     verification, commands, broadcast, outcomes);
+  1. fan-out baseline: the bundle's bytes published once (same chunks, QoS 1, same publisher code and
+     acknowledgement window as the rollout) to 50 plain paho subscribers; time from the first publish
+     until the last subscriber has every byte. Again with subscribers that put every chunk through the
+     agent's own `Transfer.write_chunk` and `finish()` (per-chunk sha256, write, running whole-file
+     sha256): the per-byte work of a real device, which here 50 simulated devices do on 2 shared cores;
+  2. rollout: `Fleet.deploy(bundle, "all")` to 50 receivers that speak the agent's protocol with the
+     agent's own code for the per-chunk work (see bench/fleet_receivers.py: signature check of the
+     manifest, staging, every chunk through `Transfer.write_chunk`, `finish()`; no install, so both runs
+     measure transfer); bytes the host published and the wall time of the whole `deploy` call (registry
+     read, bundle verification, commands, broadcast, outcomes): what the user waits for;
   3. delta: the same model with only its last layer fine-tuned; the bsdiff4 patch's size over the full
      bundle's, and the patch applied with the agent's own `bspatch` must rebuild the signed file.
-The receivers run in 2 processes of 25 clients (one per core), for both runs alike.
+The receivers run in 2 processes of 25 clients (one per core), for all runs alike; staging goes to
+/dev/shm when there is one (50 devices' 20 MB on one shared disk would measure that disk).
 
     python bench/rollout.py [--devices 50] [--hidden 2048]
 """
@@ -20,6 +24,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fleet_common import PrivateMosquitto, write_result  # noqa: E402
+from bench.fleet_common import PrivateMosquitto, cpus, write_result  # noqa: E402
 
 RECEIVERS = str(ROOT / "bench" / "fleet_receivers.py")
 
@@ -123,52 +130,97 @@ def spawn(mode: str, port: int, fleet: str, devices: int, *extra: str) -> list[s
     return procs
 
 
-def finish(procs: list[subprocess.Popen[bytes]]) -> float:
-    """Wait for the receivers; the time the last one finished."""
-    ends = []
+def finish(procs: list[subprocess.Popen[bytes]]) -> tuple[float, float]:
+    """Wait for the receivers; the time the last one finished, and their CPU seconds while receiving."""
+    ends, cpu, before, duplicates = [], 0.0, 0.0, 0
     for proc in procs:
         assert proc.stdout is not None
         line = json.loads(proc.stdout.readline())
         if not line["done"]:
-            raise SystemExit("receivers did not get everything within 10 minutes")
+            raise SystemExit("receivers did not get everything within 10 minutes (or a file failed)")
         ends.append(float(line["at"]))
+        cpu += float(line["cpu_s"])
+        before += float(line["cpu_before_chunks_s"])
+        duplicates += int(line["duplicates"])
         proc.wait(30)
-    return max(ends)
+    if duplicates:
+        print(f"receivers dropped {duplicates} duplicate chunks")
+    print(f"receivers' CPU: {cpu:.2f} s, of which {before:.2f} s before the first chunk")
+    return max(ends), cpu
+
+
+def staging_root() -> Path:
+    """A fresh folder for the receivers' staging: on tmpfs when the machine has /dev/shm."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="edgefleet-bench-staging-", dir=base))
 
 
 def run_fanout(
-    broker: PrivateMosquitto, bundle: Path, devices: int, chunk: int, mode: str = "plain"
+    broker: PrivateMosquitto, bundle: Path, devices: int, chunk: int, mode: str = "plain", round_: int = 0
 ) -> dict[str, Any]:
-    from edgefleet.sdk.fleet.transfer import Blob, TransferStats
+    from edgefleet.sdk.fleet.transfer import Blob, BundleTransfer, TransferStats
     from edgefleet.sdk.mqtt_url import MqttOptions, connect
 
     total = bundle_bytes(bundle)
-    fleet = f"fanout{mode.replace('-', '')}"
-    procs = spawn(mode, broker.port, fleet, devices, f"edgefleet/v1/{fleet}/artifact/#", str(total))
+    fleet = f"fanout{mode.replace('-', '')}{round_}"
+    topic = f"edgefleet/v1/{fleet}/artifact/#"
+    staging = staging_root()
+    if mode == "plain-staged":
+        # The very file specs (sizes, chunk hashes) a deploy command would carry.
+        specs = staging / "specs.json"
+        bt = BundleTransfer(bundle, chunk)
+        specs.write_text(json.dumps([f.spec.to_obj() for f in bt.files]))
+        bt.close()
+        procs = spawn(mode, broker.port, fleet, devices, topic, str(specs), str(staging))
+    else:
+        procs = spawn(mode, broker.port, fleet, devices, topic, str(total))
     time.sleep(0.5)
     conn = connect(MqttOptions(broker.url))
     stats = TransferStats()
     manifest = json.loads((bundle / "manifest.json").read_bytes())
+    broker_cpu, host_cpu = broker.cpu_s(), time.process_time()
     start = time.time()
     for name, entry in sorted(manifest["files"].items()):
         Blob(bundle / name, entry["sha256"], chunk).broadcast(conn, fleet, stats)
-    end = finish(procs)
-    conn.close()
-    return {"seconds": end - start, "published_bytes": stats.broadcast_bytes, "bundle_bytes": total}
+    try:
+        end, receivers_cpu = finish(procs)
+        cpu = _cpu(broker, broker_cpu, host_cpu, receivers_cpu)
+    finally:
+        conn.close()
+        shutil.rmtree(staging, ignore_errors=True)
+    return {
+        "seconds": end - start,
+        "published_bytes": stats.broadcast_bytes,
+        "bundle_bytes": total,
+        "chunk_size": chunk,
+        "cpu_s": cpu,
+    }
+
+
+def _cpu(broker: PrivateMosquitto, broker_at: float, host_at: float, receivers: float) -> dict[str, float]:
+    """CPU seconds spent by each party during one run (the machine has `cpus` cores for all of them)."""
+    return {
+        "host": round(time.process_time() - host_at, 3),
+        "broker": round(broker.cpu_s() - broker_at, 3),
+        "receivers": round(receivers, 3),
+    }
 
 
 def run_rollout(
-    broker: PrivateMosquitto, bundle: Path, key: Path, devices: int, db_dir: Path
+    broker: PrivateMosquitto, bundle: Path, key: Path, devices: int, db_dir: Path, chunk: int, round_: int = 0
 ) -> dict[str, Any]:
     from edgefleet.sdk.fleet.client import Fleet
     from edgefleet.sdk.store import Store
 
-    procs = spawn("agent", broker.port, "bench", devices)
-    store = Store(f"sqlite:///{db_dir / 'bench.db'}")
-    fleet = Fleet(broker=broker.url, store=store, fleet="bench", trusted_keys=[key])
+    name = f"bench{round_}"
+    staging = staging_root()
+    procs = spawn("agent", broker.port, name, devices, str(key), str(staging))
+    store = Store(f"sqlite:///{db_dir / f'{name}.db'}")
+    fleet = Fleet(broker=broker.url, store=store, fleet=name, trusted_keys=[key])
     time.sleep(0.5)
+    broker_cpu, host_cpu = broker.cpu_s(), time.process_time()
     start = time.time()
-    handle = fleet.deploy(bundle, "all", timeout_s=300)
+    handle = fleet.deploy(bundle, "all", timeout_s=300, chunk_size=chunk)
     end = time.time()
     # Phases relative to the deploy call: before the engine started is the check (registry, bundles).
     offset = handle.engine.started_at - start
@@ -176,18 +228,30 @@ def run_rollout(
         "engine_started": round(offset, 4),
         **{k: round(v + offset, 4) for k, v in handle.engine.timeline.items()},
     }
-    receivers_done = finish(procs)
+    try:
+        receivers_done, receivers_cpu = finish(procs)
+        cpu = _cpu(broker, broker_cpu, host_cpu, receivers_cpu)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     stats = handle.engine.stats.to_dict()
     row = store.rollout(handle.id)
     assert row is not None
     deployed = sum(d["status"] == "deployed" for d in row["devices"])
     store.close()
+    broadcast_start = timeline.get("wave0_broadcast_start")
     return {
         "status": handle.status,
         "deployed": deployed,
         "seconds": end - start,
         "receivers_done_after_s": receivers_done - start,
+        # From the first chunk published to the last device's `deployed`: the span the fan-out
+        # baseline times (it starts at its first publish, with subscribers already listening).
+        "broadcast_to_last_device_s": None
+        if broadcast_start is None
+        else receivers_done - start - broadcast_start,
         "bundle_bytes": bundle_bytes(bundle),
+        "chunk_size": chunk,
+        "cpu_s": cpu,
         "timeline_s": timeline,
         **stats,
     }
@@ -219,14 +283,25 @@ def run_delta(d: Path, v1: Path, v2: Path) -> dict[str, Any]:
     }
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median time (odd counts; the lower middle one otherwise)."""
+    return sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--chunk-size", type=int, default=None, help="bytes per chunk, all runs alike")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds of fan-out, staged fan-out and rollout (median kept)"
+    )
     args = parser.parse_args()
     from edgefleet.sdk.fleet.transfer import DEFAULT_CHUNK_SIZE
     from edgefleet.sdk.keys import init_keys
 
+    chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
+    runs: dict[str, list[dict[str, Any]]] = {"fanout": [], "staged": [], "rollout": []}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         keys = init_keys(d / "keys")
@@ -234,24 +309,40 @@ def main() -> None:
         v1, v2 = make_bundle(d, d / "keys", m1, 1), make_bundle(d, d / "keys", m2, 2)
         broker = PrivateMosquitto()
         try:
-            fanout = run_fanout(broker, v1, args.devices, DEFAULT_CHUNK_SIZE)
-            fanout_sha = run_fanout(broker, v1, args.devices, DEFAULT_CHUNK_SIZE, "plain-sha256")
-            rollout = run_rollout(broker, v1, keys.public_path, args.devices, d)
+            for r in range(max(1, args.rounds)):
+                # The order alternates so that a drift in the machine's load hits every kind alike.
+                order = ["fanout", "staged", "rollout"]
+                for kind in order if r % 2 == 0 else order[::-1]:
+                    if kind == "rollout":
+                        run = run_rollout(broker, v1, keys.public_path, args.devices, d, chunk, r)
+                    else:
+                        mode = "plain" if kind == "fanout" else "plain-staged"
+                        run = run_fanout(broker, v1, args.devices, chunk, mode, r)
+                    runs[kind].append(run)
         finally:
             broker.stop()
         delta = run_delta(d, v1, v2)
+    fanout, staged, rollout = (_median_run(runs[k]) for k in ("fanout", "staged", "rollout"))
+    med = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    transfer_med = statistics.median(r["broadcast_to_last_device_s"] for r in runs["rollout"])
     bytes_ratio = rollout["total_bytes"] / rollout["bundle_bytes"]
-    time_ratio = rollout["seconds"] / fanout["seconds"]
-    time_ratio_sha = rollout["seconds"] / fanout_sha["seconds"]
+    time_ratio = med["rollout"] / med["fanout"]
+    time_ratio_staged = med["rollout"] / med["staged"]
+    transfer_ratio = transfer_med / med["fanout"]
     from rich.console import Console
     from rich.table import Table
 
     mb = 1024 * 1024
     table = Table(
-        title=f"rollout of a {rollout['bundle_bytes'] / mb:.1f} MiB bundle to {args.devices} receivers"
+        title=f"rollout of a {rollout['bundle_bytes'] / mb:.1f} MiB bundle to {args.devices} receivers, "
+        f"{chunk // 1024} KiB chunks, median of {len(runs['rollout'])} rounds"
     )
-    for col in ("run", "host published", "× bundle", "seconds", "× fan-out"):
+    for col in ("run", "host published", "× bundle", "seconds (each round)", "× fan-out"):
         table.add_column(col)
+
+    def each(kind: str, key: str = "seconds") -> str:
+        return f"{statistics.median(r[key] for r in runs[kind]):.2f} ({', '.join(f'{r[key]:.2f}' for r in runs[kind])})"
+
     table.add_row(
         "naive per-device push (computed)",
         f"{args.devices * rollout['bundle_bytes'] / mb:.1f} MiB",
@@ -263,39 +354,57 @@ def main() -> None:
         "Mosquitto fan-out, plain subscribers",
         f"{fanout['published_bytes'] / mb:.1f} MiB",
         f"{fanout['published_bytes'] / fanout['bundle_bytes']:.2f}",
-        f"{fanout['seconds']:.2f}",
+        each("fanout"),
         "1.00",
     )
     table.add_row(
-        "same fan-out, subscribers hash every byte",
-        f"{fanout_sha['published_bytes'] / mb:.1f} MiB",
-        f"{fanout_sha['published_bytes'] / fanout_sha['bundle_bytes']:.2f}",
-        f"{fanout_sha['seconds']:.2f}",
-        f"{fanout_sha['seconds'] / fanout['seconds']:.2f}",
+        "same fan-out, subscribers store chunks with the agent's Transfer",
+        f"{staged['published_bytes'] / mb:.1f} MiB",
+        f"{staged['published_bytes'] / staged['bundle_bytes']:.2f}",
+        each("staged"),
+        f"{med['staged'] / med['fanout']:.2f}",
     )
     table.add_row(
-        f"Fleet.deploy ({rollout['deployed']}/{args.devices} deployed)",
+        f"Fleet.deploy, whole call ({rollout['deployed']}/{args.devices} deployed)",
         f"{rollout['total_bytes'] / mb:.1f} MiB",
         f"{bytes_ratio:.3f}",
-        f"{rollout['seconds']:.2f}",
+        each("rollout"),
         f"{time_ratio:.2f}",
     )
+    table.add_row(
+        "  of which first chunk → last device `deployed`",
+        "",
+        "",
+        each("rollout", "broadcast_to_last_device_s"),
+        f"{transfer_ratio:.2f}",
+    )
     table.caption = (
-        f"targets: bytes ≤ 1.1× bundle, time ≤ 1.5× fan-out. Against the hashing fan-out: "
-        f"{time_ratio_sha:.2f}× (all 50 receivers share this machine's cores). Delta after fine-tuning the last layer: "
+        f"targets: bytes ≤ 1.1× bundle, whole deploy ≤ 1.5× plain fan-out. Whole deploy against the fan-out "
+        f"whose subscribers do the agent's per-chunk work: {time_ratio_staged:.2f}× (all {args.devices} "
+        f"receivers share this machine's {cpus()} cores). Delta after fine-tuning the last layer: "
         f"{delta['patch_bytes'] / 1024:.1f} KiB = {100 * delta['ratio_to_bundle']:.2f} % of the bundle "
         f"(target ≤ 5 %), rebuilt file verifies: {delta['rebuilt_verifies']}"
     )
-    Console().print(table)
-    print("rollout phases (s after the deploy call):", json.dumps(rollout["timeline_s"]))
+    Console(width=max(130, Console().width)).print(table)
+    print("rollout phases of the median round (s after the deploy call):", json.dumps(rollout["timeline_s"]))
+    for name, run in (("fan-out", fanout), ("fan-out, staged", staged), ("deploy", rollout)):
+        print(
+            f"CPU seconds during the median {name} ({run['seconds']:.2f} s × {cpus()} cores):",
+            json.dumps(run["cpu_s"]),
+        )
     path = write_result(
         "rollout",
         {
             "devices": args.devices,
+            "chunk_size": chunk,
+            "rounds": len(runs["rollout"]),
+            "median_seconds": {k: round(v, 3) for k, v in med.items()},
             "fanout": fanout,
-            "fanout_sha256": fanout_sha,
-            "time_ratio_vs_hashing_fanout": time_ratio_sha,
+            "fanout_staged": staged,
             "rollout": rollout,
+            "all_rounds": runs,
+            "time_ratio_vs_staged_fanout": time_ratio_staged,
+            "transfer_ratio": transfer_ratio,
             "delta": delta,
             "bytes_ratio": bytes_ratio,
             "time_ratio": time_ratio,

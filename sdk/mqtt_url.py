@@ -6,12 +6,13 @@ TLS, username/password and client certificates behave the same everywhere.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,6 +22,7 @@ DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 CONNECT_TIMEOUT_S = 10.0
 
 MessageHandler = Callable[[str, bytes, bool], None]
+log = logging.getLogger(__name__)
 
 
 def default_broker_url() -> str:
@@ -114,9 +116,20 @@ class Connection:
         if not done.wait(timeout_s):
             raise BrokerUnavailable(f"the broker did not confirm the subscription within {timeout_s:g} s")
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Any:
-        """Publish; returns paho's MQTTMessageInfo."""
-        return self.client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, expiry_s: float | None = None
+    ) -> Any:
+        """Publish; returns paho's MQTTMessageInfo. `expiry_s`: MQTT 5 Message Expiry (ignored on 3.1.1)."""
+        import paho.mqtt.client as mqtt
+
+        if expiry_s is None or self.client.protocol != mqtt.MQTTv5:
+            return self.client.publish(topic, payload, qos=qos, retain=retain)
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = max(1, int(expiry_s))
+        return self.client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def close(self) -> None:
         """Disconnect cleanly and stop the network thread."""
@@ -136,7 +149,38 @@ def connect(
     on_connect: Callable[[], None] | None = None,
     max_inflight: int = 64,
 ) -> Connection:
-    """Connect with MQTT 5 (QoS 1, reconnect with backoff); `persistent` keeps the session across drops.
+    """Connect with MQTT 5, or 3.1.1 when the broker refuses 5 (amqtt, older brokers); see `_connect_once`."""
+    kwargs: dict[str, Any] = dict(
+        on_message=on_message,
+        client_id=client_id,
+        persistent=persistent,
+        session_expiry_s=session_expiry_s,
+        on_connect=on_connect,
+        max_inflight=max_inflight,
+    )
+    try:
+        return _connect_once(options, **kwargs)
+    except BrokerUnavailable as exc:
+        # amqtt answers an MQTT 5 CONNECT with "unsupported protocol version", or (with MQTT 5
+        # properties) not at all: either way one try with 3.1.1 tells a 3.1.1-only broker apart.
+        text = str(exc).lower()
+        if options.mqtt_version != "5" or not ("protocol version" in text or "(no answer)" in text):
+            raise
+    log.info("the broker at %s does not speak MQTT 5; connecting with MQTT 3.1.1", options.url)
+    return _connect_once(replace(options, mqtt_version="3.1.1"), **kwargs)
+
+
+def _connect_once(
+    options: MqttOptions,
+    *,
+    on_message: MessageHandler | None = None,
+    client_id: str | None = None,
+    persistent: bool = False,
+    session_expiry_s: int = 3600,
+    on_connect: Callable[[], None] | None = None,
+    max_inflight: int = 64,
+) -> Connection:
+    """Connect with the options' MQTT version (QoS 1, reconnect with backoff); `persistent` keeps the session.
 
     A persistent session (clean_start False with a session expiry) lets the broker queue QoS 1 messages
     for us while this process is away, so a restarted host process picks up what it missed.
@@ -174,10 +218,14 @@ def connect(
         if options.tls_insecure:
             client.tls_insecure_set(True)
     refused: queue.Queue[str] = queue.Queue()
+    answered = threading.Event()  # set on the first CONNACK, accepted or refused
 
     def _on_connect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
-        if rc.is_failure:
+        # A 3.1.1-only broker answers an MQTT 5 CONNECT with the old return code 1, which paho names
+        # "Unsupported protocol version" without flagging it as a failure.
+        if rc.is_failure or "protocol version" in str(rc).lower():
             refused.put(str(rc))
+            answered.set()
             return
         size = getattr(props, "MaximumPacketSize", None) if props is not None else None
         conn.max_packet_size = int(size) if size else None
@@ -186,10 +234,15 @@ def connect(
             # it): without this, a reconnected ingest or rollout engine would hear nothing again.
             c.subscribe(list(conn.filters))
         conn.connected.set()
+        answered.set()
         if on_connect is not None:
             on_connect()
 
     def _on_disconnect(c: Any, u: Any, flags: Any, rc: Any, props: Any) -> None:
+        if not answered.is_set():
+            # Closed before any CONNACK: say so now instead of waiting out the timeout.
+            refused.put(f"closed before answering: {rc}; an MQTT 3.1.1-only broker? (protocol version)")
+            answered.set()
         conn.connected.clear()
 
     def _on_subscribe(c: Any, u: Any, mid: int, codes: Any, props: Any) -> None:
@@ -211,7 +264,13 @@ def connect(
     try:
         if v5:
             client.connect(
-                options.host, options.port, keepalive=30, clean_start=not persistent, properties=props
+                options.host,
+                options.port,
+                keepalive=30,
+                clean_start=not persistent,
+                # Without a session to keep, send no properties: MQTT 3.1.1-only brokers (amqtt) then
+                # answer "unsupported protocol version" at once instead of not at all.
+                properties=props if persistent else None,
             )
         else:
             client.connect(options.host, options.port, keepalive=30)
@@ -221,8 +280,13 @@ def connect(
             "and the URL, or pass --broker"
         ) from None
     client.loop_start()
-    if not conn.connected.wait(CONNECT_TIMEOUT_S):
+    answered.wait(CONNECT_TIMEOUT_S)
+    if not conn.connected.is_set():
         client.loop_stop()
+        try:
+            client.disconnect()
+        except OSError:  # the socket is already gone
+            pass
         reason = refused.get_nowait() if not refused.empty() else "no answer"
         raise BrokerUnavailable(
             f"the broker at {options.url} did not accept the connection within {CONNECT_TIMEOUT_S:g} s "

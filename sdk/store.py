@@ -603,7 +603,9 @@ class Store:
             conn.execute(insert(telemetry), rows)
         return len(rows)
 
-    def _without_duplicates(self, conn: Connection, fleet: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _without_duplicates(
+        self, conn: Connection, fleet: str, rows: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         """Drop QoS 1 redeliveries: a (device, seq, ts) already stored, or twice in this batch.
 
         Only rows at or below a device's last sequence number can be repeats, so the lookup (on the
@@ -630,7 +632,9 @@ class Store:
         maybe = [
             r
             for r in unique
-            if isinstance(r["seq"], int) and last.get(r["device_id"]) is not None and r["seq"] <= last[r["device_id"]]
+            if isinstance(r["seq"], int)
+            and last.get(r["device_id"]) is not None
+            and r["seq"] <= last[r["device_id"]]
         ]
         if not maybe:
             return unique

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 _PUBLISH = 3
 _CONNECT = 1
@@ -153,7 +154,9 @@ class ChaosProxy:
         self._stop = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", self.port), backlog=64)
         self._listener.settimeout(0.2)
-        self._thread = threading.Thread(target=self._accept_loop, name=f"chaos-proxy-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"chaos-proxy-{self.port}", daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -234,9 +237,9 @@ class ChaosProxy:
                 obj = json.loads(message.payload)
             except ValueError:
                 continue
-            if isinstance(obj, dict) and isinstance(obj.get("seq"), int):
-                if device is None or obj.get("device") == device:
-                    out.append(int(obj["seq"]))
+            mine = isinstance(obj, dict) and (device is None or obj.get("device") == device)
+            if mine and isinstance(obj.get("seq"), int):
+                out.append(int(obj["seq"]))
         return out
 
     # ---- plumbing -------------------------------------------------------------------------------
@@ -324,7 +327,11 @@ class TopicWatcher:
             return  # what the broker kept from before: not something that happened while watching
         with self._lock:
             self._seen.append(
-                (time.monotonic(), str(getattr(message, "topic", "")), bytes(getattr(message, "payload", b"")))
+                (
+                    time.monotonic(),
+                    str(getattr(message, "topic", "")),
+                    bytes(getattr(message, "payload", b"")),
+                )
             )
 
     def seen(self) -> list[tuple[float, str, bytes]]:
@@ -347,6 +354,36 @@ class TopicWatcher:
         """Disconnect."""
         self._client.disconnect()
         self._client.loop_stop()
+
+
+def export_wide_onnx(path: Path, hidden: int = 512, seed: int = 2) -> Path:
+    """A ~1 MB classifier with the tiny model's interface (`x` [N, 8] → `logits` [N, 4]): many chunks."""
+    import warnings
+
+    import torch
+
+    from tests.agent_net_support import CLASSES, IN_FEATURES
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(IN_FEATURES, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, hidden),
+        torch.nn.ReLU(),
+        torch.nn.Linear(hidden, CLASSES),
+    ).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, IN_FEATURES),),
+            str(path),
+            input_names=["x"],
+            output_names=["logits"],
+            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+            dynamo=False,
+        )
+    return path
 
 
 def ranges(numbers: Iterable[int]) -> list[tuple[int, int]]:

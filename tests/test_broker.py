@@ -59,3 +59,21 @@ def test_generated_mosquitto_config_has_no_queue_cap(tmp_path) -> None:  # type:
     text = mosquitto_config("127.0.0.1", 1999, tmp_path)
     assert "max_queued_messages 0" in text
     assert f"persistence_location {tmp_path}/" in text
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("persistent", [False, True])
+def test_host_connections_fall_back_to_mqtt311_on_amqtt(persistent: bool) -> None:
+    from edgefleet.sdk.mqtt_url import MqttOptions, connect
+
+    # prepare: amqtt speaks only MQTT 3.1.1; the host asks for MQTT 5 by default
+    with EmbeddedBroker(backend="amqtt") as broker:
+        # act
+        conn = connect(MqttOptions(url=f"mqtt://127.0.0.1:{broker.port}"), persistent=persistent)
+        try:
+            # assert: connected, with the older protocol
+            assert conn.connected.is_set()
+            assert conn.client.protocol == mqtt.MQTTv311
+        finally:
+            conn.client.disconnect()
+            conn.client.loop_stop()

@@ -191,6 +191,31 @@ def test_an_offline_device_gets_the_rollout_when_it_returns(
         assert _active(env)["d3"] == ("tiny", 1)
 
 
+def test_a_device_back_after_its_timeout_is_not_sent_the_stale_deploy(
+    tmp_path: Path, mosquitto: Any, env: Fleet, artifacts: Any
+) -> None:
+    # prepare: d2 goes away (its persistent session stays on the broker)
+    ids = ["d1", "d2"]
+    with agents(tmp_path, mosquitto.url, env.fleet, artifacts["key"], ids) as procs:
+        wait_online(env.store, env.fleet, env.options, ids)
+        procs["d2"].kill9()
+        wait_for(lambda: not _online(env)["d2"], 60, "the Last Will to mark d2 offline")
+        rules = AbortRules(max_failed_pct=99, min_finished=1)
+
+        # act: the rollout gives d2 up; d2 returns only after that
+        handle = env.deploy(artifacts["v1"], "all", timeout_s=3, rules=rules, wait=False)
+        assert handle.wait(60) in ("completed", "succeeded")
+        assert device_statuses(env.store, handle.id)["d2"] == "timed-out"
+        time.sleep(1.5)  # past the command's expiry, counted from when it was sent
+        procs["d2"].start()
+        wait_online(env.store, env.fleet, env.options, ["d2"])
+        time.sleep(3)  # time for a queued command to arrive and be acted on
+
+        # assert: the broker dropped the expired command, so d2 started no download that nobody serves
+        assert not (tmp_path / "d2" / "deploy.json").exists(), "d2 acted on an expired deploy command"
+        assert _active(env)["d2"] != ("tiny", 1)
+
+
 def _online(client: Fleet) -> dict[str, bool]:
     client.refresh()
     return {d["device_id"]: bool(d["online"]) for d in client.store.devices(client.fleet)}

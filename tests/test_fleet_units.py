@@ -154,6 +154,20 @@ def test_telemetry_rows_carry_the_store_columns() -> None:
     assert row["cpu_percent"] == 12.0
 
 
+@pytest.mark.parametrize(
+    ("evaluation", "expected"),
+    [
+        ({"metric": "accuracy", "value": 0.97, "source": "install"}, 0.97),  # the install's health report
+        ({"metric": "cosine", "value": 0.99, "source": "install"}, None),  # fidelity is not accuracy
+        ({"accuracy": 0.95, "value": 0.1}, 0.95),  # a periodic eval names accuracy itself
+        ({"accuracy": "high"}, None),  # junk from a device is dropped, not stored
+    ],
+)
+def test_eval_accuracy_is_read_from_both_eval_shapes(evaluation, expected) -> None:  # type: ignore[no-untyped-def]
+    message = Telemetry(device="cam-1", seq=1, ts=1.0, metrics={"model": "m", "eval": evaluation})
+    assert flatten_telemetry(message)["eval_accuracy"] == expected
+
+
 def test_chunk_size_stays_under_the_broker_limit() -> None:
     assert choose_chunk_size(None) == 256 * 1024
     assert choose_chunk_size(None, 4096) == 4096

@@ -120,7 +120,7 @@ class OnnxRuntime(Runtime):
         def run(feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
             nonlocal fast
             try:
-                return fast(names, feeds, None)  # type: ignore[no-any-return]
+                return fast(names, feeds, None)
             except ep_fail:
                 outputs = self.run(feeds)  # onnxruntime falls back to the next providers here
                 current = self._session

@@ -24,8 +24,9 @@ from .registry import apply_state, device_from_topic
 log = logging.getLogger(__name__)
 
 _KINDS = ("state", "evt", "telemetry")
-# How often the writer thread looks for devices that went silent.
-LIVENESS_CHECK_S = 0.25
+# How often the writer thread looks for devices that went silent: a scan of every device, so not
+# on every message, yet often enough to stay well inside 1.5x keepalive.
+LIVENESS_CHECK_S = 0.5
 # Devices silent this long are forgotten by the liveness check (their Last Will has long come).
 FORGET_AFTER_S = 600.0
 
@@ -46,6 +47,18 @@ def liveness_limit(info: Mapping[str, Any]) -> float | None:
     return max(keepalive, 2.0 * interval)
 
 
+def _eval_accuracy(evaluation: Mapping[str, Any]) -> float | None:
+    """Eval-set accuracy from either shape the agent sends.
+
+    A periodic eval carries `accuracy`; the install's health report carries `metric` and `value`.
+    """
+    if "accuracy" in evaluation:
+        return _num(evaluation.get("accuracy"))
+    if evaluation.get("metric") == "accuracy":
+        return _num(evaluation.get("value"))
+    return None
+
+
 def flatten_telemetry(message: Telemetry) -> dict[str, Any]:
     """A telemetry message as a store row: the agent's metrics with the columns the store indexes."""
     m = message.metrics
@@ -61,7 +74,7 @@ def flatten_telemetry(message: Telemetry) -> dict[str, Any]:
         model_version=m.get("model_version"),
         count=int(m.get("count") or 0),
         errors=int(m.get("errors") or 0),
-        eval_accuracy=_num(evaluation.get("accuracy")),
+        eval_accuracy=_eval_accuracy(evaluation),
         agreement=_num(evaluation.get("fidelity", evaluation.get("agreement"))),
         live_accuracy=_num(m.get("live_accuracy")),
     )
@@ -109,6 +122,8 @@ class Ingest:
         # device → monotonic time of its last live (not retained) message; written on paho's thread.
         self._heard: dict[str, float] = {}
         self._presumed_offline: set[str] = set()
+        # device → its liveness_limit, from its last birth (looked up in the store once otherwise).
+        self._limits: dict[str, float | None] = {}
         self._last_liveness_check = 0.0
         self.presumed_offline = 0
 
@@ -183,13 +198,18 @@ class Ingest:
                 self._heard.pop(device, None)
                 continue
             try:
+                if device not in self._limits:
+                    known = self.store.device(self.fleet, device) or {}
+                    self._limits[device] = liveness_limit(known.get("state") or {})
+                limit = self._limits[device]
+                if limit is None or silent <= limit:
+                    continue
                 row = self.store.device(self.fleet, device)
             except StoreError:
                 return
             if not row or not row.get("online"):
-                continue
-            limit = liveness_limit(row.get("state") or {})
-            if limit is None or silent <= limit:
+                if self._heard.get(device) == heard:
+                    self._heard.pop(device, None)  # offline already: nothing to watch until it speaks
                 continue
             seen = row.get("last_seen")
             if isinstance(seen, (int, float)) and time.time() - seen <= limit:
@@ -218,6 +238,8 @@ class Ingest:
                 continue
             if isinstance(message, State):
                 self._presumed_offline.discard(device)  # a birth or a Last Will says it for sure
+                if message.online:
+                    self._limits[device] = liveness_limit(message.info)
             elif device in self._presumed_offline:
                 # Presumed gone, yet it speaks: it is back (a slow spell, not a lost link).
                 self._presumed_offline.discard(device)

@@ -164,6 +164,9 @@ class RolloutEngine:
         self._abort_request: str | None = None
         self._conn: Connection | None = None
         self._broadcast_due: float | None = None
+        # Set by a message that lets the engine act now (the wave's last `download`, its last outcome):
+        # the drain returns at once instead of at the end of its tick.
+        self._wake = False
         self._abort_deadline = 0.0
         self._last_beat = 0.0
         self._last_poll = 0.0
@@ -348,7 +351,11 @@ class RolloutEngine:
         payload = transfer.deploy_payload(self.rollout_id, dev.device_id, patches)
         dev.needs = {f.spec.sha256 for f in transfer.files if f.spec.file not in patches}
         dev.needs |= {blob.sha256 for _, blob in patches.values()}
-        self._conn.publish(Topics(self.fleet, dev.device_id).cmd, payload, qos=1)
+        # The broker keeps the command for an offline device only while the rollout still waits for
+        # it: a device back after its timeout must not start a download that nobody serves any more.
+        waited = 0.0 if first or not dev.sent_at else time.time() - dev.sent_at
+        expiry = max(1.0, self.timeout_s - waited)
+        self._conn.publish(Topics(self.fleet, dev.device_id).cmd, payload, qos=1, expiry_s=expiry)
         with self.stats.lock:
             self.stats.command_bytes += len(payload)
         if first:
@@ -389,6 +396,9 @@ class RolloutEngine:
             except queue.Empty:
                 return
             self._handle(topic, payload)
+            if self._wake:
+                self._wake = False
+                return
             if time.monotonic() >= deadline:
                 return
 
@@ -417,6 +427,8 @@ class RolloutEngine:
                 detail = message.detail
                 dev.have_all = detail.get("have") is not None and detail.get("have") == detail.get("chunks")
                 self._set_device(dev, "downloading")
+                if self._broadcast_due is not None and not self._waiting_for_ready():
+                    self._wake = True  # every reachable device listens: broadcast now, not next tick
             elif message.step in INSTALL_STEPS:
                 self._set_device(dev, "installing", message.step)
         elif isinstance(message, Missing) and message.deploy == rid and message.sha256 in self.blobs:
@@ -431,9 +443,11 @@ class RolloutEngine:
                 self._mark(f"wave{dev.wave}_last_deployed")
                 if self.status == "aborting":
                     self._send_rollback(dev)
+                self._wake_if_wave_done(dev.wave)
         elif isinstance(message, Rejected) and message.deploy == rid:
             if dev.status in IN_FLIGHT:
                 self._set_device(dev, "rejected", f"{message.step}: {message.code}: {message.reason}")
+                self._wake_if_wave_done(dev.wave)
         elif isinstance(message, Result) and message.command == "rollback" and message.ref == dev.rollback_id:
             self._set_device(dev, "rolled-back", self.reason)
         elif isinstance(message, Error):
@@ -460,6 +474,15 @@ class RolloutEngine:
         )
         if reason is not None and self.status == "running":
             self._begin_abort(reason)
+
+    def _waiting_for_ready(self) -> bool:
+        """Whether a reachable device of the wave has not subscribed to the broadcast yet."""
+        return any(d.status in IN_FLIGHT and not d.ready and not d.offline for d in self.devices.values())
+
+    def _wake_if_wave_done(self, wave: int) -> None:
+        """Act on the wave's last outcome at once (the next wave, or the rollout's end)."""
+        if not any(d.wave == wave and d.status in IN_FLIGHT for d in self.devices.values()):
+            self._wake = True
 
     def _deployed_ids(self) -> set[str]:
         return {d.device_id for d in self.devices.values() if d.status == "deployed"}
@@ -494,10 +517,7 @@ class RolloutEngine:
 
     def _maybe_broadcast(self, now: float) -> None:
         """Broadcast each needed bundle once, as soon as the wave's reachable devices have subscribed."""
-        waiting = [
-            d for d in self.devices.values() if d.status in IN_FLIGHT and not d.ready and not d.offline
-        ]
-        if waiting and now < (self._broadcast_due or 0.0):
+        if self._waiting_for_ready() and now < (self._broadcast_due or 0.0):
             return
         self._broadcast_due = None
         needed: set[str] = set()

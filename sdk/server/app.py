@@ -28,6 +28,28 @@ STATIC_DIR = Path(__file__).parent / "static"
 TOKEN_QUERY_PATHS = frozenset({"/api/events"})
 
 _bearer = HTTPBearer(auto_error=False, description="The token `edgefleet serve` was started with.")
+NUL_MESSAGE = (
+    "the request's path or query contains a NUL character (%00); no device, model, bundle or rollout "
+    "name contains one: check how the URL was built"
+)
+
+
+class _RefuseNul:
+    """Refuse NUL characters in the path or query (422) before they reach the store.
+
+    PostgreSQL cannot hold NUL in text and psycopg raises on it, which would be a 500 for a bad URL.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b"")
+        ):
+            await JSONResponse({"detail": NUL_MESSAGE}, status_code=422)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _auth_dependency(token: Optional[str]) -> Any:
@@ -142,6 +164,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ctx = ctx
+    app.add_middleware(_RefuseNul)
     guard = [Depends(_auth_dependency(token))]
     for router in (routes_fleet.router, routes_bundles.router, routes_rollouts.router, routes_live.router):
         app.include_router(router, dependencies=guard)

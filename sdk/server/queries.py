@@ -20,6 +20,11 @@ from edgefleet.sdk.store import (
     telemetry,
 )
 
+# The largest ids and versions the store's columns hold (bundles.id is a 32-bit INTEGER on PostgreSQL,
+# versions are BIGINT): larger numbers in a request are refused (422) before they reach the database.
+MAX_BUNDLE_ID = 2**31 - 1
+MAX_VERSION = 2**63 - 1
+
 # The rollout engine owns the status names; the API only groups them.
 FINISHED_DEVICE_STATUSES = frozenset(FINISHED_DEVICE)
 SUCCESS_DEVICE_STATUSES = frozenset({"deployed"})

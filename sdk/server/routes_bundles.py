@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import Path as PathParam
 
 from . import queries
 from .context import ServerContext, get_ctx
@@ -42,7 +43,12 @@ def list_bundles(
 
 
 @router.get("/bundles/{bundle_id}", summary="One bundle with its full manifest")
-def get_bundle(bundle_id: int, ctx: ServerContext = Depends(get_ctx)) -> dict[str, Any]:
+def get_bundle(
+    bundle_id: int = PathParam(
+        ..., ge=0, le=queries.MAX_BUNDLE_ID, description="Bundle id (GET /api/bundles)."
+    ),
+    ctx: ServerContext = Depends(get_ctx),
+) -> dict[str, Any]:
     """One bundle; 404 when the id is unknown."""
     row = ctx.store.bundle(bundle_id)
     if row is None:

@@ -150,7 +150,9 @@ def _series(
 def telemetry_series(
     device: Optional[str] = Query(None, description="Only this device."),
     model: Optional[str] = Query(None, description="Only this model name."),
-    version: Optional[int] = Query(None, ge=0, description="Only this model version."),
+    version: Optional[int] = Query(
+        None, ge=0, le=queries.MAX_VERSION, description="Only this model version."
+    ),
     profile: Optional[str] = Query(None, description="Only devices of this profile."),
     since: Optional[float] = Query(None, description="Unix time of the oldest window to include."),
     window_s: Optional[float] = Query(

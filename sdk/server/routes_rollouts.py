@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field, field_validator
@@ -23,7 +23,7 @@ NO_ACTIONS = (
 class RolloutRequest(BaseModel):
     """Start a rollout of stored bundles to the devices a selector names."""
 
-    bundles: list[int] = Field(
+    bundles: list[Annotated[int, Field(ge=0, le=queries.MAX_BUNDLE_ID)]] = Field(
         ..., min_length=1, description="Ids of uploaded bundles (GET /api/bundles); one per target profile."
     )
     to: str = Field(
@@ -53,6 +53,14 @@ class AbortRequest(BaseModel):
     """Why a rollout is aborted (kept with the rollout)."""
 
     reason: str = Field(DEFAULT_ABORT_REASON, min_length=1, max_length=1000)
+
+    @field_validator("reason")
+    @classmethod
+    def _no_nul(cls, value: str) -> str:
+        # PostgreSQL cannot store NUL in text; refuse it here rather than fail in the store.
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
 
 @router.get("/rollouts", summary="Rollouts, newest first, with progress")
