@@ -7,6 +7,8 @@ import threading
 
 import typer
 
+from .cli_errors import err_console
+
 
 def register(app: typer.Typer) -> None:
     """Attach the `broker` command."""
@@ -24,7 +26,7 @@ def register(app: typer.Typer) -> None:
 
         from .broker import BrokerError, EmbeddedBroker
 
-        err = Console(stderr=True)
+        err = err_console()
         if backend not in ("auto", "mosquitto", "amqtt"):
             err.print(f"[red]unknown --backend {backend!r}[/]: use auto, mosquitto or amqtt")
             raise typer.Exit(2)
@@ -34,7 +36,7 @@ def register(app: typer.Typer) -> None:
         except BrokerError as exc:
             err.print(f"[red]broker failed:[/] {exc}")
             raise typer.Exit(1) from exc
-        Console().print(f"[green]{server.chosen}[/] listening on [bold]{server.url}[/] — Ctrl-C stops it")
+        Console(soft_wrap=True).print(f"[green]{server.chosen}[/] listening on [bold]{server.url}[/] — Ctrl-C stops it")
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:

@@ -8,16 +8,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from .cli_errors import fail as _fail
+
 if TYPE_CHECKING:
     from rich.table import Table
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    """Print a user error to stderr and return the Exit to raise."""
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False, markup=True)
-    return typer.Exit(code)
 
 
 def _fmt(value: Optional[float], spec: str) -> str:

@@ -8,13 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    """Print a user error to stderr and return the Exit to raise."""
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
+from .cli_errors import fail as _fail
 
 
 def _print_report(info: dict[str, Any]) -> None:

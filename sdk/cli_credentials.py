@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import typer
 
+from .cli_errors import fail as _fail
+
 _DIR = typer.Option(
     None,
     "--dir",
@@ -15,14 +17,6 @@ _DIR = typer.Option(
     help="Credentials folder made by `credentials init` (default ~/.edgefleet/credentials).",
 )
 _JSON = typer.Option(False, "--json", help="Print JSON.")
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    """Print a user error to stderr and return the Exit to raise."""
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def _dump(value: Any) -> None:

@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from .cli_errors import fail
+
 
 def register(app: typer.Typer) -> None:
     """Attach the `demo` command."""
@@ -68,8 +70,7 @@ def register(app: typer.Typer) -> None:
         try:
             result = run_demo(options, console)
         except DemoError as exc:
-            Console(stderr=True).print(f"[red]demo refused:[/] {exc.reason}", highlight=False)
-            raise typer.Exit(2) from None
+            raise fail(exc.reason, 2, prefix="demo refused:") from None
         if as_json:
             sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
         if result.interrupted and not keep:

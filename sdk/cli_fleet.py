@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from .cli_errors import fail as _err
+
 if TYPE_CHECKING:
     from edgefleet.sdk.fleet.client import Fleet
 
@@ -27,13 +29,6 @@ _CA = typer.Option(None, "--tls-ca", help="CA certificate (PEM) that signed the 
 _CERT = typer.Option(None, "--tls-cert", help="Client certificate (PEM), with --tls-key.")
 _KEY = typer.Option(None, "--tls-key", help="Client private key (PEM).")
 _JSON = typer.Option(False, "--json", help="Print JSON.")
-
-
-def _err(message: str, code: int) -> typer.Exit:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def _open(

@@ -11,6 +11,8 @@ from typing import Any, Dict, List
 
 import typer
 
+from .cli_errors import fail
+
 EXIT_BAD_PROFILE = 2
 
 _SHOW_ORDER = (
@@ -40,10 +42,7 @@ _SHOW_ORDER = (
 
 def _fail(message: str, code: int = EXIT_BAD_PROFILE) -> typer.Exit:
     """Print a user error to stderr and return the Exit to raise."""
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    return typer.Exit(code)
+    return fail(message, code)
 
 
 def _fmt(value: Any) -> str:

@@ -8,6 +8,8 @@ from typing import Any, Optional
 
 import typer
 
+from .cli_errors import err_console
+
 
 def _home() -> Path:
     """edgefleet's folder: `EDGEFLEET_HOME`, default ~/.edgefleet."""
@@ -75,7 +77,7 @@ def register(app: typer.Typer) -> None:
         from edgefleet.sdk.server.errors import ServerConfigError
         from edgefleet.sdk.store import Store, StoreError
 
-        err = Console(stderr=True)
+        err = err_console()
         the_token = resolve_token(token)
         try:
             check_bind(host, the_token)
@@ -148,7 +150,7 @@ def register(app: typer.Typer) -> None:
             max_upload_bytes=max_upload_mb * 1024 * 1024,
         )
         shown = f"[{host}]" if ":" in host else host
-        Console().print(
+        Console(soft_wrap=True).print(
             f"edgefleet serve: fleet [bold]{fleet}[/], store {store.engine.url.render_as_string(hide_password=True)}, "
             f"{'ingesting from ' + broker if broker else 'read-only (no --broker)'}\n"
             f"dashboard [bold]http://{shown}:{port}/[/]  API docs http://{shown}:{port}/docs"
