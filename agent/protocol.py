@@ -277,6 +277,10 @@ class FileTransfer:
     # Optional per-chunk digests: an unsigned hint that lets the agent refuse a tampered chunk at once
     # and ask for it again; the signed whole-file sha256 stays the authority.
     chunk_sha256: Tuple[str, ...] = ()
+    # Optional digests of every prefix: entry k is the sha256 of chunks 0..k, so the last one is the
+    # file's signed sha256. A chunk that extends the in-order prefix is checked by finishing a copy of the
+    # running hash (no second pass over its bytes); chunks out of order still use `chunk_sha256`.
+    prefix_sha256: Tuple[str, ...] = ()
     # Optional bsdiff4 patch against a file the device already has (see agent/delta.py); an agent
     # that cannot use it downloads the full file. Unsigned: the rebuilt file must match `sha256`.
     delta: Optional[Dict[str, Any]] = field(default=None, compare=False)
@@ -292,6 +296,8 @@ class FileTransfer:
         }
         if self.chunk_sha256:
             obj["chunk_sha256"] = list(self.chunk_sha256)
+        if self.prefix_sha256:
+            obj["prefix_sha256"] = list(self.prefix_sha256)
         if self.delta is not None:
             obj["delta"] = self.delta
         return obj
@@ -314,16 +320,26 @@ class FileTransfer:
                 Code.BAD_FIELD,
                 f"file {name!r}: {size} bytes in chunks of {chunk_size} make {expected} chunks, not {chunks}",
             )
-        digests: Tuple[str, ...] = ()
-        if obj.get("chunk_sha256") is not None:
-            raw = _list(obj, "chunk_sha256")
-            if len(raw) != chunks or not all(isinstance(d, str) and valid_sha256(d) for d in raw):
-                raise ProtocolError(
-                    Code.BAD_FIELD, f"file {name!r}: 'chunk_sha256' must list one sha256 per chunk"
-                )
-            digests = tuple(raw)
+        digests = _digest_list(obj, "chunk_sha256", name, chunks)
+        sha256 = _sha(obj, "sha256")
+        prefixes = _digest_list(obj, "prefix_sha256", name, chunks)
+        if prefixes and prefixes[-1] != sha256:
+            raise ProtocolError(
+                Code.BAD_FIELD,
+                f"file {name!r}: the last 'prefix_sha256' must be the file's sha256; the host built it wrong",
+            )
         delta = obj.get("delta") if isinstance(obj.get("delta"), dict) else None
-        return cls(name, _sha(obj, "sha256"), size, chunk_size, chunks, digests, delta)
+        return cls(name, sha256, size, chunk_size, chunks, digests, prefixes, delta)
+
+
+def _digest_list(obj: Dict[str, Any], key: str, name: str, chunks: int) -> Tuple[str, ...]:
+    """An optional list of one sha256 per chunk under `key`, or ()."""
+    if obj.get(key) is None:
+        return ()
+    raw = _list(obj, key)
+    if len(raw) != chunks or not all(isinstance(d, str) and valid_sha256(d) for d in raw):
+        raise ProtocolError(Code.BAD_FIELD, f"file {name!r}: {key!r} must list one sha256 per chunk")
+    return tuple(raw)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,12 @@ The whole file's sha256 is computed as the data arrives: chunks extending the in
 running hash straight from memory, and when a gap fills the chunks it releases are read back from the
 part file. So `finish()` after the last chunk only compares digests instead of reading and hashing the
 whole file again: the device's reply no longer waits for a second pass over 20 MB.
+
+Chunks are checked as they arrive, so a forged or corrupt one is refused at once and asked for again.
+With the host's `prefix_sha256` a chunk that extends the in-order prefix (the usual case: the broadcast
+is in order) is checked by finishing a copy of the running hash, so its bytes are hashed once, not twice
+(once for `chunk_sha256`, once for the file) — half the hashing on a Pi 4, whose cores lack SHA
+instructions. Chunks out of order are checked against `chunk_sha256`.
 """
 
 from __future__ import annotations
@@ -19,13 +25,24 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from .errors import TransferError
 from .fsutil import atomic_write_bytes, atomic_write_json, read_json
 from .protocol import Code, FileTransfer, ranges_of, valid_sha256
 
 _HASH_BLOCK = 1 << 20
+
+
+def chunk_digests(blocks: Iterable[bytes]) -> Tuple[List[str], List[str]]:
+    """`chunk_sha256` and `prefix_sha256` of a file given as its chunks, in one pass (the host sends both)."""
+    chunk, prefix = [], []
+    running = hashlib.sha256()
+    for block in blocks:
+        chunk.append(hashlib.sha256(block).hexdigest())
+        running.update(block)
+        prefix.append(running.hexdigest())
+    return chunk, prefix
 
 
 class Transfer:
@@ -82,6 +99,7 @@ class Transfer:
         stored = read_json(spec_path)
         wanted = self.spec.to_obj()
         wanted.pop("chunk_sha256", None)
+        wanted.pop("prefix_sha256", None)
         if stored == wanted and self.bitmap_path.exists():
             bits = self.bitmap_path.read_bytes()
             if len(bits) == len(self._bits):
@@ -124,12 +142,24 @@ class Transfer:
             if self.has(index):
                 self.duplicates += 1
                 return False
-            if self.spec.chunk_sha256 and hashlib.sha256(data).hexdigest() != self.spec.chunk_sha256[index]:
+            extended = None
+            if index == self._hashed and self.spec.prefix_sha256:
+                extended = self._digest.copy()
+                extended.update(data)
+                good = extended.hexdigest() == self.spec.prefix_sha256[index]
+            elif self.spec.chunk_sha256:
+                good = hashlib.sha256(data).hexdigest() == self.spec.chunk_sha256[index]
+            else:
+                good = True  # no hint: the signed whole-file sha256 in finish() decides
+            if not good:
                 raise TransferError(
                     Code.CHUNK_HASH, f"chunk {index} of {self.spec.file!r} does not match its hash: refused"
                 )
             os.pwrite(self._fd, data, index * self.spec.chunk_size)
             self._bits[index >> 3] |= 1 << (index & 7)
+            if extended is not None:
+                self._digest = extended
+                self._hashed += 1
             self._advance_hash_locked(self._fd, index, data)
             self._received += 1
             self._dirty += 1

@@ -36,7 +36,9 @@ def register(app: typer.Typer) -> None:
         except BrokerError as exc:
             err.print(f"[red]broker failed:[/] {exc}")
             raise typer.Exit(1) from exc
-        Console(soft_wrap=True).print(f"[green]{server.chosen}[/] listening on [bold]{server.url}[/] — Ctrl-C stops it")
+        Console(soft_wrap=True).print(
+            f"[green]{server.chosen}[/] listening on [bold]{server.url}[/] — Ctrl-C stops it"
+        )
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:

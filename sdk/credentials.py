@@ -412,12 +412,14 @@ def acl_text(fleet: str, host_name: str = DEFAULT_HOST_NAME) -> str:
         f"pattern read {prefix}/artifact/#\n"
         "\n"
         "# The host (rollouts, registry, ingest, dashboard) reads the whole fleet and sends commands,\n"
-        "# repair chunks and broadcast chunks; it never speaks for a device.\n"
+        "# repair chunks and broadcast chunks (and, under host/, the registry's own sync messages); it\n"
+        "# never speaks for a device.\n"
         f"user {host_name}\n"
         f"topic read {prefix}/#\n"
         f"topic write {prefix}/dev/+/cmd\n"
         f"topic write {prefix}/dev/+/chunk/#\n"
         f"topic write {prefix}/artifact/#\n"
+        f"topic write {prefix}/host/#\n"
     )
 
 

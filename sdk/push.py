@@ -33,6 +33,7 @@ from edgefleet.agent.protocol import (
     Topics,
     parse_device_message,
 )
+from edgefleet.agent.transfer import chunk_digests
 
 DEFAULT_CHUNK_SIZE = 64 * 1024
 # Wait for the broker's PUBACK every so many chunks, so a big file never sits whole in paho's queue.
@@ -126,13 +127,20 @@ class BundlePusher:
             if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise PushError(f"bundle file {path} does not match its manifest entry: rebuild the bundle")
             chunks = -(-len(data) // self.chunk_size)
-            digests: tuple[str, ...] = ()
+            digests: tuple[list[str], list[str]] = ([], [])
             if chunk_hashes:
-                digests = tuple(
-                    hashlib.sha256(data[i * self.chunk_size : (i + 1) * self.chunk_size]).hexdigest()
-                    for i in range(chunks)
+                digests = chunk_digests(
+                    data[i * self.chunk_size : (i + 1) * self.chunk_size] for i in range(chunks)
                 )
-            spec = FileTransfer(name, entry["sha256"], len(data), self.chunk_size, chunks, digests)
+            spec = FileTransfer(
+                name,
+                entry["sha256"],
+                len(data),
+                self.chunk_size,
+                chunks,
+                tuple(digests[0]),
+                tuple(digests[1]),
+            )
             out.append(_File(spec, path))
         return out
 

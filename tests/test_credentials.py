@@ -116,6 +116,7 @@ def test_acl_binds_device_topics_to_the_username_and_gives_the_host_the_fleet() 
         f"topic write {p}/dev/+/cmd",
         f"topic write {p}/dev/+/chunk/#",
         f"topic write {p}/artifact/#",
+        f"topic write {p}/host/#",
     ]
     # Devices never get write access to commands, chunks or artifacts, nor any readwrite rule.
     device_rules = [r for r in rules if r.startswith("pattern")]

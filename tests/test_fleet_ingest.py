@@ -128,6 +128,54 @@ def test_registry_follows_birth_and_last_will(tmp_path: Path, mosquitto: Any, fl
     store.close()
 
 
+def _retained_devices(url: str, fleet: str, count: int) -> None:
+    """Publish `count` retained birth messages, as devices that then went away."""
+    client = _client(url)
+    for i in range(count):
+        state = State(device=f"d{i}", seq=1, ts=time.time(), online=True, info={"profile": "rpi4b"})
+        client.publish(Topics(fleet, f"d{i}").state, state.to_wire(), qos=1, retain=True).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_registry_refresh_ends_on_its_own_sync_message(
+    tmp_path: Path, mosquitto: Any, fleet_name: str
+) -> None:
+    # prepare: 20 retained states, and a quiet period so long that only the sync message can end the wait
+    _retained_devices(mosquitto.url, fleet_name, 20)
+    store = Store(f"sqlite:///{tmp_path / 'f.db'}")
+    # act
+    started = time.monotonic()
+    count = registry.refresh(store, MqttOptions(mosquitto.url), fleet_name, quiet_s=30, max_wait_s=60)
+    took = time.monotonic() - started
+    # assert: every state is in, and the wait did not run into the 30 s quiet period
+    assert count == 20 and len(store.devices(fleet_name)) == 20
+    assert took < 30, f"refresh waited {took:.1f} s: the sync message never came back"
+    store.close()
+
+
+def test_registry_refresh_without_the_sync_message_falls_back_to_quiet(
+    tmp_path: Path, mosquitto: Any, fleet_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # prepare: a broker that drops the host's sync message (an older ACL without `host/#`)
+    _retained_devices(mosquitto.url, fleet_name, 5)
+    real_connect = registry.connect
+
+    def connect_dropping_sync(*args: Any, **kwargs: Any) -> Any:
+        conn = real_connect(*args, **kwargs)
+        publish = conn.publish
+        conn.publish = lambda topic, *a, **k: None if "/host/sync/" in topic else publish(topic, *a, **k)  # type: ignore[method-assign]
+        return conn
+
+    monkeypatch.setattr(registry, "connect", connect_dropping_sync)
+    store = Store(f"sqlite:///{tmp_path / 'f.db'}")
+    # act
+    count = registry.refresh(store, MqttOptions(mosquitto.url), fleet_name, quiet_s=0.3, max_wait_s=10)
+    # assert: the quiet period still ends the wait with every retained state
+    assert count == 5 and len(store.devices(fleet_name)) == 5
+    store.close()
+
+
 def test_shared_subscription_splits_the_load_and_loses_nothing(
     tmp_path: Path, mosquitto: Any, fleet_name: str
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,18 +77,39 @@ def handle_state_payload(store: Store, fleet: str, topic: str, payload: bytes) -
     return True
 
 
+def sync_topic(fleet: str, nonce: str) -> str:
+    """A host-only topic the registry publishes to itself to learn that the retained burst is over."""
+    return f"{TOPIC_ROOT}/{fleet}/host/sync/{nonce}"
+
+
 def refresh(
-    store: Store, options: MqttOptions, fleet: str, *, quiet_s: float = 0.2, max_wait_s: float = 3.0
+    store: Store,
+    options: MqttOptions,
+    fleet: str,
+    *,
+    quiet_s: float = 0.2,
+    after_sync_s: float = 0.02,
+    max_wait_s: float = 3.0,
 ) -> int:
     """Read every retained state of the fleet from the broker into the store; returns how many came.
 
-    Retained messages arrive right after the subscription; the wait ends when none came for `quiet_s`.
+    Retained messages arrive right after the subscription. To know when they are all in without
+    waiting out a long silence, the host then publishes a message to a topic of its own: Mosquitto
+    queues it behind the retained burst, so once it is back (and `after_sync_s` stayed quiet, for
+    brokers that send retained messages asynchronously) every state is in. Where the sync message never
+    comes back (an ACL without `{prefix}/host/#`), the wait ends after `quiet_s` without a message.
     """
+    nonce = uuid.uuid4().hex
+    sync = sync_topic(fleet, nonce)
     last = [time.monotonic()]
     count = [0]
+    synced = threading.Event()
     lock = threading.Lock()
 
     def on_message(topic: str, payload: bytes, retain: bool) -> None:
+        if topic == sync:
+            synced.set()
+            return
         with lock:
             if handle_state_payload(store, fleet, topic, payload):
                 count[0] += 1
@@ -96,13 +118,16 @@ def refresh(
     conn = connect(options, on_message=on_message)
     try:
         start = time.monotonic()
-        last[0] = start
-        conn.subscribe([(state_topic_filter(fleet), 1)])
+        conn.subscribe([(state_topic_filter(fleet), 1), (sync, 1)])
+        with lock:
+            last[0] = time.monotonic()  # the burst starts after the SUBACK, however slow the link
+        conn.publish(sync, b"", qos=1)
         while time.monotonic() - start < max_wait_s:
-            time.sleep(0.05)
+            time.sleep(0.01 if synced.is_set() else 0.02)
             with lock:
-                if time.monotonic() - last[0] >= quiet_s:
-                    break
+                quiet = time.monotonic() - last[0]
+            if quiet >= quiet_s or (synced.is_set() and quiet >= after_sync_s):
+                break
     finally:
         conn.close()
     return count[0]

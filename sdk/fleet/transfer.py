@@ -8,7 +8,6 @@ devices ask for whatever they still miss).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.agent.protocol import TOPIC_ROOT, DeployCommand, FileTransfer, Topics
+from edgefleet.agent.transfer import chunk_digests
 
 from .errors import BundleRefused
 
@@ -86,14 +86,17 @@ class Blob:
         self.chunks = -(-self.size // chunk_size)
         self._handle: Any = None
         self._lock = threading.Lock()
+        self._digests: tuple[list[str], list[str]] | None = None
 
-    def digests(self) -> list[str]:
-        """sha256 of every chunk (an unsigned hint that lets the device refuse a bad chunk at once)."""
-        out = []
-        with open(self.path, "rb") as handle:
-            for _ in range(self.chunks):
-                out.append(hashlib.sha256(handle.read(self.chunk_size)).hexdigest())
-        return out
+    def digests(self) -> tuple[list[str], list[str]]:
+        """Every chunk's sha256 and every prefix's (unsigned hints that let a device refuse a bad chunk at once).
+
+        Computed once per blob: the deploy payload of every device carries them.
+        """
+        if self._digests is None:
+            with open(self.path, "rb") as handle:
+                self._digests = chunk_digests(handle.read(self.chunk_size) for _ in range(self.chunks))
+        return self._digests
 
     def chunk(self, index: int) -> bytes | None:
         """Bytes of one chunk, or None when the index is out of range."""
@@ -178,7 +181,10 @@ class BundleTransfer:
             if not path.is_file():
                 raise BundleRefused(f"bundle file {path} named in the manifest is missing")
             blob = Blob(path, str(entry["sha256"]), chunk_size)
-            spec = FileTransfer(name, blob.sha256, blob.size, chunk_size, blob.chunks, tuple(blob.digests()))
+            chunk_sha, prefix_sha = blob.digests()
+            spec = FileTransfer(
+                name, blob.sha256, blob.size, chunk_size, blob.chunks, tuple(chunk_sha), tuple(prefix_sha)
+            )
             self.files.append(_File(spec, path))
             self.blobs[blob.sha256] = blob
         self.total_bytes = sum(f.spec.size for f in self.files)
@@ -211,7 +217,8 @@ class BundleTransfer:
                     "size": blob.size,
                     "chunk_size": blob.chunk_size,
                     "chunks": blob.chunks,
-                    "chunk_sha256": blob.digests(),
+                    "chunk_sha256": blob.digests()[0],
+                    "prefix_sha256": blob.digests()[1],
                 }
         return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
