@@ -2,7 +2,8 @@
 
 `plain`: subscribe to one topic and count bytes (what Mosquitto's fan-out costs). `plain-staged`: the
 same subscription, and every chunk goes through the agent's own `Transfer.write_chunk` (its size and
-per-chunk sha256 checks, `pwrite` into the part file, bitmap, the running whole-file sha256), then
+hash checks — in order, the running whole-file sha256 against `prefix_sha256` —, `pwrite` into the part
+file, bitmap), then
 `finish()`: the per-byte work of a real device, without the protocol. `agent`: speak the agent's transfer
 protocol (retained birth state; deploy command; the manifest's signature verified with the agent's
 `verify_manifest`; files opened in the agent's `StagingArea`; subscribe to the artifact topic;

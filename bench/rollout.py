@@ -4,8 +4,8 @@ Side by side in one run against a private Mosquitto:
   1. fan-out baseline: the bundle's bytes published once (same chunks, QoS 1, same publisher code and
      acknowledgement window as the rollout) to 50 plain paho subscribers; time from the first publish
      until the last subscriber has every byte. Again with subscribers that put every chunk through the
-     agent's own `Transfer.write_chunk` and `finish()` (per-chunk sha256, write, running whole-file
-     sha256): the per-byte work of a real device, which here 50 simulated devices do on 2 shared cores;
+     agent's own `Transfer.write_chunk` and `finish()` (hash check — in order, the running whole-file
+     sha256 against `prefix_sha256` — and write): the per-byte work of a real device, which here 50 simulated devices do on 2 shared cores;
   2. rollout: `Fleet.deploy(bundle, "all")` to 50 receivers that speak the agent's protocol with the
      agent's own code for the per-chunk work (see bench/fleet_receivers.py: signature check of the
      manifest, staging, every chunk through `Transfer.write_chunk`, `finish()`; no install, so both runs

@@ -7,6 +7,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgefleet.sdk.store import Store, StoreError, TelemetryBatcher
@@ -84,6 +85,35 @@ def test_telemetry_batches_and_gap_detection(store: Store, fleet: str) -> None:
     assert sum(g.count for g in gaps) == 3
     assert store.telemetry_count(fleet, "pi-1") == 7  # the redelivered 3 is stored once
     assert store.device(fleet, "pi-1")["last_seq"] == 10  # type: ignore[index]
+
+
+def test_one_batch_from_many_devices_tracks_each_ones_sequence(store: Store, fleet: str) -> None:
+    # prepare: pi-0 is known (last seq 4), pi-1..pi-3 are new; pi-2 skips 3, pi-0 skips 5..6
+    now = time.time()
+    store.add_telemetry(fleet, [_telemetry("pi-0", 4, now)])
+    batch = [_telemetry("pi-0", 7, now + 1)]
+    batch += [
+        _telemetry(f"pi-{d}", s, now + s) for d in (1, 2, 3) for s in (1, 2, 4) if not (d != 2 and s == 4)
+    ]
+    batch += [_telemetry("pi-3", 3, now + 3)]
+    # act
+    written = store.add_telemetry(fleet, batch)
+    # assert: every row written, each device's last seq and its own gaps, nothing mixed up between devices
+    assert written == len(batch)
+    last = {d["device_id"]: d["last_seq"] for d in store.devices(fleet)}
+    assert last == {"pi-0": 7, "pi-1": 2, "pi-2": 4, "pi-3": 3}
+    gaps = {(g.device_id, g.first_missing, g.last_missing) for g in store.gaps(fleet)}
+    assert gaps == {("pi-0", 5, 6), ("pi-2", 3, 3)}
+
+
+def test_values_json_cannot_hold_are_stored_as_text(store: Store, fleet: str) -> None:
+    # prepare: a numpy number and a path in the metrics, as a user's own code might send them
+    row = {**_telemetry("pi-1", 1, time.time()), "temperature_c": np.float32(51.5), "model_path": Path("/m")}
+    # act
+    store.add_telemetry(fleet, [row])
+    # assert: stored, readable, with the odd values as their text
+    payload = store.latest_telemetry(fleet, "pi-1")[0]["payload"]
+    assert (payload["temperature_c"], payload["model_path"]) == ("51.5", "/m")
 
 
 def test_telemetry_without_device_id_is_refused(store: Store, fleet: str) -> None:
