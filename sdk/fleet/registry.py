@@ -91,7 +91,7 @@ def refresh(
     after_sync_s: float = 0.02,
     max_wait_s: float = 3.0,
 ) -> int:
-    """Read every retained state of the fleet from the broker into the store; returns how many came.
+    """Read every retained state of the fleet from the broker into the store; returns how many devices.
 
     Retained messages arrive right after the subscription. To know when they are all in without
     waiting out a long silence, the host then publishes a message to a topic of its own: Mosquitto
@@ -102,7 +102,7 @@ def refresh(
     nonce = uuid.uuid4().hex
     sync = sync_topic(fleet, nonce)
     last = [time.monotonic()]
-    count = [0]
+    seen: set[str] = set()
     synced = threading.Event()
     lock = threading.Lock()
 
@@ -112,13 +112,15 @@ def refresh(
             return
         with lock:
             if handle_state_payload(store, fleet, topic, payload):
-                count[0] += 1
+                seen.add(device_from_topic(topic) or "")
             last[0] = time.monotonic()
 
     conn = connect(options, on_message=on_message)
     try:
         start = time.monotonic()
-        conn.subscribe([(state_topic_filter(fleet), 1), (sync, 1)])
+        # Two SUBSCRIBEs: amqtt sends the retained states once per filter of a packet.
+        conn.subscribe([(state_topic_filter(fleet), 1)])
+        conn.subscribe([(sync, 1)])
         with lock:
             last[0] = time.monotonic()  # the burst starts after the SUBACK, however slow the link
         conn.publish(sync, b"", qos=1)
@@ -130,7 +132,7 @@ def refresh(
                 break
     finally:
         conn.close()
-    return count[0]
+    return len(seen)
 
 
 def differences(store: Store, fleet: str) -> list[dict[str, Any]]:
