@@ -210,6 +210,7 @@ class BundleTransfer:
         for entry in obj["files"]:
             if entry["file"] in patches:
                 base_sha, blob = patches[entry["file"]]
+                chunk_sha, prefix_sha = blob.digests()
                 entry["delta"] = {
                     "format": "bsdiff4",
                     "base_sha256": base_sha,
@@ -217,8 +218,8 @@ class BundleTransfer:
                     "size": blob.size,
                     "chunk_size": blob.chunk_size,
                     "chunks": blob.chunks,
-                    "chunk_sha256": blob.digests()[0],
-                    "prefix_sha256": blob.digests()[1],
+                    "chunk_sha256": chunk_sha,
+                    "prefix_sha256": prefix_sha,
                 }
         return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
