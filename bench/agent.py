@@ -47,7 +47,7 @@ def export_digits(workdir: Path) -> tuple[Path, Path]:
     """Train the digits CNN, export it to ONNX (batch dynamic) and write its eval set; (model, eval.npz)."""
     import torch
 
-    from edgefleet.sdk.zoo import trained_digits_cnn
+    from edgefleet.sdk.build.zoo import trained_digits_cnn
 
     model, split = trained_digits_cnn(epochs=20)
     path = workdir / "digits.onnx"
@@ -71,7 +71,7 @@ def export_minilm_int8(workdir: Path) -> tuple[Path, Dict[str, np.ndarray]]:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgefleet.sdk.zoo import import_torchvision, load_minilm
+    from edgefleet.sdk.build.zoo import import_torchvision, load_minilm
 
     import_torchvision()  # transformers imports torchvision; plain import fails beside the CPU torch
     tokenizer, encoder = load_minilm()
@@ -248,8 +248,8 @@ def http_latency(model_path: Path, x: np.ndarray, n: int) -> Dict[str, Any]:
 
 
 def _bundle(workdir: Path, key_dir: Path, model: Path, eval_path: Path, version: int) -> Path:
-    from edgefleet.sdk.bundle import create_bundle
-    from edgefleet.sdk.keys import load_private_key
+    from edgefleet.sdk.trust.bundle import create_bundle
+    from edgefleet.sdk.trust.keys import load_private_key
 
     fields = {
         "name": "digits",
@@ -294,7 +294,7 @@ def switch_under_load(workdir: Path, model: Path, eval_path: Path, rate: float) 
     from edgefleet.agent.local_api import LocalApi
     from edgefleet.agent.server import ModelServer
     from edgefleet.agent.trust import TrustStore
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     key_dir = workdir / "keys"
     init_keys(key_dir)

@@ -29,8 +29,8 @@ from rich.table import Table
 
 from edgefleet.agent.trust import TrustStore
 from edgefleet.agent.verify import verify_bundle_dir
-from edgefleet.sdk.bundle import create_bundle, pack, unpack
-from edgefleet.sdk.keys import init_keys, load_private_key, sign
+from edgefleet.sdk.trust.bundle import create_bundle, pack, unpack
+from edgefleet.sdk.trust.keys import init_keys, load_private_key, sign
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -106,7 +106,7 @@ def bench_signature(key: Any, count: int) -> dict[str, float]:
     """Microseconds per Ed25519 verification of a 2 KiB manifest: PyNaCl beside cryptography."""
     from nacl.signing import VerifyKey
 
-    from edgefleet.sdk.keys import public_raw
+    from edgefleet.sdk.trust.keys import public_raw
 
     data = os.urandom(2048)
     sig = key.sign(data)

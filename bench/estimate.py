@@ -163,7 +163,7 @@ def main() -> int:
     from rich.table import Table
 
     from edgefleet.device_profiles.host import load_host_profile
-    from edgefleet.sdk.estimate import estimate_latency
+    from edgefleet.sdk.build.estimate import estimate_latency
 
     # probe again now, so the host figures and the measurements below see the same machine load
     load_before = os.getloadavg()[0]

@@ -93,7 +93,7 @@ def run_raw(broker: PrivateMosquitto, n: int, devices: int) -> dict[str, float]:
 
 def run_ingest(broker: PrivateMosquitto, n: int, devices: int, db_dir: Path) -> dict[str, float]:
     from edgefleet.sdk.fleet.ingest import Ingest
-    from edgefleet.sdk.mqtt_url import MqttOptions
+    from edgefleet.sdk.fleet.mqtt_url import MqttOptions
     from edgefleet.sdk.store import Store
 
     fleet = "ingestbench"

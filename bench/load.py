@@ -402,8 +402,8 @@ def make_bundle(d: Path, key_dir: Path, megabytes: float) -> tuple[Path, Path, i
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from edgefleet.sdk.bundle import create_bundle, pack
-    from edgefleet.sdk.keys import load_private_key
+    from edgefleet.sdk.trust.bundle import create_bundle, pack
+    from edgefleet.sdk.trust.keys import load_private_key
 
     features, classes = 64, 10
     hidden = max(16, int(megabytes * 1024 * 1024 / 4 / (features + classes)))
@@ -705,7 +705,7 @@ def _worst(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(args: argparse.Namespace, tmp: Path, checks: Checks) -> dict[str, Any]:
     """Every phase; returns the results."""
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     keys = init_keys(tmp / "keys")
     _, tar, bundle_bytes, name, version = make_bundle(tmp, tmp / "keys", args.bundle_mb)

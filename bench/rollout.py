@@ -85,8 +85,8 @@ def build_models(d: Path, hidden: int) -> tuple[Path, Path]:
 def make_bundle(d: Path, key_dir: Path, model: Path, version: int) -> Path:
     import onnxruntime as ort
 
-    from edgefleet.sdk.bundle import create_bundle
-    from edgefleet.sdk.keys import load_private_key
+    from edgefleet.sdk.trust.bundle import create_bundle
+    from edgefleet.sdk.trust.keys import load_private_key
 
     x = np.random.default_rng(1).standard_normal((32, 512)).astype(np.float32)
     y = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0].argmax(1)
@@ -158,8 +158,8 @@ def staging_root() -> Path:
 def run_fanout(
     broker: PrivateMosquitto, bundle: Path, devices: int, chunk: int, mode: str = "plain", round_: int = 0
 ) -> dict[str, Any]:
+    from edgefleet.sdk.fleet.mqtt_url import MqttOptions, connect
     from edgefleet.sdk.fleet.transfer import Blob, BundleTransfer, TransferStats
-    from edgefleet.sdk.mqtt_url import MqttOptions, connect
 
     total = bundle_bytes(bundle)
     fleet = f"fanout{mode.replace('-', '')}{round_}"
@@ -298,7 +298,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     from edgefleet.sdk.fleet.transfer import DEFAULT_CHUNK_SIZE
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     chunk = args.chunk_size or DEFAULT_CHUNK_SIZE
     runs: dict[str, list[dict[str, Any]]] = {"fanout": [], "staged": [], "rollout": []}

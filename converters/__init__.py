@@ -3,10 +3,16 @@
 Importing this package registers every converter; each imports its heavy libraries only when it runs.
 """
 
-from . import onnx_optimize, torch_onnx, torch_tflite
-from .base import CONVERTERS, ConversionResult, Converter, TensorSpec
-from .errors import ConversionError, ParityError
-from .parity import ParityReport, ParityTolerance, check_parity, compare_many, compare_outputs
+from edgefleet.converters import onnx_optimize, torch_onnx, torch_tflite
+from edgefleet.converters.base import CONVERTERS, ConversionResult, Converter, TensorSpec
+from edgefleet.converters.errors import ConversionError, ParityError
+from edgefleet.converters.parity import (
+    ParityReport,
+    ParityTolerance,
+    check_parity,
+    compare_many,
+    compare_outputs,
+)
 
 __all__ = [
     "CONVERTERS",

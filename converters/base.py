@@ -10,9 +10,8 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 
 from edgefleet.agent.registry import Registry
-
-from .errors import ConversionError
-from .parity import ParityReport, ParityTolerance
+from edgefleet.converters.errors import ConversionError
+from edgefleet.converters.parity import ParityReport, ParityTolerance
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .parity import ParityReport
+    from edgefleet.converters.parity import ParityReport
 
 
 class ConversionError(Exception):

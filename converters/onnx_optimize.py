@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
-from .parity import ParityTolerance, check_parity, compare_many
-from .runners import OnnxRunner
+from edgefleet.converters.base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
+from edgefleet.converters.parity import ParityTolerance, check_parity, compare_many
+from edgefleet.converters.runners import OnnxRunner
 
 # "all" is left out on purpose: it adds layout transforms (NCHWc) specific to this host's CPU, so
 # the saved graph would not be portable to an ARM device.

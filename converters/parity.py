@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .errors import ParityError
+from edgefleet.converters.errors import ParityError
 
 
 @dataclass(frozen=True)

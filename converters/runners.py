@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .base import ConversionError, TensorSpec, short_reason
+from edgefleet.converters.base import ConversionError, TensorSpec, short_reason
 
 
 class ModelRunner:

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
-from .base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
-from .parity import ParityTolerance, check_parity, compare_many
-from .runners import OnnxRunner
+from edgefleet.converters.base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
+from edgefleet.converters.parity import ParityTolerance, check_parity, compare_many
+from edgefleet.converters.runners import OnnxRunner
 
 if TYPE_CHECKING:
     from torch import nn

@@ -10,10 +10,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
-from .parity import ParityTolerance, check_parity, compare_many
-from .runners import TfliteRunner
-from .torch_onnx import as_module, torch_outputs
+from edgefleet.converters.base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
+from edgefleet.converters.parity import ParityTolerance, check_parity, compare_many
+from edgefleet.converters.runners import TfliteRunner
+from edgefleet.converters.torch_onnx import as_module, torch_outputs
 
 
 def quiet_litert() -> contextlib.AbstractContextManager[Any]:

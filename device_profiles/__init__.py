@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .errors import ProfileError
-from .loader import builtin_names, load_profile, load_profile_file
-from .schema import ISA_FEATURES, PRECISIONS, RUNTIMES, Gpu, Profile
+from edgefleet.device_profiles.errors import ProfileError
+from edgefleet.device_profiles.loader import builtin_names, load_profile, load_profile_file
+from edgefleet.device_profiles.schema import ISA_FEATURES, PRECISIONS, RUNTIMES, Gpu, Profile
 
 __all__ = [
     "ISA_FEATURES",

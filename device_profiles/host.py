@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from .errors import ProfileError
-from .loader import BUILTIN_DIR, load_profile_file
-from .schema import Profile
+from edgefleet.device_profiles.errors import ProfileError
+from edgefleet.device_profiles.loader import BUILTIN_DIR, load_profile_file
+from edgefleet.device_profiles.schema import Profile
 
 # Bump when the probe changes so old caches are measured again.
 PROBE_VERSION = 2

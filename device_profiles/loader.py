@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from .errors import ProfileError
-from .schema import ISA_FEATURES, PRECISIONS, RUNTIMES, Gpu, Profile
+from edgefleet.device_profiles.errors import ProfileError
+from edgefleet.device_profiles.schema import ISA_FEATURES, PRECISIONS, RUNTIMES, Gpu, Profile
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -77,7 +77,7 @@ def load_profile(name_or_path: ProfileSource) -> Profile:
     """A built-in profile by name, or the profile in a user's TOML file given by path."""
     text = str(name_or_path)
     if text == "host":
-        from .host import load_host_profile
+        from edgefleet.device_profiles.host import load_host_profile
 
         return load_host_profile()
     if text in BUILTIN_NAMES:

@@ -17,13 +17,13 @@ from pathlib import Path
 from rich.console import Console
 
 from edgefleet.sdk import build
-from edgefleet.sdk.cli_build import candidates_table
-from edgefleet.sdk.zoo import accuracy, trained_digits_cnn
+from edgefleet.sdk.build.zoo import accuracy, trained_digits_cnn
+from edgefleet.sdk.cli.build import candidates_table
 
 
 def signing_key(workdir: Path) -> Path:
     """The fleet key when `edgefleet keys init` made one, else a throwaway key for this example."""
-    from edgefleet.sdk.keys import default_key_dir, init_keys
+    from edgefleet.sdk.trust.keys import default_key_dir, init_keys
 
     fleet = default_key_dir() / "fleet.key"
     if fleet.is_file():

@@ -13,11 +13,11 @@ __all__ = ["Fleet", "build"]
 
 def __getattr__(name: str) -> Any:
     if name == "build":
-        from .builder import build
+        from edgefleet.sdk.build.builder import build
 
         return build
     if name == "Fleet":
-        from .fleet.client import Fleet
+        from edgefleet.sdk.fleet.client import Fleet
 
         return Fleet
     raise AttributeError(f"module 'edgefleet.sdk' has no attribute {name!r}")

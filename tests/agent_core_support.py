@@ -59,7 +59,7 @@ def eval_npz(
 
 def make_keys(directory: Path) -> Path:
     """A fleet key pair; returns the folder holding fleet.key and fleet.pub."""
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     init_keys(directory)
     return directory
@@ -80,8 +80,8 @@ def make_bundle(
     timeout_s: float = 30.0,
 ) -> Path:
     """A signed bundle written by the SDK's bundle writer."""
-    from edgefleet.sdk.bundle import create_bundle
-    from edgefleet.sdk.keys import load_private_key
+    from edgefleet.sdk.trust.bundle import create_bundle
+    from edgefleet.sdk.trust.keys import load_private_key
 
     health: dict[str, Any] = {"max_p95_ms": max_p95_ms, "warmup_runs": 2, "timeout_s": timeout_s}
     if min_accuracy is not None and not reference:

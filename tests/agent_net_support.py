@@ -133,8 +133,8 @@ def make_bundle(
     warmup_runs: int = 2,
 ) -> Path:
     """A signed bundle through the SDK's own bundle writer."""
-    from edgefleet.sdk.bundle import create_bundle
-    from edgefleet.sdk.keys import load_private_key
+    from edgefleet.sdk.trust.bundle import create_bundle
+    from edgefleet.sdk.trust.keys import load_private_key
 
     fields = {
         "name": name,

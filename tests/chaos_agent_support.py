@@ -50,7 +50,7 @@ def signed_bundle(
     out: Path, private_key: Any, model: Path, eval_npz: Path, version: int, **overrides: Any
 ) -> Path:
     """A bundle signed with `private_key` (any key, e.g. a rotated-in one); `overrides` edit the manifest."""
-    from edgefleet.sdk.bundle import create_bundle
+    from edgefleet.sdk.trust.bundle import create_bundle
 
     return create_bundle(
         out,

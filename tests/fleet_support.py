@@ -14,7 +14,7 @@ from tests.agent_net_support import AgentProcess, agent_args, eval_set, export_t
 
 def build_artifacts(d: Path) -> dict[str, Path]:
     """Keys and signed bundles: v1 and v2 (good), v3 (does not load), and v2 built for another profile."""
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     keys = init_keys(d / "keys")
     m1 = export_tiny_onnx(d / "m1.onnx", seed=0)

@@ -138,7 +138,7 @@ def test_docs_list_every_config_field_and_exit_code() -> None:
 
 
 def test_agent_exit_codes_for_state_dir_profile_and_broker(tmp_path: Path) -> None:
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
     from tests.conftest import free_port
 
     pub = str(init_keys(tmp_path / "keys").public_path)

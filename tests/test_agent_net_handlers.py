@@ -65,7 +65,7 @@ class NoModelInstaller:
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Agent:
     from edgefleet.agent.ledger import VersionLedger
     from edgefleet.agent.trust import TrustStore
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     root = tmp_path_factory.mktemp("agent")
     keys = init_keys(root / "keys")

@@ -43,7 +43,7 @@ CHUNK = 256
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Keys and five signed bundles: v1, v2 (good), v3 broken file, v4 inaccurate, v5 too slow."""
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     d = tmp_path_factory.mktemp("bundles")
     keys = init_keys(d / "keys")

@@ -14,7 +14,7 @@ from tests.agent_net_support import eval_set, export_tiny_onnx, make_bundle
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     d = tmp_path_factory.mktemp("push")
     init_keys(d / "keys")

@@ -8,7 +8,7 @@ import uuid
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.sdk.broker import BrokerError, EmbeddedBroker, mosquitto_config
+from edgefleet.sdk.fleet.broker import BrokerError, EmbeddedBroker, mosquitto_config
 
 
 def _roundtrip(url_port: int, payload: bytes) -> bytes:
@@ -64,7 +64,7 @@ def test_generated_mosquitto_config_has_no_queue_cap(tmp_path) -> None:  # type:
 @pytest.mark.broker
 @pytest.mark.parametrize("persistent", [False, True])
 def test_host_connections_fall_back_to_mqtt311_on_amqtt(persistent: bool) -> None:
-    from edgefleet.sdk.mqtt_url import MqttOptions, connect
+    from edgefleet.sdk.fleet.mqtt_url import MqttOptions, connect
 
     # prepare: amqtt speaks only MQTT 3.1.1; the host asks for MQTT 5 by default
     with EmbeddedBroker(backend="amqtt") as broker:

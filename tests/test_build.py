@@ -13,11 +13,11 @@ torch = pytest.importorskip("torch")
 
 from build_support import FakeProfile  # noqa: E402
 
-from edgefleet.sdk.build_errors import BudgetError, BuildError  # noqa: E402
-from edgefleet.sdk.build_plan import CandidateSpec, PlanOptions, plan_candidates  # noqa: E402
-from edgefleet.sdk.builder import Candidate, _choose, build  # noqa: E402
-from edgefleet.sdk.measure import LatencyStats, Quality  # noqa: E402
-from edgefleet.sdk.zoo import trained_digits_cnn  # noqa: E402
+from edgefleet.sdk.build.builder import Candidate, _choose, build  # noqa: E402
+from edgefleet.sdk.build.errors import BudgetError, BuildError  # noqa: E402
+from edgefleet.sdk.build.measure import LatencyStats, Quality  # noqa: E402
+from edgefleet.sdk.build.plan import CandidateSpec, PlanOptions, plan_candidates  # noqa: E402
+from edgefleet.sdk.build.zoo import trained_digits_cnn  # noqa: E402
 
 FAST = PlanOptions(prune_levels=(), mixed_precision=False, tflite=False, static_calibrations=("minmax",))
 
@@ -134,7 +134,7 @@ def test_build_without_labels_uses_fidelity(digits: tuple[Any, Any]) -> None:
 
 
 def test_build_writes_a_signed_bundle_with_report(digits: tuple[Any, Any], tmp_path: Path) -> None:
-    keys = pytest.importorskip("edgefleet.sdk.keys")
+    keys = pytest.importorskip("edgefleet.sdk.trust.keys")
     from edgefleet.agent.manifest import Manifest
 
     # prepare

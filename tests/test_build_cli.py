@@ -47,7 +47,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(root / "eval.npz", x=rng.random((64, 1, 8, 8), dtype=np.float32))
     np.savez(root / "no_x.npz", images=rng.random((8, 1, 8, 8), dtype=np.float32))
     (root / "corrupt.onnx").write_bytes(b"\x12\x34corrupt" * 20)
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     files = {
         "model": model,

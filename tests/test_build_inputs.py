@@ -13,10 +13,10 @@ torch = pytest.importorskip("torch")
 from build_support import FakeProfile  # noqa: E402
 
 from edgefleet.converters import CONVERTERS  # noqa: E402
-from edgefleet.sdk.build_errors import BudgetError, BuildError, DataError, ModelLoadError, ProfileError  # noqa: E402
-from edgefleet.sdk.build_plan import PlanOptions  # noqa: E402
-from edgefleet.sdk.builder import build  # noqa: E402
-from edgefleet.sdk.model_io import load_dataset, load_model, parse_input_shape  # noqa: E402
+from edgefleet.sdk.build.builder import build  # noqa: E402
+from edgefleet.sdk.build.errors import BudgetError, BuildError, DataError, ModelLoadError, ProfileError  # noqa: E402
+from edgefleet.sdk.build.model_io import load_dataset, load_model, parse_input_shape  # noqa: E402
+from edgefleet.sdk.build.plan import PlanOptions  # noqa: E402
 
 FAST = PlanOptions(prune_levels=(), mixed_precision=False, tflite=False, static_calibrations=("minmax",))
 

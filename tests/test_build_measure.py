@@ -10,7 +10,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edgefleet.converters import CONVERTERS  # noqa: E402
-from edgefleet.sdk.measure import batch_feeds, evaluate, measure_latency, measure_side_by_side, run_model  # noqa: E402
+from edgefleet.sdk.build.measure import (  # noqa: E402
+    batch_feeds,
+    evaluate,
+    measure_latency,
+    measure_side_by_side,
+    run_model,
+)
 
 
 @pytest.fixture(scope="module")

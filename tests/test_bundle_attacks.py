@@ -20,8 +20,8 @@ from edgefleet.agent.ledger import VersionLedger
 from edgefleet.agent.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, canonical_bytes
 from edgefleet.agent.trust import TrustStore, key_id
 from edgefleet.agent.verify import ERROR_CODES, copy_bounded, verify_bundle_dir, verify_file, verify_manifest
-from edgefleet.sdk.bundle import BundleError, create_bundle, pack, sign_bundle, unpack
-from edgefleet.sdk.keys import init_keys, load_private_key, public_raw, sign
+from edgefleet.sdk.trust.bundle import BundleError, create_bundle, pack, sign_bundle, unpack
+from edgefleet.sdk.trust.keys import init_keys, load_private_key, public_raw, sign
 
 PROFILE = "rpi4b"
 MAX_MODEL = 1024 * 1024

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgefleet.sdk.bundle import create_bundle
 from edgefleet.sdk.cli import app
-from edgefleet.sdk.keys import load_private_key
+from edgefleet.sdk.trust.bundle import create_bundle
+from edgefleet.sdk.trust.keys import load_private_key
 
 runner = CliRunner()
 

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from edgefleet.agent.errors import VerifyError
 from edgefleet.agent.ledger import VersionLedger
 from edgefleet.agent.manifest import Manifest, canonical_bytes
-from edgefleet.sdk.bundle import BundleError, create_bundle
-from edgefleet.sdk.keys import init_keys, load_private_key
+from edgefleet.sdk.trust.bundle import BundleError, create_bundle
+from edgefleet.sdk.trust.keys import init_keys, load_private_key
 
 SHA = "ab" * 32
 

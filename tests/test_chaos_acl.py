@@ -27,7 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgefleet.sdk.cli import app
-from edgefleet.sdk.credentials import Credentials, Identity
+from edgefleet.sdk.trust.credentials import Credentials, Identity
 from tests.conftest import Mosquitto
 
 pytestmark = [pytest.mark.chaos, pytest.mark.broker]
@@ -386,8 +386,8 @@ def test_a_real_agent_and_host_deploy_through_tls_and_the_acl(
     tmp_path: Path, mosquitto_factory: Any, creds: Credentials, fleet_name: str
 ) -> None:
     from edgefleet.sdk.fleet.client import Fleet
-    from edgefleet.sdk.keys import init_keys
     from edgefleet.sdk.store import Store
+    from edgefleet.sdk.trust.keys import init_keys
     from tests.agent_net_support import AgentProcess, agent_args, eval_set, export_tiny_onnx, make_bundle
     from tests.fleet_support import wait_online
 

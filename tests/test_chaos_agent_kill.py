@@ -34,8 +34,8 @@ import pytest
 
 from edgefleet.agent.fsutil import read_json
 from edgefleet.agent.protocol import parse_device_message
-from edgefleet.sdk.keys import init_keys, load_private_key
 from edgefleet.sdk.push import BundlePusher
+from edgefleet.sdk.trust.keys import init_keys, load_private_key
 from tests.agent_net_support import Observer
 from tests.chaos_agent_support import (
     Models,

@@ -36,8 +36,8 @@ from edgefleet.agent.protocol import (
     parse_device_message,
     ranges_of,
 )
-from edgefleet.sdk.keys import init_keys, load_private_key
 from edgefleet.sdk.push import BundlePusher
+from edgefleet.sdk.trust.keys import init_keys, load_private_key
 from tests.agent_net_support import AgentProcess
 from tests.chaos_agent_support import (
     Models,

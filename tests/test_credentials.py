@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
 from edgefleet.sdk.cli import app
-from edgefleet.sdk.credentials import (
+from edgefleet.sdk.trust.credentials import (
     Credentials,
     CredentialsError,
     acl_text,

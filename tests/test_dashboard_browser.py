@@ -213,8 +213,8 @@ def test_dashboard_against_a_live_fleet(
     """Real agents on a real broker, the control plane attached: deploy, watch, abort from the page."""
     import httpx
 
-    from edgefleet.sdk.bundle import pack
     from edgefleet.sdk.fleet.client import Fleet
+    from edgefleet.sdk.trust.bundle import pack
     from tests.fleet_support import build_artifacts, wait_for, wait_online
     from tests.server_live_support import Traffic, http_agents
 

@@ -29,7 +29,7 @@ from edgefleet.sdk.demo import (
     restamp,
     run_demo,
 )
-from edgefleet.sdk.procs import ProcessGroup
+from edgefleet.sdk.demo.procs import ProcessGroup
 from tests.fleet_support import wait_for
 
 EDGEFLEET = str(Path(sys.executable).parent / "edgefleet")
@@ -120,7 +120,7 @@ def test_state_dir_must_be_new_empty_or_an_earlier_demos(tmp_path: Path) -> None
 def test_mislabeled_copy_rotates_exactly_the_chosen_classes() -> None:
     import torch
 
-    from edgefleet.sdk.zoo import digits_cnn
+    from edgefleet.sdk.build.zoo import digits_cnn
 
     torch.manual_seed(0)
     model = digits_cnn().eval()
@@ -137,8 +137,8 @@ def test_mislabeled_copy_rotates_exactly_the_chosen_classes() -> None:
 
 
 def test_restamp_gives_one_version_and_a_valid_signature(tmp_path: Path) -> None:
-    from edgefleet.sdk.bundle import inspect_bundle
-    from edgefleet.sdk.keys import init_keys, load_private_key
+    from edgefleet.sdk.trust.bundle import inspect_bundle
+    from edgefleet.sdk.trust.keys import init_keys, load_private_key
     from tests.agent_net_support import eval_set, export_tiny_onnx, make_bundle
 
     keys = init_keys(tmp_path / "keys")
@@ -416,7 +416,7 @@ def test_demo_runs_on_amqtt_when_mosquitto_is_not_installed(tmp_path: Path, demo
 
 def test_mqtt_options_take_3_1_1_for_brokers_without_mqtt_5() -> None:
     from edgefleet.sdk.fleet.errors import BrokerUnavailable
-    from edgefleet.sdk.mqtt_url import MqttOptions
+    from edgefleet.sdk.fleet.mqtt_url import MqttOptions
 
     assert MqttOptions("mqtt://127.0.0.1:1883", mqtt_version="3.1.1").mqtt_version == "3.1.1"
     with pytest.raises(BrokerUnavailable, match="use 5 or 3.1.1"):

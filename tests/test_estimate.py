@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgefleet.device_profiles import Profile, load_profile
-from edgefleet.sdk.estimate import EstimateError, count_flops, estimate_latency
+from edgefleet.sdk.build.estimate import EstimateError, count_flops, estimate_latency
 
 
 def _save(

@@ -13,7 +13,7 @@ import pytest
 from edgefleet.agent.protocol import Progress, State, Telemetry, Topics, will_payload
 from edgefleet.sdk.fleet import registry
 from edgefleet.sdk.fleet.ingest import Ingest
-from edgefleet.sdk.mqtt_url import MqttOptions
+from edgefleet.sdk.fleet.mqtt_url import MqttOptions
 from edgefleet.sdk.store import Store
 from tests.fleet_support import wait_for
 

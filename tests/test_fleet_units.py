@@ -7,10 +7,10 @@ import pytest
 from edgefleet.agent.protocol import Telemetry
 from edgefleet.sdk.fleet.errors import BrokerUnavailable, BundleRefused, SelectorError, StrategyError
 from edgefleet.sdk.fleet.ingest import flatten_telemetry
+from edgefleet.sdk.fleet.mqtt_url import MqttOptions
 from edgefleet.sdk.fleet.selectors import parse_selector, resolve
 from edgefleet.sdk.fleet.strategy import AbortRules, parse_strategy
 from edgefleet.sdk.fleet.transfer import choose_chunk_size
-from edgefleet.sdk.mqtt_url import MqttOptions
 
 DEVICES = [
     {"device_id": "cam-1", "tags": ["lab"], "profile": "rpi4b"},

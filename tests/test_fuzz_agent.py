@@ -388,7 +388,7 @@ def test_transfer_takes_any_chunk_sequence_without_growing_past_its_size(
 
 @pytest.fixture(scope="module")
 def trust(tmp_path_factory: pytest.TempPathFactory) -> TrustStore:
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     keys = init_keys(tmp_path_factory.mktemp("fuzz-keys"))
     return TrustStore.from_public_keys([keys.public_path])
@@ -481,7 +481,7 @@ DOCUMENTED = (
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Agent:
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.keys import init_keys
 
     root = tmp_path_factory.mktemp("fuzz-agent")
     keys = init_keys(root / "keys")

@@ -46,8 +46,8 @@ def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
     """A store holding a small fleet and one real bundle; an app with a control plane, one with a token."""
-    from edgefleet.sdk.bundle import pack
-    from edgefleet.sdk.keys import init_keys
+    from edgefleet.sdk.trust.bundle import pack
+    from edgefleet.sdk.trust.keys import init_keys
     from tests.agent_net_support import eval_set, export_tiny_onnx, make_bundle
 
     tmp = tmp_path_factory.mktemp("fuzz-api")

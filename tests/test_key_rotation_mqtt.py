@@ -17,7 +17,8 @@ from edgefleet.agent.protocol import Code, Error, RotateRootCommand, State
 from edgefleet.agent.trust import ROOT_FILE, load_public_key_pem, make_root
 from edgefleet.sdk.cli import app
 from edgefleet.sdk.fleet.client import Fleet
-from edgefleet.sdk.keys import (
+from edgefleet.sdk.push import BundlePusher
+from edgefleet.sdk.trust.keys import (
     init_keys,
     load_host_root,
     load_private_key,
@@ -26,7 +27,6 @@ from edgefleet.sdk.keys import (
     rotation_command,
     sign,
 )
-from edgefleet.sdk.push import BundlePusher
 from tests.agent_net_support import IN_FEATURES, Observer
 from tests.chaos_agent_support import Models, in_process_agent, signed_bundle, wait_until
 

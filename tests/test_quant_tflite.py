@@ -12,9 +12,9 @@ pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
 
 from edgefleet.converters.runners import TfliteRunner
+from edgefleet.sdk.build.zoo import accuracy, trained_digits_cnn
 from edgefleet.sdk.compress import COMPRESSORS, CompressionContext, CompressionError
 from edgefleet.sdk.compress import tflite_quant as _registers  # noqa: F401
-from edgefleet.sdk.zoo import accuracy, trained_digits_cnn
 
 pytestmark = [pytest.mark.tflite, pytest.mark.slow]
 

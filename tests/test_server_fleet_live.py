@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from edgefleet.sdk.bundle import pack
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.server.app import create_app
 from edgefleet.sdk.store import Store
+from edgefleet.sdk.trust.bundle import pack
 from tests.fleet_support import build_artifacts, wait_for, wait_online
 from tests.server_live_support import Traffic, http_agents
 

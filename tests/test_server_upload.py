@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from edgefleet.sdk.bundle import create_bundle, pack
-from edgefleet.sdk.keys import init_keys, load_private_key
 from edgefleet.sdk.server.app import create_app
 from edgefleet.sdk.store import Store
+from edgefleet.sdk.trust.bundle import create_bundle, pack
+from edgefleet.sdk.trust.keys import init_keys, load_private_key
 
 TAR = {"Content-Type": "application/x-tar"}
 

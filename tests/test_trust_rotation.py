@@ -24,8 +24,8 @@ from edgefleet.agent.trust import (
     public_key_pem,
 )
 from edgefleet.agent.verify import verify_bundle_dir
-from edgefleet.sdk.bundle import create_bundle
-from edgefleet.sdk.keys import KeyPair, KeysError, init_keys, load_private_key, make_rotation, sign
+from edgefleet.sdk.trust.bundle import create_bundle
+from edgefleet.sdk.trust.keys import KeyPair, KeysError, init_keys, load_private_key, make_rotation, sign
 
 PROFILE = "rpi5"
 

@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 
-from .base import COMPRESSORS, CompressionContext, CompressionError, CompressionStep, Requirements
+from edgefleet.sdk.compress.base import (
+    COMPRESSORS,
+    CompressionContext,
+    CompressionError,
+    CompressionStep,
+    Requirements,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .onnx_fakequant import batch_cosines, make_session, run_session
+from edgefleet.sdk.compress.onnx_fakequant import batch_cosines, make_session, run_session
 
 SENTENCES_FILE = Path(__file__).resolve().parent / "data" / "minilm_sentences.txt"
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
@@ -37,7 +37,7 @@ def split_sentences(sentences: list[str]) -> tuple[list[str], list[str]]:
 
 def load_tokenizer_and_encoder() -> tuple[Any, Any]:
     """Tokenizer and encoder module, offline (torchvision first: transformers imports it)."""
-    from edgefleet.sdk.zoo import import_torchvision, load_minilm
+    from edgefleet.sdk.build.zoo import import_torchvision, load_minilm
 
     import_torchvision()
     return load_minilm()

@@ -27,10 +27,16 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .base import COMPRESSORS, CompressionContext, CompressionError, CompressionStep, Requirements
-from .onnx_fakequant import FakeQuantGraph, batch_cosines, make_session, run_session
-from .sensitivity import LayerSensitivity, Progress, SensitivityTable
-from .smoothing import choose_smoothing
+from edgefleet.sdk.compress.base import (
+    COMPRESSORS,
+    CompressionContext,
+    CompressionError,
+    CompressionStep,
+    Requirements,
+)
+from edgefleet.sdk.compress.onnx_fakequant import FakeQuantGraph, batch_cosines, make_session, run_session
+from edgefleet.sdk.compress.sensitivity import LayerSensitivity, Progress, SensitivityTable
+from edgefleet.sdk.compress.smoothing import choose_smoothing
 
 Batches = Sequence[dict[str, np.ndarray]]
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from .base import CompressionError
+from edgefleet.sdk.compress.base import CompressionError
 
 if TYPE_CHECKING:
     import onnx

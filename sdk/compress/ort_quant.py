@@ -28,7 +28,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from .base import COMPRESSORS, CompressionContext, CompressionError, CompressionStep, Requirements
+from edgefleet.sdk.compress.base import (
+    COMPRESSORS,
+    CompressionContext,
+    CompressionError,
+    CompressionStep,
+    Requirements,
+)
 
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 

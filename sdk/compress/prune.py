@@ -22,9 +22,15 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 
-from .base import COMPRESSORS, CompressionContext, CompressionError, CompressionStep, Requirements
-from .distill import DistillResult, distill
-from .sensitivity import (
+from edgefleet.sdk.compress.base import (
+    COMPRESSORS,
+    CompressionContext,
+    CompressionError,
+    CompressionStep,
+    Requirements,
+)
+from edgefleet.sdk.compress.distill import DistillResult, distill
+from edgefleet.sdk.compress.sensitivity import (
     ModelInputs,
     as_tensors,
     layer_weight,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence, Un
 
 import numpy as np
 
-from .base import CompressionError
+from edgefleet.sdk.compress.base import CompressionError
 
 if TYPE_CHECKING:
     import torch
@@ -314,7 +314,7 @@ def onnx_sensitivity(
     would). The distortion is 1 − mean per-sample cosine between fp32 and perturbed outputs (token
     outputs are mean-pooled over the `mask_input` feed first); it is what mixed precision budgets on.
     """
-    from .onnx_fakequant import FakeQuantGraph, batch_cosines
+    from edgefleet.sdk.compress.onnx_fakequant import FakeQuantGraph, batch_cosines
 
     graph = FakeQuantGraph.load(model_path)
     candidates = graph.quantizable_nodes()

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from .onnx_fakequant import FakeQuantGraph, batch_cosines, make_session, run_session
-from .sensitivity import Progress
+from edgefleet.sdk.compress.onnx_fakequant import FakeQuantGraph, batch_cosines, make_session, run_session
+from edgefleet.sdk.compress.sensitivity import Progress
 
 if TYPE_CHECKING:
     import onnx

@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from .base import COMPRESSORS, CompressionContext, CompressionError, CompressionStep, Requirements
+from edgefleet.sdk.compress.base import (
+    COMPRESSORS,
+    CompressionContext,
+    CompressionError,
+    CompressionStep,
+    Requirements,
+)
 
 _EXTRAS = ("torch", "litert_torch", "ai_edge_litert")
 

@@ -12,7 +12,7 @@ __all__ = ["Fleet"]
 
 def __getattr__(name: str) -> Any:
     if name == "Fleet":
-        from .client import Fleet
+        from edgefleet.sdk.fleet.client import Fleet
 
         return Fleet
     raise AttributeError(f"module 'edgefleet.sdk.fleet' has no attribute {name!r}")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import BundleRefused
+from edgefleet.sdk.fleet.errors import BundleRefused
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def _expand(path: Path, unpack_root: Path) -> list[Path]:
             )
         return found
     if path.is_file() and path.suffix == ".tar":
-        from edgefleet.sdk.bundle import BundleError, unpack
+        from edgefleet.sdk.trust.bundle import BundleError, unpack
 
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         dest = unpack_root / digest

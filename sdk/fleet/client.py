@@ -11,16 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgefleet.sdk.mqtt_url import MqttOptions, default_broker_url
+from edgefleet.sdk.fleet import registry
+from edgefleet.sdk.fleet.bundles import ResolvedBundle, load_bundles
+from edgefleet.sdk.fleet.errors import BundleRefused, FleetError, RolloutConflict, RolloutNotFound
+from edgefleet.sdk.fleet.ingest import Ingest
+from edgefleet.sdk.fleet.mqtt_url import MqttOptions, default_broker_url
+from edgefleet.sdk.fleet.rollout import ACTIVE_ROLLOUT, ENDED_ROLLOUT, EngineView, RolloutEngine, engine_alive
+from edgefleet.sdk.fleet.selectors import parse_selector, resolve
+from edgefleet.sdk.fleet.strategy import AbortRules, parse_strategy
 from edgefleet.sdk.store import Store
-
-from . import registry
-from .bundles import ResolvedBundle, load_bundles
-from .errors import BundleRefused, FleetError, RolloutConflict, RolloutNotFound
-from .ingest import Ingest
-from .rollout import ACTIVE_ROLLOUT, ENDED_ROLLOUT, EngineView, RolloutEngine, engine_alive
-from .selectors import parse_selector, resolve
-from .strategy import AbortRules, parse_strategy
 
 
 def _home() -> Path:
@@ -115,7 +114,7 @@ class Fleet:
         self, statement: str | Path | bytes | dict[str, Any], to: str = "all", timeout_s: float = 30.0
     ) -> dict[str, Any]:
         """Send a key rotation (`edgefleet keys rotate -o FILE`) to the devices `to` selects; outcome per device."""
-        from edgefleet.sdk.keys import push_rotation
+        from edgefleet.sdk.trust.keys import push_rotation
 
         return push_rotation(statement, to, broker=self.options, fleet=self.fleet, timeout_s=timeout_s)
 
@@ -237,7 +236,7 @@ class Fleet:
 
         They are cached by the two files' hashes, so the engine's own planning finds them ready.
         """
-        from .delta import plan_patch, supports_delta
+        from edgefleet.sdk.fleet.delta import plan_patch, supports_delta
 
         rows = {d["device_id"]: d for d in self.store.devices(self.fleet)}
         known: dict[str, list[dict[str, Any]]] = {}

@@ -16,10 +16,9 @@ from typing import Any
 
 from edgefleet.agent.errors import ProtocolError
 from edgefleet.agent.protocol import TOPIC_ROOT, State, Telemetry, parse_device_message
-from edgefleet.sdk.mqtt_url import Connection, MqttOptions, connect
+from edgefleet.sdk.fleet.mqtt_url import Connection, MqttOptions, connect
+from edgefleet.sdk.fleet.registry import apply_state, device_from_topic
 from edgefleet.sdk.store import Store, StoreError
-
-from .registry import apply_state, device_from_topic
 
 log = logging.getLogger(__name__)
 

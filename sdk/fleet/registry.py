@@ -15,7 +15,7 @@ from typing import Any
 
 from edgefleet.agent.errors import ProtocolError
 from edgefleet.agent.protocol import TOPIC_ROOT, State, parse_device_message
-from edgefleet.sdk.mqtt_url import MqttOptions, connect
+from edgefleet.sdk.fleet.mqtt_url import MqttOptions, connect
 from edgefleet.sdk.store import Store
 
 

@@ -34,15 +34,14 @@ from edgefleet.agent.protocol import (
     Topics,
     parse_device_message,
 )
-from edgefleet.sdk.mqtt_url import Connection, MqttOptions, connect
+from edgefleet.sdk.fleet.delta import plan_patch
+from edgefleet.sdk.fleet.errors import RolloutNotFound
+from edgefleet.sdk.fleet.ingest import flatten_telemetry
+from edgefleet.sdk.fleet.mqtt_url import Connection, MqttOptions, connect
+from edgefleet.sdk.fleet.registry import device_from_topic
+from edgefleet.sdk.fleet.strategy import AbortRules
+from edgefleet.sdk.fleet.transfer import Blob, BundleTransfer, TransferStats, choose_chunk_size
 from edgefleet.sdk.store import Store
-
-from .delta import plan_patch
-from .errors import RolloutNotFound
-from .ingest import flatten_telemetry
-from .registry import device_from_topic
-from .strategy import AbortRules
-from .transfer import Blob, BundleTransfer, TransferStats, choose_chunk_size
 
 log = logging.getLogger(__name__)
 

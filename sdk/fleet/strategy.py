@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .errors import StrategyError
+from edgefleet.sdk.fleet.errors import StrategyError
 
 FAILED_STATUSES = frozenset({"rejected", "timed-out", "failed"})
 

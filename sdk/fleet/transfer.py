@@ -18,8 +18,7 @@ from typing import Any
 
 from edgefleet.agent.protocol import TOPIC_ROOT, DeployCommand, FileTransfer, Topics
 from edgefleet.agent.transfer import chunk_digests
-
-from .errors import BundleRefused
+from edgefleet.sdk.fleet.errors import BundleRefused
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 MIN_CHUNK_SIZE = 1024

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from .context import FleetActions
-from .errors import Conflict, NotFound, ServerConfigError, Unavailable, Unprocessable
+from edgefleet.sdk.server.context import FleetActions
+from edgefleet.sdk.server.errors import Conflict, NotFound, ServerConfigError, Unavailable, Unprocessable
 
 
 class FleetAdapter:

@@ -15,13 +15,12 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgefleet.agent import __version__
+from edgefleet.sdk.server import auth, queries, routes_bundles, routes_fleet, routes_live, routes_rollouts
+from edgefleet.sdk.server.actions import actions_for
+from edgefleet.sdk.server.context import ServerContext
+from edgefleet.sdk.server.errors import ApiError
+from edgefleet.sdk.server.feed import ChangeFeed
 from edgefleet.sdk.store import Store
-
-from . import auth, queries, routes_bundles, routes_fleet, routes_live, routes_rollouts
-from .actions import actions_for
-from .context import ServerContext
-from .errors import ApiError
-from .feed import ChangeFeed
 
 STATIC_DIR = Path(__file__).parent / "static"
 # The only endpoint where the token may come in the URL: browsers' EventSource cannot set headers.

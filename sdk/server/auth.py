@@ -7,7 +7,7 @@ import ipaddress
 import os
 from typing import Optional
 
-from .errors import ServerConfigError
+from edgefleet.sdk.server.errors import ServerConfigError
 
 TOKEN_ENV = "EDGEFLEET_TOKEN"
 # Shorter secrets fall to guessing over the network; 16 URL-safe characters carry ~96 bits.

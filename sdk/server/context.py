@@ -8,9 +8,8 @@ from typing import Optional, Protocol, runtime_checkable
 
 from fastapi import Request
 
+from edgefleet.sdk.server.feed import ChangeFeed
 from edgefleet.sdk.store import Store
-
-from .feed import ChangeFeed
 
 
 @runtime_checkable

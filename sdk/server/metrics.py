@@ -10,9 +10,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from edgefleet.sdk.server import queries
 from edgefleet.sdk.store import Store
-
-from . import queries
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

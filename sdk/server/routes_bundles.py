@@ -10,10 +10,10 @@ from typing import Any, Optional
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 
-from . import queries
-from .context import ServerContext, get_ctx
-from .errors import NotFound, Unavailable
-from .uploads import spool, verify_and_store
+from edgefleet.sdk.server import queries
+from edgefleet.sdk.server.context import ServerContext, get_ctx
+from edgefleet.sdk.server.errors import NotFound, Unavailable
+from edgefleet.sdk.server.uploads import spool, verify_and_store
 
 router = APIRouter(prefix="/api", tags=["bundles"])
 

@@ -8,10 +8,9 @@ from typing import Any, Literal, Optional
 from fastapi import APIRouter, Depends, Query
 
 from edgefleet.agent import __version__
-
-from . import queries
-from .context import ServerContext, get_ctx
-from .errors import NotFound, Unprocessable
+from edgefleet.sdk.server import queries
+from edgefleet.sdk.server.context import ServerContext, get_ctx
+from edgefleet.sdk.server.errors import NotFound, Unprocessable
 
 router = APIRouter(prefix="/api", tags=["fleet"])
 

@@ -7,8 +7,8 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse, StreamingResponse
 
-from . import metrics
-from .context import ServerContext, get_ctx
+from edgefleet.sdk.server import metrics
+from edgefleet.sdk.server.context import ServerContext, get_ctx
 
 router = APIRouter(tags=["live"])
 

@@ -7,9 +7,9 @@ from typing import Annotated, Any, Optional
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field, field_validator
 
-from . import queries
-from .context import ServerContext, get_ctx
-from .errors import Conflict, NotFound, Unavailable, Unprocessable
+from edgefleet.sdk.server import queries
+from edgefleet.sdk.server.context import ServerContext, get_ctx
+from edgefleet.sdk.server.errors import Conflict, NotFound, Unavailable, Unprocessable
 
 router = APIRouter(prefix="/api", tags=["rollouts"])
 

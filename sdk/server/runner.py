@@ -7,8 +7,8 @@ import time
 from types import TracebackType
 from typing import Any, Optional
 
-from .auth import check_bind
-from .errors import ServerError
+from edgefleet.sdk.server.auth import check_bind
+from edgefleet.sdk.server.errors import ServerError
 
 
 class ServerThread:

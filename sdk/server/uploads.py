@@ -15,9 +15,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from edgefleet.sdk.server.errors import ApiError, Unavailable, Unprocessable
 from edgefleet.sdk.store import Store
-
-from .errors import ApiError, Unavailable, Unprocessable
 
 
 class PayloadTooLarge(ApiError):
@@ -53,7 +52,7 @@ def _verify_error_types() -> tuple[type[BaseException], ...]:
 
     types: list[type[BaseException]] = [AgentError]
     try:
-        from edgefleet.sdk.bundle import BundleError
+        from edgefleet.sdk.trust.bundle import BundleError
 
         types.append(BundleError)
     except ImportError:
@@ -78,7 +77,7 @@ def verify_and_store(
     from edgefleet.agent.manifest import Manifest
     from edgefleet.agent.trust import TrustStore
     from edgefleet.agent.verify import verify_bundle_dir
-    from edgefleet.sdk.bundle import unpack
+    from edgefleet.sdk.trust.bundle import unpack
 
     bad = _verify_error_types()
     bundle_dir.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,17 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from .build_errors import BudgetError, BuildError, DataError, ModelLoadError, ProfileError
-from .build_plan import CandidateSpec, PlanOptions, Step, plan_candidates
-from .measure import LatencyStats, Quality, evaluate, measure_latency, measure_side_by_side, run_model
-from .model_io import DataLike, Dataset, LoadedModel, fit_to_inputs, load_dataset, load_model
+from edgefleet.sdk.build.errors import BudgetError, BuildError, DataError, ModelLoadError, ProfileError
+from edgefleet.sdk.build.plan import CandidateSpec, PlanOptions, Step, plan_candidates
+from edgefleet.sdk.build.measure import (
+    LatencyStats,
+    Quality,
+    evaluate,
+    measure_latency,
+    measure_side_by_side,
+    run_model,
+)
+from edgefleet.sdk.build.model_io import DataLike, Dataset, LoadedModel, fit_to_inputs, load_dataset, load_model
 
 Progress = Optional[Callable[[str, float], None]]
 MAX_EVAL_SAMPLES = 2000
@@ -311,7 +318,7 @@ class _Producer:
 def _estimate(path: Path, profile: Any, batch: int, precision: str) -> Optional[float]:
     """The profile's target latency estimate, when the estimator is installed and knows the model."""
     try:
-        from edgefleet.sdk.estimate import estimate_latency
+        from edgefleet.sdk.build.estimate import estimate_latency
     except ImportError:
         return None
     try:
@@ -646,10 +653,9 @@ def _write_bundle(
 ) -> Path:
     """Sign and write the bundle; `create_bundle` stages it beside `out_dir` and renames it into place."""
     from edgefleet.converters.runners import open_runner
-
-    from .bundle import BundleError, create_bundle
-    from .bundle_fields import manifest_fields_for
-    from .keys import KeysError, load_private_key
+    from edgefleet.sdk.trust.bundle import BundleError, create_bundle
+    from edgefleet.sdk.build.manifest_fields import manifest_fields_for
+    from edgefleet.sdk.trust.keys import KeysError, load_private_key
 
     if chosen.path is None:
         raise BuildError(f"the chosen candidate {chosen.id} has no model file")

@@ -117,11 +117,11 @@ def count_flops(
         raise EstimateError(f"{path}: no such model file")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from ._estimate_onnx import onnx_costs
+        from edgefleet.sdk.build.estimate_onnx import onnx_costs
 
         return onnx_costs(path, batch_size, dict(dims or {}))
     if suffix == ".tflite":
-        from ._estimate_tflite import tflite_costs
+        from edgefleet.sdk.build.estimate_tflite import tflite_costs
 
         return tflite_costs(path, batch_size)
     raise EstimateError(

@@ -11,7 +11,7 @@ from typing import Any, Dict, List
 
 import typer
 
-from .cli_errors import fail
+from edgefleet.sdk.cli.errors import fail
 
 EXIT_BAD_PROFILE = 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from .estimate import EstimateError, ModelCost, OpCost, prod
+from edgefleet.sdk.build.estimate import EstimateError, ModelCost, OpCost, prod
 
 # FLOPs per output element of cheap ops; a multiply-add counts 2 everywhere.
 _PER_ELEMENT: dict[str, float] = {

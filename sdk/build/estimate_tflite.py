@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .estimate import EstimateError, ModelCost, OpCost, prod
+from edgefleet.sdk.build.estimate import EstimateError, ModelCost, OpCost, prod
 
 _PER_ELEMENT: dict[str, float] = {
     **dict.fromkeys(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from .cli_errors import fail as _err
+from edgefleet.sdk.cli.errors import fail as _err
 
 if TYPE_CHECKING:
     from edgefleet.sdk.fleet.client import Fleet

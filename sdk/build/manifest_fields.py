@@ -9,9 +9,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from edgefleet.converters.runners import ModelRunner
-
-    from .builder import Candidate
-    from .measure import Quality
+    from edgefleet.sdk.build.builder import Candidate
+    from edgefleet.sdk.build.measure import Quality
 
 # Margins between what the host measured and what the device must reach on the same eval.npz: the
 # device runs the same file, but ARM kernels round differently from x86 ones.

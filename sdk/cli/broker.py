@@ -7,7 +7,7 @@ import threading
 
 import typer
 
-from .cli_errors import err_console
+from edgefleet.sdk.cli.errors import err_console
 
 
 def register(app: typer.Typer) -> None:
@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
         """Run an embedded MQTT broker for trying edgefleet out (Mosquitto if installed, else amqtt)."""
         from rich.console import Console
 
-        from .broker import BrokerError, EmbeddedBroker
+        from edgefleet.sdk.fleet.broker import BrokerError, EmbeddedBroker
 
         err = err_console()
         if backend not in ("auto", "mosquitto", "amqtt"):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from .cli_errors import fail as _fail
+from edgefleet.sdk.cli.errors import fail as _fail
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -117,9 +117,9 @@ def register(app: typer.Typer) -> None:
         """Build MODEL for a device profile: convert, compress, measure every candidate, pick, and bundle."""
         from rich.console import Console
 
-        from edgefleet.sdk.build_errors import BudgetError, BuildError
-        from edgefleet.sdk.builder import PlanOptions, build
-        from edgefleet.sdk.model_io import parse_input_shape
+        from edgefleet.sdk.build.builder import PlanOptions, build
+        from edgefleet.sdk.build.errors import BudgetError, BuildError
+        from edgefleet.sdk.build.model_io import parse_input_shape
 
         console = Console(stderr=as_json)
         plan = PlanOptions(

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_errors import fail as _fail
+from edgefleet.sdk.cli.errors import fail as _fail
 
 _DIR = typer.Option(
     None,
@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = _JSON,
     ) -> None:
         """Create the CA, the broker's certificate, the host identity, an empty CRL and the ACL."""
-        from .credentials import Credentials, CredentialsError, default_dir
+        from edgefleet.sdk.trust.credentials import Credentials, CredentialsError, default_dir
 
         try:
             creds = Credentials.init(
@@ -113,7 +113,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = _JSON,
     ) -> None:
         """Issue credentials for devices; each gets a folder to copy onto it (with an agent.toml)."""
-        from .credentials import Credentials, CredentialsError, default_dir
+        from edgefleet.sdk.trust.credentials import Credentials, CredentialsError, default_dir
 
         try:
             creds = Credentials.open(directory or default_dir())
@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = _JSON,
     ) -> None:
         """Revoke devices: re-issue the CRL (certificates) or drop them from the password file."""
-        from .credentials import Credentials, CredentialsError, default_dir
+        from edgefleet.sdk.trust.credentials import Credentials, CredentialsError, default_dir
 
         try:
             creds = Credentials.open(directory or default_dir())
@@ -153,7 +153,7 @@ def register(app: typer.Typer) -> None:
     @creds_app.command("list")
     def list_devices(directory: Optional[Path] = _DIR, as_json: bool = _JSON) -> None:
         """Devices with credentials: status, serial, dates."""
-        from .credentials import Credentials, CredentialsError, default_dir
+        from edgefleet.sdk.trust.credentials import Credentials, CredentialsError, default_dir
 
         try:
             creds = Credentials.open(directory or default_dir())
@@ -188,7 +188,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Print (or write) a Mosquitto 2.0 config: TLS listener, CA, certificate, CRL or passwords, ACL."""
-        from .credentials import Credentials, CredentialsError, default_dir
+        from edgefleet.sdk.trust.credentials import Credentials, CredentialsError, default_dir
 
         try:
             creds = Credentials.open(directory or default_dir())

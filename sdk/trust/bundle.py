@@ -32,8 +32,7 @@ from edgefleet.agent.manifest import (
     format_time,
 )
 from edgefleet.agent.verify import copy_bounded
-
-from .keys import sign
+from edgefleet.sdk.trust.keys import sign
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_errors import fail as _fail
+from edgefleet.sdk.cli.errors import fail as _fail
 
 
 def _print_report(info: dict[str, Any]) -> None:
@@ -75,9 +75,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Show a bundle's manifest, sizes and metrics, and whether it verifies; exits non-zero when tampered."""
         from edgefleet.agent.errors import VerifyError
-
-        from .bundle import BundleError, inspect_bundle, load_bundle
-        from .keys import PUBLIC_KEY_FILE, default_key_dir
+        from edgefleet.sdk.trust.bundle import BundleError, inspect_bundle, load_bundle
+        from edgefleet.sdk.trust.keys import PUBLIC_KEY_FILE, default_key_dir
 
         keys = list(key or [])
         if not keys and (default_key_dir() / PUBLIC_KEY_FILE).is_file():
@@ -111,7 +110,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Pack a bundle folder into one reproducible .tar."""
-        from .bundle import BundleError, pack
+        from edgefleet.sdk.trust.bundle import BundleError, pack
 
         try:
             out = pack(directory, tar)
@@ -132,8 +131,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Unpack a bundle .tar, refusing absolute paths, `..`, links and device files."""
         from edgefleet.agent.errors import VerifyError
-
-        from .bundle import BundleError, unpack
+        from edgefleet.sdk.trust.bundle import BundleError, unpack
 
         try:
             out = unpack(tar, directory)

@@ -280,7 +280,7 @@ def fleet_states(
 
     from edgefleet.agent.errors import ProtocolError
     from edgefleet.agent.protocol import TOPIC_ROOT, State, parse_device_message
-    from edgefleet.sdk.mqtt_url import connect
+    from edgefleet.sdk.fleet.mqtt_url import connect
 
     rows: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
@@ -342,8 +342,8 @@ def push_rotation(
     from edgefleet.agent.errors import ProtocolError
     from edgefleet.agent.protocol import Error, Result, Topics, parse_device_message
     from edgefleet.sdk.fleet.errors import SelectorError
+    from edgefleet.sdk.fleet.mqtt_url import MqttOptions, connect, default_broker_url
     from edgefleet.sdk.fleet.selectors import resolve
-    from edgefleet.sdk.mqtt_url import MqttOptions, connect, default_broker_url
 
     body = read_statement(statement)
     options = broker if isinstance(broker, MqttOptions) else MqttOptions(broker or default_broker_url())

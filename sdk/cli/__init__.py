@@ -17,15 +17,15 @@ app = typer.Typer(
 # Each module defines `register(app)`; keeping them separate keeps `edgefleet --help` fast, because
 # heavy libraries are imported inside the commands, never at module level.
 COMMAND_MODULES: list[str] = [
-    "cli_broker",
-    "cli_serve",
-    "cli_keys",
-    "cli_bundle",
-    "cli_build",
-    "cli_profiles",
-    "cli_fleet",
-    "cli_credentials",
-    "cli_demo",
+    "broker",
+    "serve",
+    "keys",
+    "bundle",
+    "build",
+    "profiles",
+    "fleet",
+    "credentials",
+    "demo",
 ]
 
 
@@ -44,7 +44,7 @@ def _root(
 def _register_all() -> None:
     """Attach every command group to the app."""
     for name in COMMAND_MODULES:
-        module = importlib.import_module(f"edgefleet.sdk.{name}")
+        module = importlib.import_module(f"edgefleet.sdk.cli.{name}")
         module.register(app)
 
 

@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .compress.base import COMPRESSORS
+from edgefleet.sdk.compress.base import COMPRESSORS
 
 DEFAULT_PRUNE_LEVELS = (0.3, 0.5)
 STATIC_CALIBRATIONS = ("minmax", "entropy", "percentile")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .cli_errors import fail
+from edgefleet.sdk.cli.errors import fail
 
 
 def register(app: typer.Typer) -> None:

@@ -36,17 +36,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .broker import free_port, port_open
-from .procs import ProcessGroup
+from edgefleet.sdk.demo.procs import ProcessGroup
+from edgefleet.sdk.fleet.broker import free_port, port_open
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .broker import EmbeddedBroker
-    from .fleet.client import Fleet, RolloutHandle
-    from .server.runner import ServerThread
-    from .store import Store
-    from .zoo import DigitsSplit
+    from edgefleet.sdk.build.zoo import DigitsSplit
+    from edgefleet.sdk.fleet.broker import EmbeddedBroker
+    from edgefleet.sdk.fleet.client import Fleet, RolloutHandle
+    from edgefleet.sdk.server.runner import ServerThread
+    from edgefleet.sdk.store import Store
 
 FLEET = "demo"
 MODEL_NAME = "digits-cnn"
@@ -219,8 +219,7 @@ def mislabeled_copy(model: nn.Module, classes: Sequence[int] = BAD_CLASSES) -> n
 def restamp(bundle_dir: Path, version: int, private_key: Any) -> None:
     """Re-sign a built bundle with `version`, so all profiles of one release carry the same version."""
     from edgefleet.agent.manifest import MANIFEST_FILE, REPORT_FILE
-
-    from .bundle import create_bundle
+    from edgefleet.sdk.trust.bundle import create_bundle
 
     manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())
     fields = {k: v for k, v in manifest.items() if k not in ("files", "schema")}
@@ -500,7 +499,7 @@ class Demo:
         return self.result
 
     def _run_steps(self) -> None:
-        from .keys import init_keys
+        from edgefleet.sdk.trust.keys import init_keys
 
         self.console.rule("[bold]edgefleet demo")
         counts: dict[str, int] = {}
@@ -531,7 +530,7 @@ class Demo:
         self._summary()
 
     def _start_broker(self) -> None:
-        from .broker import BrokerError, EmbeddedBroker
+        from edgefleet.sdk.fleet.broker import BrokerError, EmbeddedBroker
 
         with self.step("MQTT broker") as info:
             broker = EmbeddedBroker(backend=self.opts.backend, workdir=self.state / "broker")  # type: ignore[arg-type]
@@ -562,11 +561,11 @@ class Demo:
         return "3.1.1" if self.result.broker_backend == "amqtt" else "5"
 
     def _start_control_plane(self) -> None:
-        from .fleet.client import Fleet
-        from .mqtt_url import MqttOptions
-        from .server.app import create_app
-        from .server.runner import ServerThread
-        from .store import Store
+        from edgefleet.sdk.fleet.client import Fleet
+        from edgefleet.sdk.fleet.mqtt_url import MqttOptions
+        from edgefleet.sdk.server.app import create_app
+        from edgefleet.sdk.server.runner import ServerThread
+        from edgefleet.sdk.store import Store
 
         with self.step("control plane") as info:
             self.store = Store(f"sqlite:///{self.state / 'fleet.db'}")
@@ -657,7 +656,7 @@ class Demo:
             info["detail"] = ", ".join(f"{d} ({p})" for d, p in self.devices) + " — booting"
 
     def _train(self) -> tuple[nn.Module, DigitsSplit]:
-        from .zoo import accuracy, digits_cnn, digits_split, train_classifier
+        from edgefleet.sdk.build.zoo import accuracy, digits_cnn, digits_split, train_classifier
 
         title = "train the digits CNN"
         start = time.monotonic()
@@ -713,9 +712,9 @@ class Demo:
             )
 
     def _build(self, model: nn.Module, split: DigitsSplit) -> tuple[int, dict[str, Path]]:
-        from .build_plan import PlanOptions
-        from .builder import build
-        from .keys import load_private_key
+        from edgefleet.sdk.build.builder import build
+        from edgefleet.sdk.build.plan import PlanOptions
+        from edgefleet.sdk.trust.keys import load_private_key
 
         key = load_private_key(self.key_private)
         version = int(time.strftime("%Y%m%d%H%M%S"))
@@ -770,7 +769,7 @@ class Demo:
 
     def _watch(self, handle: RolloutHandle, title: str) -> str:
         """Show a rollout's progress bar and each device's status changes until it ends; returns its status."""
-        from .fleet.rollout import ENDED_ROLLOUT
+        from edgefleet.sdk.fleet.rollout import ENDED_ROLLOUT
 
         assert self.fleet is not None
         total = len(self.devices)
@@ -815,7 +814,7 @@ class Demo:
         return status
 
     def _rules(self) -> Any:
-        from .fleet.strategy import AbortRules
+        from edgefleet.sdk.fleet.strategy import AbortRules
 
         # The fleet's own accuracy floor, on top of each manifest's health policy. The rule averages
         # windows unweighted, and the first window after a switch may hold only a few requests: with
@@ -956,10 +955,10 @@ class Demo:
         )
 
     def _bad_release(self, model: nn.Module, split: DigitsSplit, good_version: int) -> None:
-        from .build_plan import PlanOptions
-        from .builder import build
-        from .keys import load_private_key
-        from .zoo import accuracy
+        from edgefleet.sdk.build.builder import build
+        from edgefleet.sdk.build.plan import PlanOptions
+        from edgefleet.sdk.build.zoo import accuracy
+        from edgefleet.sdk.trust.keys import load_private_key
 
         assert self.fleet is not None and self.store is not None
         self.console.rule("[bold]--bad-model: a release with a label-map bug")
@@ -1150,12 +1149,12 @@ class Demo:
 
 def _known_errors() -> tuple[type[Exception], ...]:
     """edgefleet's error families whose messages say what went wrong and what to do."""
-    from .build_errors import BuildError
-    from .bundle import BundleError
-    from .fleet.errors import FleetError
-    from .keys import KeysError
-    from .server.errors import ServerError
-    from .store import StoreError
+    from edgefleet.sdk.build.errors import BuildError
+    from edgefleet.sdk.fleet.errors import FleetError
+    from edgefleet.sdk.server.errors import ServerError
+    from edgefleet.sdk.store import StoreError
+    from edgefleet.sdk.trust.bundle import BundleError
+    from edgefleet.sdk.trust.keys import KeysError
 
     return (BuildError, BundleError, FleetError, KeysError, ServerError, StoreError)
 

@@ -14,8 +14,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from edgefleet.converters.base import TensorSpec
-
-from .build_errors import DataError, ModelLoadError
+from edgefleet.sdk.build.errors import DataError, ModelLoadError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript", ".jit")
 

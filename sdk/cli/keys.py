@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from .cli_errors import fail as _fail
+from edgefleet.sdk.cli.errors import fail as _fail
 
 
 def _passphrase(env_var: Optional[str], prompt: bool, confirm: bool) -> Optional[str]:
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Create the fleet's signing key pair; prints the public key and key id to give the agents."""
-        from .keys import KeysError, init_keys
+        from edgefleet.sdk.trust.keys import KeysError, init_keys
 
         secret = _passphrase(passphrase_env, passphrase, confirm=True)
         try:
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Show the host's current fleet root: version, thresholds, trusted key ids."""
-        from .keys import KeysError, load_host_root
+        from edgefleet.sdk.trust.keys import KeysError, load_host_root
 
         try:
             root = load_host_root(directory)
@@ -120,7 +120,13 @@ def register(app: typer.Typer) -> None:
         """Make root version n+1 with new keys, signed by enough current (and new) keys; devices apply it."""
         from datetime import datetime, timedelta, timezone
 
-        from .keys import KeysError, load_host_root, load_private_key, make_rotation, save_rotation
+        from edgefleet.sdk.trust.keys import (
+            KeysError,
+            load_host_root,
+            load_private_key,
+            make_rotation,
+            save_rotation,
+        )
 
         secret = _passphrase(passphrase_env, False, confirm=False)
         try:
@@ -174,9 +180,8 @@ def register(app: typer.Typer) -> None:
         from dataclasses import asdict
 
         from edgefleet.sdk.fleet.errors import FleetError
-        from edgefleet.sdk.mqtt_url import MqttOptions, default_broker_url
-
-        from .keys import KeysError, push_rotation
+        from edgefleet.sdk.fleet.mqtt_url import MqttOptions, default_broker_url
+        from edgefleet.sdk.trust.keys import KeysError, push_rotation
 
         try:
             options = MqttOptions(

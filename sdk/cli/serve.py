@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from .cli_errors import err_console
+from edgefleet.sdk.cli.errors import err_console
 
 
 def _home() -> Path:
@@ -121,7 +121,7 @@ def register(app: typer.Typer) -> None:
         control = None
         if broker:
             from edgefleet.sdk.fleet.errors import FleetError
-            from edgefleet.sdk.mqtt_url import MqttOptions
+            from edgefleet.sdk.fleet.mqtt_url import MqttOptions
 
             try:
                 options = MqttOptions(
