@@ -10,7 +10,7 @@ from __future__ import annotations
 import bz2
 from typing import List, Tuple
 
-from .errors import TransferError
+from edgefleet.agent.core.errors import TransferError
 
 MAGIC = b"BSDIFF40"
 HEADER = 32

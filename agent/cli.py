@@ -9,8 +9,8 @@ import sys
 import threading
 from typing import Any, Dict, List, Optional
 
-from . import __version__
-from .exitcodes import ExitCode, describe
+from edgefleet.agent import __version__
+from edgefleet.agent.exitcodes import ExitCode, describe
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -143,9 +143,9 @@ def _fail(code: ExitCode, message: str) -> int:
 def run(argv: Optional[List[str]] = None) -> int:
     """Parse flags, start the agent, wait for a signal or a fatal error; return the exit code."""
     args = build_parser().parse_args(argv)
-    from .config import load_config
-    from .daemon import Agent, StartupError
-    from .errors import ConfigError
+    from edgefleet.agent.config import load_config
+    from edgefleet.agent.core.errors import ConfigError
+    from edgefleet.agent.daemon import Agent, StartupError
 
     try:
         config = load_config(args.config, _overrides(args))

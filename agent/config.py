@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
-from .errors import ConfigError
-from .protocol import valid_name
+from edgefleet.agent.core.errors import ConfigError
+from edgefleet.agent.core.protocol import valid_name
 
 if sys.version_info >= (3, 11):
     import tomllib

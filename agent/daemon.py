@@ -19,13 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from . import __version__
-from .config import AgentConfig
-from .errors import AgentError, InstallError, ProtocolError, TransferError, VerifyError
-from .exitcodes import ExitCode
-from .fsutil import atomic_write_json, read_json
-from .mqtt_session import MqttSession, SeqCounter
-from .protocol import (
+from edgefleet.agent import __version__
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.core.errors import AgentError, InstallError, ProtocolError, TransferError, VerifyError
+from edgefleet.agent.core.fsutil import atomic_write_json, read_json
+from edgefleet.agent.core.protocol import (
     Code,
     Command,
     ConfigCommand,
@@ -49,7 +47,9 @@ from .protocol import (
     encode_array,
     parse_command,
 )
-from .transfer import StagingArea, Transfer
+from edgefleet.agent.exitcodes import ExitCode
+from edgefleet.agent.mqtt_session import MqttSession, SeqCounter
+from edgefleet.agent.transfer import StagingArea, Transfer
 
 log = logging.getLogger("edgefleet.agent")
 
@@ -166,8 +166,8 @@ class Agent:
             ) from None
 
     def _open_trust(self) -> None:
-        from .ledger import VersionLedger
-        from .trust import TrustStore
+        from edgefleet.agent.core.ledger import VersionLedger
+        from edgefleet.agent.core.trust import TrustStore
 
         try:
             self.trust = TrustStore.open(self.state_dir, list(self.config.trusted_keys))
@@ -201,8 +201,8 @@ class Agent:
         self.threads = max(1, threads)
 
     def _start_serving(self) -> None:
-        from .installer import Installer
-        from .server import ModelServer
+        from edgefleet.agent.installer import Installer
+        from edgefleet.agent.server import ModelServer
 
         providers = None
         if hasattr(self.profile, "onnx_providers"):
@@ -228,7 +228,7 @@ class Agent:
     def _start_http(self) -> None:
         if not self.config.http_enabled:
             return
-        from .local_api import LocalApi
+        from edgefleet.agent.local_api import LocalApi
 
         try:
             self.http = LocalApi(self, host="127.0.0.1", port=self.config.http_port)
@@ -379,7 +379,7 @@ class Agent:
 
     def _publish_state(self) -> None:
         if self.session is not None and self.session.connected.is_set():
-            from .protocol import State
+            from edgefleet.agent.core.protocol import State
 
             self._send(State, online=True, info=self.state_info())
 
@@ -468,7 +468,7 @@ class Agent:
         if self._install_thread is not None and self._install_thread.is_alive():
             # The install verifies with the trust store; swapping keys under it would mix two roots.
             raise ProtocolError(Code.BUSY, f"an install is running; resend rotation {cmd.id!r} after it ends")
-        from .manifest import canonical_bytes
+        from edgefleet.agent.core.manifest import canonical_bytes
 
         applied = cmd.root != canonical_bytes(self.trust.root)
         if applied:
@@ -562,7 +562,7 @@ class Agent:
 
     def _verify_manifest(self, cmd: DeployCommand) -> Any:
         """Check the signature and policy before a single chunk is accepted, then match the file list."""
-        from .verify import verify_manifest
+        from edgefleet.agent.core.verify import verify_manifest
 
         manifest = verify_manifest(
             cmd.manifest,
@@ -593,7 +593,7 @@ class Agent:
         for f in cmd.files:
             spec = f
             if f.delta is not None:
-                from .delta import find_base, patch_transfer
+                from edgefleet.agent.delta import find_base, patch_transfer
 
                 base = find_base(self.state_dir, str(f.delta.get("base_sha256")))
                 if base is not None:
@@ -635,7 +635,7 @@ class Agent:
         try:
             cmd = parse_command(base64.b64decode(stored["command"]))
             assert isinstance(cmd, DeployCommand)
-            from .manifest import Manifest
+            from edgefleet.agent.core.manifest import Manifest
 
             manifest = Manifest.from_bytes(cmd.manifest)
         except (AgentError, ValueError, AssertionError) as exc:
@@ -721,7 +721,7 @@ class Agent:
 
     def _rebuild(self, pending: _Pending, sha: str, transfer: Transfer) -> Path:
         """Rebuild a file from its finished patch; on failure switch that file to a full download."""
-        from .delta import rebuild
+        from edgefleet.agent.delta import rebuild
 
         assert pending.rebuilds is not None and self.staging is not None
         target, base = pending.rebuilds[sha]
@@ -882,7 +882,7 @@ class Agent:
             metrics["model"] = None if active is None else active.name
             metrics["model_version"] = None if active is None else active.version
         try:
-            from .telemetry import system_metrics
+            from edgefleet.agent.telemetry import system_metrics
 
             metrics.update(system_metrics(self.state_dir))
         except ImportError:

@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .bspatch import apply_patch
-from .errors import ProtocolError, TransferError
-from .fsutil import read_json
-from .manifest import MANIFEST_FILE
-from .protocol import Code, FileTransfer
-from .slots import SLOTS, SLOTS_DIR
+from edgefleet.agent.bspatch import apply_patch
+from edgefleet.agent.core.errors import ProtocolError, TransferError
+from edgefleet.agent.core.fsutil import read_json
+from edgefleet.agent.core.manifest import MANIFEST_FILE
+from edgefleet.agent.core.protocol import Code, FileTransfer
+from edgefleet.agent.slots import SLOTS, SLOTS_DIR
 
 FORMATS = ("bsdiff4",)
 

@@ -12,13 +12,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
-from .errors import AgentError
-from .telemetry import LatencyHistogram
+from edgefleet.agent.core.errors import AgentError
+from edgefleet.agent.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from .manifest import EvalSpec, HealthPolicy
+    from edgefleet.agent.core.manifest import EvalSpec, HealthPolicy
 
 PathLike = Union[str, "os.PathLike[str]"]
 RunFn = Callable[[Dict[str, "np.ndarray"]], Dict[str, "np.ndarray"]]

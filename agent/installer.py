@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Union
 
-from .errors import AgentError, InstallError, RuntimeLoadError, VerifyError
-from .health import HealthError, HealthReport, check_health, load_eval, run_outputs, score
-from .ledger import VersionLedger
-from .manifest import Manifest, canonical_bytes
-from .server import LoadedModel, ModelServer
-from .slots import MAX_REJECTED, InstallState, SlotStore
-from .trust import TrustStore
-from .verify import verify_file, verify_manifest
+from edgefleet.agent.core.errors import AgentError, InstallError, RuntimeLoadError, VerifyError
+from edgefleet.agent.core.ledger import VersionLedger
+from edgefleet.agent.core.manifest import Manifest, canonical_bytes
+from edgefleet.agent.core.trust import TrustStore
+from edgefleet.agent.core.verify import verify_file, verify_manifest
+from edgefleet.agent.health import HealthError, HealthReport, check_health, load_eval, run_outputs, score
+from edgefleet.agent.server import LoadedModel, ModelServer
+from edgefleet.agent.slots import MAX_REJECTED, InstallState, SlotStore
 
 log = logging.getLogger("edgefleet.agent.installer")
 

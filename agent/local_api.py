@@ -20,7 +20,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional, Protocol, Tuple
 
-from .errors import AgentError
+from edgefleet.agent.core.errors import AgentError
 
 log = logging.getLogger("edgefleet.agent.http")
 

@@ -14,10 +14,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Type
 
-from .config import AgentConfig
-from .exitcodes import ExitCode
-from .fsutil import PathLike, atomic_write_bytes
-from .protocol import DeviceMessage, State, Telemetry, Topics, will_payload
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.core.fsutil import PathLike, atomic_write_bytes
+from edgefleet.agent.core.protocol import DeviceMessage, State, Telemetry, Topics, will_payload
+from edgefleet.agent.exitcodes import ExitCode
 
 log = logging.getLogger("edgefleet.agent.mqtt")
 

@@ -34,9 +34,9 @@ from typing import (
     Union,
 )
 
-from .errors import AgentError
-from .runtimes.base import Runtime, TensorInfo, load_runtime
-from .telemetry import LatencyHistogram
+from edgefleet.agent.core.errors import AgentError
+from edgefleet.agent.core.runtimes.base import Runtime, TensorInfo, load_runtime
+from edgefleet.agent.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
     import numpy as np

@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
-from .errors import VerifyError
-from .fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
-from .manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
-from .verify import copy_bounded
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
+from edgefleet.agent.core.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from edgefleet.agent.core.verify import copy_bounded
 
 PathLike = Union[str, "os.PathLike[str]"]
 SLOTS = ("a", "b")

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from .errors import TransferError
-from .fsutil import atomic_write_bytes, atomic_write_json, read_json
-from .protocol import Code, FileTransfer, ranges_of, valid_sha256
+from edgefleet.agent.core.errors import TransferError
+from edgefleet.agent.core.fsutil import atomic_write_bytes, atomic_write_json, read_json
+from edgefleet.agent.core.protocol import Code, FileTransfer, ranges_of, valid_sha256
 
 _HASH_BLOCK = 1 << 20
 

@@ -290,10 +290,10 @@ def _summary(lat: List[float]) -> Dict[str, Optional[float]]:
 
 def switch_under_load(workdir: Path, model: Path, eval_path: Path, rate: float) -> Dict[str, Any]:
     """Install v2 (full verify/write/load/health/switch) while clients send `rate` HTTP requests/s."""
+    from edgefleet.agent.core.trust import TrustStore
     from edgefleet.agent.installer import Installer
     from edgefleet.agent.local_api import LocalApi
     from edgefleet.agent.server import ModelServer
-    from edgefleet.agent.trust import TrustStore
     from edgefleet.sdk.trust.keys import init_keys
 
     key_dir = workdir / "keys"
@@ -414,7 +414,7 @@ _NO_MODEL = _RSS + (
     "from edgefleet.agent.local_api import LocalApi\n"
     "from edgefleet.agent.server import ModelServer\n"
     "from edgefleet.agent.telemetry import system_metrics\n"
-    "from edgefleet.agent.trust import TrustStore\n"
+    "from edgefleet.agent.core.trust import TrustStore\n"
     "state = tempfile.mkdtemp()\n"
     "srv = ModelServer(threads=1)\n"
     "trust = TrustStore.from_public_keys([{pub!r}])\n"

@@ -27,8 +27,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from edgefleet.agent.trust import TrustStore
-from edgefleet.agent.verify import verify_bundle_dir
+from edgefleet.agent.core.trust import TrustStore
+from edgefleet.agent.core.verify import verify_bundle_dir
 from edgefleet.sdk.trust.bundle import create_bundle, pack, unpack
 from edgefleet.sdk.trust.keys import init_keys, load_private_key, sign
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from edgefleet.agent.errors import AgentError
-from edgefleet.agent.protocol import (
+from edgefleet.agent.core.errors import AgentError
+from edgefleet.agent.core.protocol import (
     DeployCommand,
     Deployed,
     FileTransfer,
@@ -41,9 +41,9 @@ from edgefleet.agent.protocol import (
     Topics,
     parse_command,
 )
+from edgefleet.agent.core.trust import TrustStore
+from edgefleet.agent.core.verify import verify_manifest
 from edgefleet.agent.transfer import StagingArea, Transfer
-from edgefleet.agent.trust import TrustStore
-from edgefleet.agent.verify import verify_manifest
 
 # Process CPU seconds when the first chunk reached any client of this process (set once).
 FIRST_CHUNK_CPU: list[float] = []

@@ -27,7 +27,7 @@ from bench.fleet_common import PrivateMosquitto, write_result
 PUBLISHER = r"""
 import sys, time, json
 import paho.mqtt.client as mqtt
-from edgefleet.agent.protocol import Telemetry, Topics
+from edgefleet.agent.core.protocol import Telemetry, Topics
 port, fleet, n, devices = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-pub")
 c.max_inflight_messages_set(1000)

@@ -44,8 +44,8 @@ from paho.mqtt.properties import Properties
 
 from edgefleet.agent import __version__
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.errors import AgentError, ProtocolError
-from edgefleet.agent.protocol import (
+from edgefleet.agent.core.errors import AgentError, ProtocolError
+from edgefleet.agent.core.protocol import (
     Code,
     DeployCommand,
     Deployed,
@@ -62,10 +62,10 @@ from edgefleet.agent.protocol import (
     ranges_of,
     will_payload,
 )
+from edgefleet.agent.core.trust import TrustStore
+from edgefleet.agent.core.verify import verify_manifest
 from edgefleet.agent.server import ModelServer
 from edgefleet.agent.telemetry import system_metrics
-from edgefleet.agent.trust import TrustStore
-from edgefleet.agent.verify import verify_manifest
 
 # The agent's own settings, so the simulated devices time repairs and keepalives as real ones do.
 _DEFAULTS = AgentConfig.__dataclass_fields__

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Optional
 
 import numpy as np
 
-from edgefleet.agent.registry import Registry
+from edgefleet.agent.core.registry import Registry
 from edgefleet.converters.errors import ConversionError
 from edgefleet.converters.parity import ParityReport, ParityTolerance
 

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from edgefleet.agent.errors import ProtocolError
-from edgefleet.agent.protocol import (
+from edgefleet.agent.core.errors import ProtocolError
+from edgefleet.agent.core.protocol import (
     DeployCommand,
     Deployed,
     DeviceMessage,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import paho.mqtt.client as mqtt
 
-from edgefleet.agent.protocol import DeviceMessage, parse_device_message
+from edgefleet.agent.core.protocol import DeviceMessage, parse_device_message
 
 # conftest's default config lets a root-run Mosquitto drop to user `mosquitto`, which cannot write into
 # pytest's 0700 tmp folders, so persistence silently does not happen; `user root` keeps it working.

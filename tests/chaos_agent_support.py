@@ -15,10 +15,10 @@ from typing import Any, Callable
 import numpy as np
 
 from edgefleet.agent.config import load_config
+from edgefleet.agent.core.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
+from edgefleet.agent.core.trust import TrustStore
+from edgefleet.agent.core.verify import verify_file
 from edgefleet.agent.daemon import Agent
-from edgefleet.agent.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest
-from edgefleet.agent.trust import TrustStore
-from edgefleet.agent.verify import verify_file
 from tests.agent_net_support import (
     CLASSES,
     IN_FEATURES,

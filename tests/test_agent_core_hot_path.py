@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefleet.agent.errors import RuntimeLoadError
-from edgefleet.agent.runtimes.base import RUNTIMES, Runtime, TensorInfo
+from edgefleet.agent.core.errors import RuntimeLoadError
+from edgefleet.agent.core.runtimes.base import RUNTIMES, Runtime, TensorInfo
 from edgefleet.agent.server import InferError, ModelServer
 from edgefleet.agent.telemetry import LatencyHistogram
 from tests.agent_core_support import IN_FEATURES, predict, tiny_onnx

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 MODULES = (
-    "edgefleet.agent.runtimes",
+    "edgefleet.agent.core.runtimes",
     "edgefleet.agent.server",
     "edgefleet.agent.health",
     "edgefleet.agent.slots",
@@ -32,7 +32,7 @@ def test_core_modules_import_no_heavy_library() -> None:
 def test_loading_a_runtime_plugin_does_not_import_its_engine() -> None:
     code = (
         "import json, sys\n"
-        "from edgefleet.agent.runtimes.base import runtime_class\n"
+        "from edgefleet.agent.core.runtimes.base import runtime_class\n"
         "runtime_class('onnxruntime'); runtime_class('tflite')\n"
         "print(json.dumps(sorted(m for m in ('onnxruntime', 'ai_edge_litert') if m in sys.modules)))\n"
     )

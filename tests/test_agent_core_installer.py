@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.agent.errors import InstallError
+from edgefleet.agent.core.errors import InstallError
+from edgefleet.agent.core.ledger import VersionLedger
+from edgefleet.agent.core.trust import TrustStore
 from edgefleet.agent.installer import Installer
-from edgefleet.agent.ledger import VersionLedger
 from edgefleet.agent.server import ModelServer
-from edgefleet.agent.trust import TrustStore
 from tests.agent_core_support import bundle_parts, eval_npz, make_bundle, make_keys, profile, tiny_onnx
 
 
@@ -183,7 +183,7 @@ def test_kill_during_write_leaves_old_state(env: Env) -> None:
     """A kill between the slot write and install.json leaves install.json pointing at the old slot."""
     env.install(env.bundle(1))
     manifest, sigs, staged = bundle_parts(env.bundle(2, seed=1))
-    from edgefleet.agent.manifest import Manifest
+    from edgefleet.agent.core.manifest import Manifest
 
     # simulate: the new slot is fully written, then the process dies before the switch
     env.installer.slots.write_slot(

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefleet.agent.errors import AgentError
+from edgefleet.agent.core.errors import AgentError
 from edgefleet.agent.local_api import LocalApi
 from edgefleet.agent.server import ModelServer
 from tests.agent_core_support import IN_FEATURES, predict, tiny_onnx

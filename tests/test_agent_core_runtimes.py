@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.agent.errors import RuntimeLoadError
-from edgefleet.agent.runtimes import RUNTIMES, load_runtime
-from edgefleet.agent.runtimes.onnx import choose_providers
+from edgefleet.agent.core.errors import RuntimeLoadError
+from edgefleet.agent.core.runtimes import RUNTIMES, load_runtime
+from edgefleet.agent.core.runtimes.onnx import choose_providers
 from tests.agent_core_support import IN_FEATURES, predict, tiny_onnx
 
 

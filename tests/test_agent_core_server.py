@@ -9,7 +9,7 @@ from typing import Any, List, Mapping, Optional, Sequence
 import numpy as np
 import pytest
 
-from edgefleet.agent.runtimes.base import RUNTIMES, Runtime, TensorInfo
+from edgefleet.agent.core.runtimes.base import RUNTIMES, Runtime, TensorInfo
 from edgefleet.agent.server import InferError, ModelServer
 from tests.agent_core_support import IN_FEATURES, predict, tiny_onnx
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.agent.config import load_config
-from edgefleet.agent.errors import ConfigError
+from edgefleet.agent.core.errors import ConfigError
 from edgefleet.agent.exitcodes import HELP, ExitCode, describe
 
 

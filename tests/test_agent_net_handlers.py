@@ -13,9 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgefleet.agent.config import load_config
-from edgefleet.agent.daemon import Agent, _ErrorLimiter
-from edgefleet.agent.errors import InstallError
-from edgefleet.agent.protocol import (
+from edgefleet.agent.core.errors import InstallError
+from edgefleet.agent.core.protocol import (
     COMMANDS,
     Code,
     DeployCommand,
@@ -23,6 +22,7 @@ from edgefleet.agent.protocol import (
     Rejected,
     Result,
 )
+from edgefleet.agent.daemon import Agent, _ErrorLimiter
 from edgefleet.agent.transfer import StagingArea
 
 SHA = hashlib.sha256(b"x").hexdigest()
@@ -63,8 +63,8 @@ class NoModelInstaller:
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Agent:
-    from edgefleet.agent.ledger import VersionLedger
-    from edgefleet.agent.trust import TrustStore
+    from edgefleet.agent.core.ledger import VersionLedger
+    from edgefleet.agent.core.trust import TrustStore
     from edgefleet.sdk.trust.keys import init_keys
 
     root = tmp_path_factory.mktemp("agent")

@@ -18,7 +18,7 @@ FORBIDDEN = (
     "edgefleet.sdk",
 )
 AGENT_MODULES = [
-    "edgefleet.agent.protocol",
+    "edgefleet.agent.core.protocol",
     "edgefleet.agent.config",
     "edgefleet.agent.exitcodes",
     "edgefleet.agent.transfer",

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from edgefleet.agent.config import load_config
-from edgefleet.agent.daemon import Agent
-from edgefleet.agent.protocol import (
+from edgefleet.agent.core.protocol import (
     InferCommand,
     Result,
     RollbackCommand,
@@ -23,6 +22,7 @@ from edgefleet.agent.protocol import (
     decode_array,
     encode_array,
 )
+from edgefleet.agent.daemon import Agent
 from edgefleet.sdk.push import BundlePusher
 from tests.agent_net_support import (
     IN_FEATURES,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefleet.agent.errors import ProtocolError
-from edgefleet.agent.protocol import (
+from edgefleet.agent.core.errors import ProtocolError
+from edgefleet.agent.core.protocol import (
     COMMANDS,
     Code,
     ConfigCommand,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.agent.protocol import DeployCommand, parse_command
+from edgefleet.agent.core.protocol import DeployCommand, parse_command
 from edgefleet.sdk.push import BundlePusher, PushError
 from tests.agent_net_support import eval_set, export_tiny_onnx, make_bundle
 

@@ -14,9 +14,9 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgefleet.agent.config import load_config
+from edgefleet.agent.core.protocol import Error, Topics, parse_device_message
 from edgefleet.agent.exitcodes import ExitCode
 from edgefleet.agent.mqtt_session import Backoff, MqttSession, SeqCounter
-from edgefleet.agent.protocol import Error, Topics, parse_device_message
 from tests.agent_net_support import PERSISTENT_BROKER, Observer
 
 pytestmark = pytest.mark.broker

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefleet.agent.errors import TransferError
-from edgefleet.agent.protocol import Code, FileTransfer
+from edgefleet.agent.core.errors import TransferError
+from edgefleet.agent.core.protocol import Code, FileTransfer
 from edgefleet.agent.transfer import StagingArea, Transfer
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 import edgefleet.agent.transfer as transfer_module
-from edgefleet.agent.errors import ProtocolError, TransferError
-from edgefleet.agent.protocol import Code, FileTransfer
+from edgefleet.agent.core.errors import ProtocolError, TransferError
+from edgefleet.agent.core.protocol import Code, FileTransfer
 from edgefleet.agent.transfer import Transfer, chunk_digests
 
 

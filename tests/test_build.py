@@ -135,7 +135,7 @@ def test_build_without_labels_uses_fidelity(digits: tuple[Any, Any]) -> None:
 
 def test_build_writes_a_signed_bundle_with_report(digits: tuple[Any, Any], tmp_path: Path) -> None:
     keys = pytest.importorskip("edgefleet.sdk.trust.keys")
-    from edgefleet.agent.manifest import Manifest
+    from edgefleet.agent.core.manifest import Manifest
 
     # prepare
     model, split = digits

@@ -15,11 +15,17 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from edgefleet.agent.errors import VerifyError
-from edgefleet.agent.ledger import VersionLedger
-from edgefleet.agent.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, canonical_bytes
-from edgefleet.agent.trust import TrustStore, key_id
-from edgefleet.agent.verify import ERROR_CODES, copy_bounded, verify_bundle_dir, verify_file, verify_manifest
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.ledger import VersionLedger
+from edgefleet.agent.core.manifest import MAX_MANIFEST_BYTES, FileEntry, Manifest, canonical_bytes
+from edgefleet.agent.core.trust import TrustStore, key_id
+from edgefleet.agent.core.verify import (
+    ERROR_CODES,
+    copy_bounded,
+    verify_bundle_dir,
+    verify_file,
+    verify_manifest,
+)
 from edgefleet.sdk.trust.bundle import BundleError, create_bundle, pack, sign_bundle, unpack
 from edgefleet.sdk.trust.keys import init_keys, load_private_key, public_raw, sign
 

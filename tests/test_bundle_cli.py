@@ -127,7 +127,7 @@ def test_unpack_refuses_a_symlink(bundle: Path, tmp_path: Path) -> None:
 
 
 def test_keys_rotate_produces_a_statement_devices_accept(home: Path, tmp_path: Path) -> None:
-    from edgefleet.agent.trust import TrustStore, load_rotation
+    from edgefleet.agent.core.trust import TrustStore, load_rotation
 
     assert runner.invoke(app, ["keys", "init"]).exit_code == 0
     device = TrustStore.from_public_keys([home / "keys" / "fleet.pub"])

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefleet.agent.errors import VerifyError
-from edgefleet.agent.ledger import VersionLedger
-from edgefleet.agent.manifest import Manifest, canonical_bytes
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.ledger import VersionLedger
+from edgefleet.agent.core.manifest import Manifest, canonical_bytes
 from edgefleet.sdk.trust.bundle import BundleError, create_bundle
 from edgefleet.sdk.trust.keys import init_keys, load_private_key
 

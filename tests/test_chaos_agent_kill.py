@@ -32,8 +32,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.agent.fsutil import read_json
-from edgefleet.agent.protocol import parse_device_message
+from edgefleet.agent.core.fsutil import read_json
+from edgefleet.agent.core.protocol import parse_device_message
 from edgefleet.sdk.push import BundlePusher
 from edgefleet.sdk.trust.keys import init_keys, load_private_key
 from tests.agent_net_support import Observer

@@ -23,8 +23,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.agent.manifest import format_time
-from edgefleet.agent.protocol import (
+from edgefleet.agent.core.manifest import format_time
+from edgefleet.agent.core.protocol import (
     Code,
     DeployCommand,
     DeviceMessage,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from edgefleet.agent.protocol import Topics
+from edgefleet.agent.core.protocol import Topics
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.fleet.strategy import AbortRules
 from edgefleet.sdk.store import Store

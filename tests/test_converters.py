@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from edgefleet.agent.registry import UnknownPluginError  # noqa: E402
+from edgefleet.agent.core.registry import UnknownPluginError  # noqa: E402
 from edgefleet.converters import (  # noqa: E402
     CONVERTERS,
     ConversionError,

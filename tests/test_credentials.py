@@ -148,7 +148,7 @@ def _allowed(acl: str, user: str, topic: str, access: str) -> bool:
 
 
 def test_the_acl_allows_exactly_the_protocol_topics() -> None:
-    from edgefleet.agent.protocol import Topics
+    from edgefleet.agent.core.protocol import Topics
 
     acl = acl_text(FLEET)
     sha = "a" * 64

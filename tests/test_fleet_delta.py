@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefleet.agent.bspatch import apply_patch
-from edgefleet.agent.errors import TransferError
-from edgefleet.agent.protocol import parse_command
+from edgefleet.agent.core.errors import TransferError
+from edgefleet.agent.core.protocol import parse_command
 from edgefleet.sdk.fleet.delta import base_bundle, make_patch, plan_patch, supports_delta
 from edgefleet.sdk.fleet.transfer import Blob, BundleTransfer
 from tests.fleet_support import build_artifacts
@@ -126,8 +126,8 @@ def test_the_deploy_command_carries_the_delta_and_still_parses_for_old_agents(
 def test_the_agent_finds_its_base_and_rebuilds_only_the_signed_file(tmp_path: Path) -> None:
     import hashlib
 
+    from edgefleet.agent.core.protocol import FileTransfer
     from edgefleet.agent.delta import find_base, patch_transfer, rebuild
-    from edgefleet.agent.protocol import FileTransfer
 
     old = bytes(range(256)) * 64
     new = old[:5000] + b"fine-tuned last layer" + old[5100:]
@@ -160,7 +160,7 @@ def test_the_agent_finds_its_base_and_rebuilds_only_the_signed_file(tmp_path: Pa
     with pytest.raises(TransferError, match="does not match its signed sha256"):
         rebuild(slot / "model.onnx", tmp_path / "p", tmp_path / "out2", wrong)
     assert not (tmp_path / "out2").exists()
-    from edgefleet.agent.errors import ProtocolError
+    from edgefleet.agent.core.errors import ProtocolError
 
     with pytest.raises(ProtocolError, match="delta.format"):
         patch_transfer(target, {"format": "xdelta"})

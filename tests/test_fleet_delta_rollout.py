@@ -18,8 +18,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from edgefleet.agent.core.protocol import Deployed, FileTransfer, Progress, Rejected, State, Topics
 from edgefleet.agent.delta import find_base, patch_transfer, rebuild
-from edgefleet.agent.protocol import Deployed, FileTransfer, Progress, Rejected, State, Topics
 from edgefleet.sdk.fleet.bundles import load_bundles
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.store import Store

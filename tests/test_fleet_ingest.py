@@ -10,7 +10,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.agent.protocol import Progress, State, Telemetry, Topics, will_payload
+from edgefleet.agent.core.protocol import Progress, State, Telemetry, Topics, will_payload
 from edgefleet.sdk.fleet import registry
 from edgefleet.sdk.fleet.ingest import Ingest
 from edgefleet.sdk.fleet.mqtt_url import MqttOptions

@@ -17,7 +17,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.agent.protocol import InferCommand, Topics, encode_array
+from edgefleet.agent.core.protocol import InferCommand, Topics, encode_array
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.fleet.errors import BundleRefused, RolloutConflict, SelectorError
 from edgefleet.sdk.fleet.rollout import engine_alive

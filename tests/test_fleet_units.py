@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgefleet.agent.protocol import Telemetry
+from edgefleet.agent.core.protocol import Telemetry
 from edgefleet.sdk.fleet.errors import BrokerUnavailable, BundleRefused, SelectorError, StrategyError
 from edgefleet.sdk.fleet.ingest import flatten_telemetry
 from edgefleet.sdk.fleet.mqtt_url import MqttOptions

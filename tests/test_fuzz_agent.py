@@ -26,11 +26,10 @@ from hypothesis import strategies as st
 
 from edgefleet.agent.bspatch import apply_patch
 from edgefleet.agent.config import load_config
-from edgefleet.agent.daemon import Agent, _ErrorLimiter
-from edgefleet.agent.errors import ProtocolError, TransferError, VerifyError
-from edgefleet.agent.ledger import VersionLedger
-from edgefleet.agent.manifest import Manifest, canonical_bytes
-from edgefleet.agent.protocol import (
+from edgefleet.agent.core.errors import ProtocolError, TransferError, VerifyError
+from edgefleet.agent.core.ledger import VersionLedger
+from edgefleet.agent.core.manifest import Manifest, canonical_bytes
+from edgefleet.agent.core.protocol import (
     COMMANDS,
     DEVICE_MESSAGES,
     Code,
@@ -41,9 +40,10 @@ from edgefleet.agent.protocol import (
     parse_command,
     parse_device_message,
 )
+from edgefleet.agent.core.trust import TrustStore, load_rotation, make_root, parse_signatures
+from edgefleet.agent.core.verify import ERROR_CODES, verify_manifest
+from edgefleet.agent.daemon import Agent, _ErrorLimiter
 from edgefleet.agent.transfer import StagingArea, Transfer
-from edgefleet.agent.trust import TrustStore, load_rotation, make_root, parse_signatures
-from edgefleet.agent.verify import ERROR_CODES, verify_manifest
 from tests.test_agent_net_handlers import NoModelInstaller, Recorder
 
 pytestmark = pytest.mark.chaos
@@ -512,7 +512,7 @@ def agent(tmp_path_factory: pytest.TempPathFactory) -> Agent:
 
 
 def _no_model(inputs: Any, request_id: Any = None) -> Any:
-    from edgefleet.agent.errors import AgentError
+    from edgefleet.agent.core.errors import AgentError
 
     raise AgentError(Code.NO_MODEL, "no model is installed yet")
 

@@ -41,7 +41,7 @@ def _modules() -> list[str]:
 def test_agent_and_profiles_import_no_host_library() -> None:
     # prepare
     modules = ["edgefleet.agent", "edgefleet.device_profiles", *_modules()]
-    assert "edgefleet.agent.verify" in modules
+    assert "edgefleet.agent.core.verify" in modules
     script = (
         "import importlib, json, sys\n"
         f"for name in {modules!r}:\n"
@@ -85,7 +85,7 @@ def test_verification_modules_run_on_python_3_9(tmp_path: Path) -> None:
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     os.symlink(Path(edgefleet.agent.__file__).parent, pkg / "agent")
-    from edgefleet.agent.manifest import canonical_bytes
+    from edgefleet.agent.core.manifest import canonical_bytes
 
     manifest = {
         "schema": "edgefleet.manifest/1",
@@ -108,10 +108,10 @@ def test_verification_modules_run_on_python_3_9(tmp_path: Path) -> None:
     (tmp_path / "model.tflite").write_bytes(b"abc")
     script = (
         "import sys\n"
-        "from edgefleet.agent.manifest import Manifest\n"
-        "from edgefleet.agent.verify import verify_file\n"
-        "from edgefleet.agent.ledger import VersionLedger\n"
-        "import edgefleet.agent.trust\n"
+        "from edgefleet.agent.core.manifest import Manifest\n"
+        "from edgefleet.agent.core.verify import verify_file\n"
+        "from edgefleet.agent.core.ledger import VersionLedger\n"
+        "import edgefleet.agent.core.trust\n"
         f"m = Manifest.from_bytes(open({str(tmp_path / 'manifest.json')!r}, 'rb').read())\n"
         f"verify_file({str(tmp_path / 'model.tflite')!r}, m.files['model.tflite'], 10)\n"
         f"VersionLedger({str(tmp_path / 'state')!r}).record(m.name, m.version)\n"

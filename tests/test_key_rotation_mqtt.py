@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgefleet.agent.manifest import canonical_bytes
-from edgefleet.agent.protocol import Code, Error, RotateRootCommand, State
-from edgefleet.agent.trust import ROOT_FILE, load_public_key_pem, make_root
+from edgefleet.agent.core.manifest import canonical_bytes
+from edgefleet.agent.core.protocol import Code, Error, RotateRootCommand, State
+from edgefleet.agent.core.trust import ROOT_FILE, load_public_key_pem, make_root
 from edgefleet.sdk.cli import app
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.push import BundlePusher

@@ -14,7 +14,7 @@ import pytest
 from conftest import free_port, wait_for_port
 from server_data import fill_store
 
-from edgefleet.agent.protocol import State
+from edgefleet.agent.core.protocol import State
 from edgefleet.sdk.store import Store
 from tests.fleet_support import wait_for
 

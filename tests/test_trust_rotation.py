@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.agent.errors import VerifyError
-from edgefleet.agent.fsutil import read_json
-from edgefleet.agent.ledger import VersionLedger
-from edgefleet.agent.manifest import canonical_bytes
-from edgefleet.agent.trust import (
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.fsutil import read_json
+from edgefleet.agent.core.ledger import VersionLedger
+from edgefleet.agent.core.manifest import canonical_bytes
+from edgefleet.agent.core.trust import (
     ROOT_FILE,
     TrustStore,
     load_public_key_pem,
@@ -23,7 +23,7 @@ from edgefleet.agent.trust import (
     make_root,
     public_key_pem,
 )
-from edgefleet.agent.verify import verify_bundle_dir
+from edgefleet.agent.core.verify import verify_bundle_dir
 from edgefleet.sdk.trust.bundle import create_bundle
 from edgefleet.sdk.trust.keys import KeyPair, KeysError, init_keys, load_private_key, make_rotation, sign
 

@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Show a bundle's manifest, sizes and metrics, and whether it verifies; exits non-zero when tampered."""
-        from edgefleet.agent.errors import VerifyError
+        from edgefleet.agent.core.errors import VerifyError
         from edgefleet.sdk.trust.bundle import BundleError, inspect_bundle, load_bundle
         from edgefleet.sdk.trust.keys import PUBLIC_KEY_FILE, default_key_dir
 
@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Unpack a bundle .tar, refusing absolute paths, `..`, links and device files."""
-        from edgefleet.agent.errors import VerifyError
+        from edgefleet.agent.core.errors import VerifyError
         from edgefleet.sdk.trust.bundle import BundleError, unpack
 
         try:

@@ -100,8 +100,8 @@ def register(app: typer.Typer) -> None:
             )
             raise typer.Exit(2)
         if keys:
-            from edgefleet.agent.errors import VerifyError
-            from edgefleet.agent.trust import TrustStore
+            from edgefleet.agent.core.errors import VerifyError
+            from edgefleet.agent.core.trust import TrustStore
 
             try:
                 TrustStore.from_public_keys([str(k) for k in keys])

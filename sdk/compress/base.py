@@ -8,7 +8,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 
 import numpy as np
 
-from edgefleet.agent.registry import Registry
+from edgefleet.agent.core.registry import Registry
 
 Stage = Literal["torch", "onnx", "tflite"]
 

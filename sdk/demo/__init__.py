@@ -218,7 +218,7 @@ def mislabeled_copy(model: nn.Module, classes: Sequence[int] = BAD_CLASSES) -> n
 
 def restamp(bundle_dir: Path, version: int, private_key: Any) -> None:
     """Re-sign a built bundle with `version`, so all profiles of one release carry the same version."""
-    from edgefleet.agent.manifest import MANIFEST_FILE, REPORT_FILE
+    from edgefleet.agent.core.manifest import MANIFEST_FILE, REPORT_FILE
     from edgefleet.sdk.trust.bundle import create_bundle
 
     manifest = json.loads((bundle_dir / MANIFEST_FILE).read_text())

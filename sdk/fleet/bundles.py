@@ -78,10 +78,10 @@ def load_bundles(
 
     With trusted keys, the signature and every file are checked; without, every file against the manifest.
     """
-    from edgefleet.agent.errors import VerifyError
-    from edgefleet.agent.manifest import Manifest
-    from edgefleet.agent.trust import TrustStore
-    from edgefleet.agent.verify import verify_bundle_dir, verify_file
+    from edgefleet.agent.core.errors import VerifyError
+    from edgefleet.agent.core.manifest import Manifest
+    from edgefleet.agent.core.trust import TrustStore
+    from edgefleet.agent.core.verify import verify_bundle_dir, verify_file
 
     trust = TrustStore.from_public_keys([str(k) for k in trusted_keys]) if trusted_keys else None
     by_profile: dict[str, ResolvedBundle] = {}

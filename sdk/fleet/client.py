@@ -69,7 +69,7 @@ class Fleet:
         tls_key: str | None = None,
         trusted_keys: Sequence[str | Path] | None = None,
     ) -> None:
-        from edgefleet.agent.protocol import valid_name
+        from edgefleet.agent.core.protocol import valid_name
 
         if not valid_name(fleet):
             raise FleetError(f"fleet name {fleet!r}: use 1-128 letters, digits, '.', '_' or '-'")

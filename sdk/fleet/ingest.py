@@ -14,8 +14,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from edgefleet.agent.errors import ProtocolError
-from edgefleet.agent.protocol import TOPIC_ROOT, State, Telemetry, parse_device_message
+from edgefleet.agent.core.errors import ProtocolError
+from edgefleet.agent.core.protocol import TOPIC_ROOT, State, Telemetry, parse_device_message
 from edgefleet.sdk.fleet.mqtt_url import Connection, MqttOptions, connect
 from edgefleet.sdk.fleet.registry import apply_state, device_from_topic
 from edgefleet.sdk.store import Store, StoreError

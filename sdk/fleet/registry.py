@@ -13,8 +13,8 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from edgefleet.agent.errors import ProtocolError
-from edgefleet.agent.protocol import TOPIC_ROOT, State, parse_device_message
+from edgefleet.agent.core.errors import ProtocolError
+from edgefleet.agent.core.protocol import TOPIC_ROOT, State, parse_device_message
 from edgefleet.sdk.fleet.mqtt_url import MqttOptions, connect
 from edgefleet.sdk.store import Store
 

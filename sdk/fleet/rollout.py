@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.errors import ProtocolError
-from edgefleet.agent.protocol import (
+from edgefleet.agent.core.errors import ProtocolError
+from edgefleet.agent.core.protocol import (
     TOPIC_ROOT,
     Code,
     Deployed,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.protocol import TOPIC_ROOT, DeployCommand, FileTransfer, Topics
+from edgefleet.agent.core.protocol import TOPIC_ROOT, DeployCommand, FileTransfer, Topics
 from edgefleet.agent.transfer import chunk_digests
 from edgefleet.sdk.fleet.errors import BundleRefused
 

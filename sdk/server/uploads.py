@@ -48,7 +48,7 @@ async def spool(chunks: AsyncIterator[bytes], dest: Path, max_bytes: int) -> int
 
 def _verify_error_types() -> tuple[type[BaseException], ...]:
     """The exception types that mean 'this bundle is bad' rather than 'the server is broken'."""
-    from edgefleet.agent.errors import AgentError
+    from edgefleet.agent.core.errors import AgentError
 
     types: list[type[BaseException]] = [AgentError]
     try:
@@ -74,9 +74,9 @@ def verify_and_store(
             "uploads need the fleet's public key to verify bundles: start serve with "
             "--trusted-key PATH/fleet.pub (default ~/.edgefleet/keys/fleet.pub)"
         )
-    from edgefleet.agent.manifest import Manifest
-    from edgefleet.agent.trust import TrustStore
-    from edgefleet.agent.verify import verify_bundle_dir
+    from edgefleet.agent.core.manifest import Manifest
+    from edgefleet.agent.core.trust import TrustStore
+    from edgefleet.agent.core.verify import verify_bundle_dir
     from edgefleet.sdk.trust.bundle import unpack
 
     bad = _verify_error_types()

@@ -19,9 +19,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from edgefleet.agent.errors import VerifyError
-from edgefleet.agent.fsutil import atomic_write_bytes, fsync_dir
-from edgefleet.agent.manifest import (
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.fsutil import atomic_write_bytes, fsync_dir
+from edgefleet.agent.core.manifest import (
     MANIFEST_FILE,
     REPORT_FILE,
     SCHEMA,
@@ -31,7 +31,7 @@ from edgefleet.agent.manifest import (
     check_relpath,
     format_time,
 )
-from edgefleet.agent.verify import copy_bounded
+from edgefleet.agent.core.verify import copy_bounded
 from edgefleet.sdk.trust.keys import sign
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ MAX_TAR_MEMBERS = 256
 DEFAULT_MAX_UNPACK_BYTES = 16 * 1024**3
 
 
-# Codes of the host-side bundle operations; verification codes are in edgefleet.agent.verify.ERROR_CODES.
+# Codes of the host-side bundle operations; verification codes are in edgefleet.agent.core.verify.ERROR_CODES.
 BUNDLE_ERROR_CODES: dict[str, str] = {
     "input-missing": "a model, eval or bundle path given does not exist",
     "manifest-invalid": "the manifest fields would not verify on a device; the message names the field",
@@ -359,8 +359,8 @@ def inspect_bundle(bundle_dir: PathLike, public_keys: Optional[list[PathLike]] =
     `verified` is True, False (tampered: `code` and `reason` say how) or None when no key was given and
     only the files were checked against the manifest.
     """
-    from edgefleet.agent.trust import TrustStore
-    from edgefleet.agent.verify import verify_bundle_dir, verify_file
+    from edgefleet.agent.core.trust import TrustStore
+    from edgefleet.agent.core.verify import verify_bundle_dir, verify_file
 
     root = Path(bundle_dir)
     manifest_bytes = (root / MANIFEST_FILE).read_bytes()

@@ -26,8 +26,8 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.agent.fsutil import atomic_write_bytes, atomic_write_json
-from edgefleet.agent.protocol import TOPIC_ROOT, valid_name
+from edgefleet.agent.core.fsutil import atomic_write_bytes, atomic_write_json
+from edgefleet.agent.core.protocol import TOPIC_ROOT, valid_name
 
 if TYPE_CHECKING:
     from cryptography import x509

@@ -13,10 +13,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
-from edgefleet.agent.errors import VerifyError
-from edgefleet.agent.fsutil import atomic_write_bytes, atomic_write_json, read_json
-from edgefleet.agent.manifest import canonical_bytes
-from edgefleet.agent.trust import (
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.fsutil import atomic_write_bytes, atomic_write_json, read_json
+from edgefleet.agent.core.manifest import canonical_bytes
+from edgefleet.agent.core.trust import (
     ROOT_FILE,
     TrustStore,
     key_id,
@@ -236,7 +236,7 @@ def read_statement(source: Union[PathLike, bytes, dict[str, Any]]) -> dict[str, 
     """A rotation statement `{"root": {...}, "signatures": [...]}` from a file, bytes or a dict, checked for shape."""
     import json
 
-    from edgefleet.agent.trust import load_rotation
+    from edgefleet.agent.core.trust import load_rotation
 
     if isinstance(source, dict):
         data = json.dumps(source).encode("utf-8")
@@ -262,7 +262,7 @@ def rotation_command(statement: dict[str, Any], command_id: Optional[str] = None
     """The `rotate-root` command carrying a statement (the root as its exact canonical, signed bytes)."""
     import uuid
 
-    from edgefleet.agent.protocol import RotateRootCommand
+    from edgefleet.agent.core.protocol import RotateRootCommand
 
     return RotateRootCommand(
         id=command_id or f"rot-{uuid.uuid4().hex[:12]}",
@@ -278,8 +278,8 @@ def fleet_states(
     import threading
     import time
 
-    from edgefleet.agent.errors import ProtocolError
-    from edgefleet.agent.protocol import TOPIC_ROOT, State, parse_device_message
+    from edgefleet.agent.core.errors import ProtocolError
+    from edgefleet.agent.core.protocol import TOPIC_ROOT, State, parse_device_message
     from edgefleet.sdk.fleet.mqtt_url import connect
 
     rows: dict[str, dict[str, Any]] = {}
@@ -339,8 +339,8 @@ def push_rotation(
     import queue
     import time
 
-    from edgefleet.agent.errors import ProtocolError
-    from edgefleet.agent.protocol import Error, Result, Topics, parse_device_message
+    from edgefleet.agent.core.errors import ProtocolError
+    from edgefleet.agent.core.protocol import Error, Result, Topics, parse_device_message
     from edgefleet.sdk.fleet.errors import SelectorError
     from edgefleet.sdk.fleet.mqtt_url import MqttOptions, connect, default_broker_url
     from edgefleet.sdk.fleet.selectors import resolve

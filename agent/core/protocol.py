@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, TypeVar, Union
 
-from .errors import ProtocolError
+from edgefleet.agent.core.errors import ProtocolError
 
 SCHEMA_VERSION = 1
 TOPIC_ROOT = "edgefleet/v1"

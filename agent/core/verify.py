@@ -14,9 +14,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Dict, Mapping, Optional, Union
 
-from .errors import VerifyError
-from .ledger import VersionLedger
-from .manifest import (
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.ledger import VersionLedger
+from edgefleet.agent.core.manifest import (
     MANIFEST_FILE,
     MAX_MANIFEST_BYTES,
     SIGNATURE_FILE,
@@ -24,7 +24,7 @@ from .manifest import (
     Manifest,
     canonical_bytes,
 )
-from .trust import MAX_SIGNATURES_BYTES, TrustStore
+from edgefleet.agent.core.trust import MAX_SIGNATURES_BYTES, TrustStore
 
 CHUNK = 1024 * 1024
 

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from .base import RUNTIMES, Runtime, TensorInfo, load_runtime
+from edgefleet.agent.core.runtimes.base import RUNTIMES, Runtime, TensorInfo, load_runtime
 
 __all__ = ["RUNTIMES", "Runtime", "TensorInfo", "load_runtime"]

@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
-from .errors import VerifyError
-from .fsutil import atomic_write_json, read_json
-from .manifest import canonical_bytes, format_time, parse_time
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.fsutil import atomic_write_json, read_json
+from edgefleet.agent.core.manifest import canonical_bytes, format_time, parse_time
 
 ROOT_SCHEMA = "edgefleet.root/1"
 ROOT_FILE = "root.json"

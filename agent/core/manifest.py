@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from .errors import VerifyError
+from edgefleet.agent.core.errors import VerifyError
 
 SCHEMA = "edgefleet.manifest/1"
 MANIFEST_FILE = "manifest.json"

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-from .errors import VerifyError
-from .fsutil import atomic_write_json, read_json
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.fsutil import atomic_write_json, read_json
 
 LEDGER_FILE = "versions.json"
 

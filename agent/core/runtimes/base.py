@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
-from ..errors import RuntimeLoadError
-from ..registry import Registry, UnknownPluginError
+from edgefleet.agent.core.errors import RuntimeLoadError
+from edgefleet.agent.core.registry import Registry, UnknownPluginError
 
 if TYPE_CHECKING:
     import numpy as np

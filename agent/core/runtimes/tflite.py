@@ -6,8 +6,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import RuntimeLoadError
-from .base import RUNTIMES, Runtime, TensorInfo
+from edgefleet.agent.core.errors import RuntimeLoadError
+from edgefleet.agent.core.runtimes.base import RUNTIMES, Runtime, TensorInfo
 
 if TYPE_CHECKING:
     import numpy as np

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
-from ..errors import RuntimeLoadError
-from .base import RUNTIMES, Runtime, TensorInfo
+from edgefleet.agent.core.errors import RuntimeLoadError
+from edgefleet.agent.core.runtimes.base import RUNTIMES, Runtime, TensorInfo
 
 if TYPE_CHECKING:
     import numpy as np
