@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit
 
 from edgefleet.agent.core.errors import ConfigError
+from edgefleet.agent.core.paths import DEFAULT_BROKER, agent_state_dir
 from edgefleet.agent.core.protocol import valid_name
 
 if sys.version_info >= (3, 11):
@@ -18,7 +19,6 @@ if sys.version_info >= (3, 11):
 else:  # the device side still runs Python 3.9 / 3.10
     import tomli as tomllib
 
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 MQTT_VERSIONS = ("5", "3.1.1")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -249,7 +249,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any
         )
     clean = {k: _coerce(k, v) for k, v in values.items()}
     if not clean.get("state_dir"):
-        clean["state_dir"] = str(Path.home() / ".edgefleet" / "agent" / str(clean["device_id"]))
+        clean["state_dir"] = str(agent_state_dir(str(clean["device_id"])))
     clean["state_dir"] = os.path.expanduser(clean["state_dir"])
     cfg = AgentConfig(**clean)
     _validate(cfg)

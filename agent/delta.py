@@ -17,32 +17,21 @@ from edgefleet.agent.bspatch import apply_patch
 from edgefleet.agent.core.errors import ProtocolError, TransferError
 from edgefleet.agent.core.fsutil import read_json
 from edgefleet.agent.core.manifest import MANIFEST_FILE
-from edgefleet.agent.core.protocol import Code, FileTransfer
+from edgefleet.agent.core.protocol import Code, DeltaSpec, FileTransfer
 from edgefleet.agent.slots import SLOTS, SLOTS_DIR
 
 FORMATS = ("bsdiff4",)
 
 
 def patch_transfer(target: FileTransfer, delta: Any) -> FileTransfer:
-    """The FileTransfer of the patch described by a file entry's `delta` object (validated)."""
-    if not isinstance(delta, dict) or delta.get("format") not in FORMATS:
+    """The FileTransfer of the patch a file entry's `delta` (a DeltaSpec, or its JSON object) describes."""
+    if isinstance(delta, dict):
+        delta = DeltaSpec.from_obj(delta)
+    if not isinstance(delta, DeltaSpec) or delta.format not in FORMATS:
         raise ProtocolError(
             Code.BAD_FIELD, f"file {target.file!r}: 'delta.format' must be one of {list(FORMATS)}"
         )
-    base = delta.get("base_sha256")
-    if not isinstance(base, str) or len(base) != 64:
-        raise ProtocolError(Code.BAD_FIELD, f"file {target.file!r}: 'delta.base_sha256' must be a sha256")
-    spec = FileTransfer.from_obj(
-        {
-            **{k: v for k, v in delta.items() if k not in ("format", "base_sha256")},
-            "file": target.file + ".bsdiff4",
-        }
-    )
-    if spec.size > target.size * 2 + (1 << 20):
-        raise ProtocolError(
-            Code.BAD_FIELD, f"file {target.file!r}: the delta is larger than any useful patch"
-        )
-    return spec
+    return delta.transfer(target)
 
 
 def find_base(state_dir: Path, base_sha256: str) -> Optional[Path]:

@@ -1,7 +1,8 @@
 """Health check of a freshly loaded model: warm-up, quality on the bundle's eval set, p95 latency, timeout.
 
-Quality is accuracy against labels `y`, or fidelity against `reference` outputs (mean row cosine or
-top-1 agreement), as the manifest's `eval` section says; the thresholds come from its `health` policy.
+Quality is scored by agent/core/quality.py on every model output: accuracy against labels `y`, or
+agreement and fidelity against reference outputs; the floor (`health.metric` ≥ `health.min_quality`) and
+the other limits come from the manifest's `health` policy (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from edgefleet.agent.core.errors import AgentError
+from edgefleet.agent.core.quality import Quality, QualityError, measure, passes, reading_from
 from edgefleet.agent.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -40,14 +42,14 @@ class HealthError(AgentError):
 
 @dataclass
 class HealthReport:
-    """What a health check measured and whether it passed."""
+    """What a health check measured and whether it passed; `detail` holds the other quality scores."""
 
     passed: bool = False
     metric: str = ""
     value: Optional[float] = None
     minimum: Optional[float] = None
     samples: int = 0
-    top1_agreement: Optional[float] = None
+    detail: Dict[str, float] = field(default_factory=dict)
     p50_ms: Optional[float] = None
     p95_ms: Optional[float] = None
     max_p95_ms: Optional[float] = None
@@ -55,7 +57,6 @@ class HealthReport:
     duration_s: float = 0.0
     code: str = ""
     reason: str = ""
-    extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON form (floats rounded)."""
@@ -63,7 +64,12 @@ class HealthReport:
         for key, value in out.items():
             if isinstance(value, float):
                 out[key] = round(value, 6) if math.isfinite(value) else None
+        out["detail"] = {k: round(v, 6) for k, v in self.detail.items() if math.isfinite(v)}
         return out
+
+    def quality(self) -> Optional[Quality]:
+        """The quality reading this check took, or None when it failed before scoring."""
+        return reading_from(self.to_dict()) if self.value is not None else None
 
 
 @dataclass
@@ -72,14 +78,20 @@ class EvalData:
 
     inputs: Dict[str, np.ndarray]
     labels: Optional[np.ndarray]
-    reference: Optional[np.ndarray]
+    reference: Optional[List[np.ndarray]]
 
     def __len__(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
 
 
-def load_eval(path: PathLike, input_names: Sequence[str], kind: str) -> EvalData:
-    """Read eval.npz (never pickles): `x` or one array per input name, plus `y` or `reference`."""
+def load_eval(
+    path: PathLike, input_names: Sequence[str], kind: str, output_names: Sequence[str] = ()
+) -> EvalData:
+    """Read eval.npz (never pickles): `x` or one array per input name, plus `y` or the reference outputs.
+
+    Reference outputs are `reference` (the first output, or the only one) and `reference:NAME` for
+    outputs after the first; the host writes both forms (sdk/build/builder.py `_eval_npz`).
+    """
     import numpy as np
 
     try:
@@ -103,53 +115,60 @@ def load_eval(path: PathLike, input_names: Sequence[str], kind: str) -> EvalData
         )
     n = sizes.pop()
     labels = arrays.get("y")
-    reference = arrays.get("reference")
     if kind == "labels":
         if labels is None or labels.shape[0] != n:
             raise HealthError("eval-invalid", f"eval.npz needs labels `y` with {n} rows for kind `labels`")
         return EvalData(inputs, labels.reshape(n, -1)[:, 0].astype(np.int64), None)
-    if reference is None or reference.shape[0] != n:
+    first = arrays.get("reference")
+    if first is None or first.ndim == 0 or first.shape[0] != n:
         raise HealthError(
             "eval-invalid", f"eval.npz needs `reference` outputs with {n} rows for kind `reference`"
         )
+    reference = [first]
+    for name in list(output_names)[1:]:
+        extra = arrays.get("reference:" + name)
+        if extra is None:
+            break  # an older bundle: only the first output has reference values
+        reference.append(extra)
     return EvalData(inputs, None, reference)
 
 
-def _rows(a: np.ndarray) -> np.ndarray:
+def quality_of(outputs: Union[np.ndarray, Sequence[np.ndarray]], data: EvalData, metric: str) -> Quality:
+    """The reading of `metric` over the eval set, other scores in its detail; HealthError when it cannot.
+
+    Outputs the eval set has no reference values for (bundles built before every output was kept) are
+    left out of agreement and fidelity.
+    """
     import numpy as np
 
-    return np.asarray(a, dtype=np.float64).reshape(a.shape[0], -1)
+    got = [outputs] if isinstance(outputs, np.ndarray) else list(outputs)
+    reference = data.reference
+    if reference is not None:
+        got = got[: len(reference)]
+    try:
+        return measure(got, labels=data.labels, reference=reference, metric_name=metric)
+    except QualityError as exc:
+        raise HealthError("eval-invalid", exc.reason) from None
 
 
-def score(outputs: np.ndarray, data: EvalData, metric: str) -> Dict[str, float]:
-    """Accuracy, mean cosine and top-1 agreement of the first output over the eval set."""
+def score(outputs: Union[np.ndarray, Sequence[np.ndarray]], data: EvalData, metric: str) -> Dict[str, float]:
+    """Every quality score over the eval set by name (accuracy, agreement, fidelity, fidelity_min)."""
+    reading = quality_of(outputs, data, metric)
+    return {reading.metric: reading.value, **reading.detail}
+
+
+def run_outputs(
+    run: RunFn,
+    data: EvalData,
+    output_names: Union[str, Sequence[str]],
+    batch: int,
+    deadline: float,
+) -> List[np.ndarray]:
+    """Every named output over the whole eval set, in batches, checking the deadline between batches."""
     import numpy as np
 
-    got = _rows(outputs)
-    out: Dict[str, float] = {}
-    if data.labels is not None:
-        out["accuracy"] = float(np.mean(got.argmax(axis=1) == data.labels))
-    if data.reference is not None:
-        ref = _rows(data.reference)
-        if ref.shape != got.shape:
-            raise HealthError(
-                "eval-invalid", f"reference outputs have shape {ref.shape}, the model gives {got.shape}"
-            )
-        norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
-        cos = np.where(norms > 0, np.sum(ref * got, axis=1) / np.maximum(norms, 1e-30), 1.0)
-        out["cosine"] = float(np.mean(cos))
-        out["min_cosine"] = float(np.min(cos))
-        out["top1_agreement"] = (
-            float(np.mean(ref.argmax(axis=1) == got.argmax(axis=1))) if ref.shape[1] > 1 else 1.0
-        )
-    return out
-
-
-def run_outputs(run: RunFn, data: EvalData, output_name: str, batch: int, deadline: float) -> np.ndarray:
-    """The first output over the whole eval set, in batches, checking the deadline between batches."""
-    import numpy as np
-
-    parts: List[np.ndarray] = []
+    names = [output_names] if isinstance(output_names, str) else list(output_names)
+    parts: List[List[np.ndarray]] = [[] for _ in names]
     n = len(data)
     for start in range(0, n, batch):
         if time.monotonic() > deadline:
@@ -157,26 +176,29 @@ def run_outputs(run: RunFn, data: EvalData, output_name: str, batch: int, deadli
                 "health-timeout", f"scoring the eval set ran past the timeout at row {start} of {n}"
             )
         feeds = {k: v[start : start + batch] for k, v in data.inputs.items()}
-        parts.append(run(feeds)[output_name])
-    return np.concatenate(parts)
+        result = run(feeds)
+        for i, name in enumerate(names):
+            parts[i].append(result[name])
+    return [np.concatenate(p) for p in parts]
 
 
 def check_health(
     run: RunFn,
     input_names: Sequence[str],
-    output_name: str,
+    output_names: Union[str, Sequence[str]],
     eval_path: PathLike,
     eval_spec: EvalSpec,
     policy: HealthPolicy,
     *,
     batch_size: Optional[int] = None,
 ) -> HealthReport:
-    """Warm up, score the eval set, measure p95 latency; raise HealthError naming the first failed check."""
+    """Warm up, score every output on the eval set, measure p95 latency; raise HealthError naming the failure."""
     started = time.monotonic()
     deadline = started + float(policy.timeout_s)
+    names = [output_names] if isinstance(output_names, str) else list(output_names)
     report = HealthReport(
-        metric=eval_spec.metric,
-        minimum=policy.min_accuracy if eval_spec.kind == "labels" else policy.min_fidelity,
+        metric=policy.metric or eval_spec.metric,
+        minimum=policy.min_quality,
         max_p95_ms=policy.max_p95_ms,
         warmup_runs=policy.warmup_runs,
     )
@@ -187,7 +209,7 @@ def check_health(
         return HealthError(code, reason, report)
 
     try:
-        data = load_eval(eval_path, input_names, eval_spec.kind)
+        data = load_eval(eval_path, input_names, eval_spec.kind, names)
         report.samples = len(data)
         # A model converted with a fixed batch is timed and scored at that batch, others one row at a time.
         one = max(1, int(batch_size or 1))
@@ -199,11 +221,9 @@ def check_health(
             if time.monotonic() > deadline:
                 raise HealthError("health-timeout", f"warm-up run {i + 1} ran past the timeout")
             run(single[i % len(single)])
-        outputs = run_outputs(run, data, output_name, eval_batch, deadline)
-        scores = score(outputs, data, eval_spec.metric)
-        report.value = scores.get(eval_spec.metric)
-        report.top1_agreement = scores.get("top1_agreement")
-        report.extra = {k: round(v, 6) for k, v in scores.items()}
+        outputs = run_outputs(run, data, names, eval_batch, deadline)
+        reading = quality_of(outputs, data, report.metric)
+        report.value, report.detail = reading.value, dict(reading.detail)
         hist = LatencyHistogram()
         for i in range(min(LATENCY_RUNS, len(single) * 4)):
             if time.monotonic() > deadline:
@@ -222,12 +242,11 @@ def check_health(
         ) from None
     if time.monotonic() > deadline:
         raise fail("health-timeout", f"the health check took longer than its {policy.timeout_s:g} s timeout")
-    if report.minimum is not None and (report.value is None or report.value < report.minimum):
-        what = "accuracy" if eval_spec.kind == "labels" else f"fidelity ({eval_spec.metric})"
+    if not passes(report.value, report.minimum, report.metric):
         raise fail(
             "below-minimum",
-            f"{what} {report.value:.4f} on {report.samples} eval samples is below the manifest minimum "
-            f"{report.minimum:.4f}",
+            f"{report.metric} {report.value:.4f} on {report.samples} eval samples is below the manifest "
+            f"minimum {report.minimum:.4f} (health.min_quality)",
         )
     if policy.max_p95_ms is not None and report.p95_ms is not None and report.p95_ms > policy.max_p95_ms:
         raise fail(

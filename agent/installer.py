@@ -22,7 +22,7 @@ from edgefleet.agent.core.ledger import VersionLedger
 from edgefleet.agent.core.manifest import Manifest, canonical_bytes
 from edgefleet.agent.core.trust import TrustStore
 from edgefleet.agent.core.verify import verify_file, verify_manifest
-from edgefleet.agent.health import HealthError, HealthReport, check_health, load_eval, run_outputs, score
+from edgefleet.agent.health import HealthError, HealthReport, check_health, load_eval, quality_of, run_outputs
 from edgefleet.agent.server import LoadedModel, ModelServer
 from edgefleet.agent.slots import MAX_REJECTED, InstallState, SlotStore
 
@@ -87,7 +87,7 @@ class Installer:
         mb = getattr(self.profile, "max_model_mb", None)
         return int(float(mb) * 1024 * 1024) if mb else DEFAULT_MAX_MODEL_BYTES
 
-    def _progress(self, event: str, /, **detail: Any) -> None:
+    def _progress(self, event: str, **detail: Any) -> None:
         if self.on_progress is not None:
             try:
                 self.on_progress(event, detail)
@@ -137,7 +137,7 @@ class Installer:
         return check_health(
             lambda feeds: self.server.run_on(model, feeds),
             [t.name for t in model.info.inputs],
-            model.info.outputs[0].name,
+            [t.name for t in model.info.outputs],
             self.slots.path(slot) / manifest.eval.file,
             manifest.eval,
             manifest.health,
@@ -346,24 +346,20 @@ class Installer:
             raise InstallError("eval", "no-manifest", f"slot {active.slot} has no verified manifest loaded")
         with self.server.hold() as model:
             names = [t.name for t in model.info.inputs]
-            data = load_eval(self.slots.path(active.slot) / manifest.eval.file, names, manifest.eval.kind)
+            out_names = [t.name for t in model.info.outputs]
+            data = load_eval(
+                self.slots.path(active.slot) / manifest.eval.file, names, manifest.eval.kind, out_names
+            )
             batch = manifest.model.batch_size or 64
             outputs = run_outputs(
                 lambda feeds: self.server.run_on(model, feeds),
                 data,
-                model.info.outputs[0].name,
+                out_names,
                 batch,
                 time.monotonic() + float(manifest.health.timeout_s),
             )
-        scores = score(outputs, data, manifest.eval.metric)
-        return {
-            "name": active.name,
-            "version": active.version,
-            "metric": manifest.eval.metric,
-            "value": round(scores.get(manifest.eval.metric, float("nan")), 6),
-            "samples": len(data),
-            **{k: round(v, 6) for k, v in scores.items()},
-        }
+        reading = quality_of(outputs, data, manifest.health.metric or manifest.eval.metric)
+        return {"name": active.name, "version": active.version, **reading.to_dict()}
 
     def status(self) -> Dict[str, Any]:
         """Slots (name, version), active and previous, rejected versions, last health report."""

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Type
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.core.fsutil import PathLike, atomic_write_bytes
-from edgefleet.agent.core.protocol import DeviceMessage, State, Telemetry, Topics, will_payload
+from edgefleet.agent.core.protocol import DeviceMessage, State, Telemetry, Topics, build_message, will_payload
 from edgefleet.agent.exitcodes import ExitCode
 
 log = logging.getLogger("edgefleet.agent.mqtt")
@@ -319,7 +319,7 @@ class MqttSession:
                 "keepalive_s": self.config.keepalive_s,
                 "telemetry_interval_s": self.config.telemetry_interval_s,
             }
-        message = cls(device=self.topics.device_id, seq=self.seq.next(), ts=round(time.time(), 3), **fields)
+        message = build_message(cls, self.topics.device_id, self.seq.next(), round(time.time(), 3), **fields)
         if isinstance(message, State):
             return self.publish(self.topics.state, message.to_wire(), retain=True)
         if isinstance(message, Telemetry):

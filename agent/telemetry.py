@@ -1,4 +1,5 @@
-"""Telemetry pieces: a streaming latency histogram with fixed log-spaced buckets, and system metrics.
+"""Telemetry pieces: a streaming latency histogram with fixed log-spaced buckets, system metrics, and
+`telemetry_fields()`, which assembles one typed telemetry report (agent/core/events.py `Telemetry`).
 
 The histogram holds a fixed array of counters whatever the request rate, so a busy device never grows
 a list of latencies between two telemetry messages. System metrics come from /proc and /sys only.
@@ -13,7 +14,11 @@ import os
 import shutil
 import threading
 import time
-from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+from edgefleet.agent.core.codes import QualitySource
+from edgefleet.agent.core.parts import Latency, ModelRef, Requests, SystemMetrics
+from edgefleet.agent.core.quality import Quality, QualityError, reading_from
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -248,3 +253,76 @@ def system_metrics(state_dir: PathLike = ".") -> Dict[str, Any]:
     metrics["system_uptime_s"] = system_uptime_s()
     metrics["cpu_count"] = os.cpu_count()
     return metrics
+
+
+def system_part(state_dir: PathLike = ".") -> SystemMetrics:
+    """`system_metrics()` as the telemetry's typed `system` part."""
+    m = system_metrics(state_dir)
+    return SystemMetrics(
+        process_cpu_percent=m["process_cpu_percent"],
+        system_cpu_percent=m["system_cpu_percent"],
+        rss_bytes=m["rss_bytes"],
+        disk_free_bytes=m["disk_free_bytes"],
+        disk_total_bytes=m.get("disk_total_bytes"),
+        temp_c=m["soc_temp_c"],
+        load_avg_1m=m["load_avg_1m"],
+        system_uptime_s=m["system_uptime_s"],
+        cpu_count=m["cpu_count"],
+    )
+
+
+def _finite(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def quality_readings(stats: Mapping[str, Any], last_eval: Optional[Mapping[str, Any]]) -> Tuple[Quality, ...]:
+    """The window's quality readings: the last eval (or install health check), then live feedback accuracy."""
+    out: List[Quality] = []
+    try:
+        reading = reading_from(last_eval) if last_eval else None
+    except QualityError:
+        reading = None
+    if reading is not None:
+        out.append(reading)
+    live = _finite(stats.get("live_accuracy"))
+    if live is not None:
+        samples = int(stats.get("feedback") or 0)
+        out.append(Quality("accuracy", live, samples=samples, source=QualitySource.FEEDBACK.value))
+    return tuple(out)
+
+
+def telemetry_fields(
+    stats: Optional[Mapping[str, Any]],
+    active: Any,
+    system: SystemMetrics,
+    *,
+    last_eval: Optional[Mapping[str, Any]] = None,
+    uptime_s: Optional[float] = None,
+    emulated: Optional[str] = None,
+    profile: Optional[str] = None,
+) -> Dict[str, Any]:
+    """The fields of one `Telemetry` message: `ModelServer.window_stats()`, the active model (anything
+    with `name` and `version`, or None), system metrics and the last eval report."""
+    s: Mapping[str, Any] = stats or {}
+    latency = s.get("latency_ms") or {}
+    return {
+        "model": None if active is None else ModelRef(str(active.name), int(active.version)),
+        "profile": profile,
+        "emulated": emulated,
+        "uptime_s": uptime_s,
+        "window_s": _finite(s.get("window_s")),
+        "requests": Requests(
+            count=int(s.get("count") or 0),
+            errors=int(s.get("errors") or 0),
+            errors_by_code={str(k): int(v) for k, v in (s.get("errors_by_code") or {}).items()},
+            rate_per_s=_finite(s.get("rate_per_s")),
+            feedback=int(s.get("feedback") or 0),
+            total_count=int(s.get("total_count") or 0),
+            total_errors=int(s.get("total_errors") or 0),
+        ),
+        "latency": Latency.of(int(s.get("count") or 0), lambda k: _finite(latency.get(k))),
+        "quality": quality_readings(s, last_eval),
+        "system": system,
+    }

@@ -39,6 +39,7 @@ from edgefleet.agent.core.protocol import (
     Rejected,
     State,
     Topics,
+    build_message,
     parse_command,
 )
 from edgefleet.agent.core.trust import TrustStore
@@ -91,10 +92,10 @@ class Plain:
             self.got += len(m.payload)
             _first_chunk()
             if self.transfers:
-                _, sha, index = m.topic.rsplit("/", 2)  # …/artifact/{sha256}/{index}
-                transfer = self.transfers.get(sha)
-                if transfer is not None:
-                    transfer.write_chunk(int(index), m.payload)
+                ref = Topics.parse(m.topic)
+                transfer = None if ref is None or ref.sha256 is None else self.transfers.get(ref.sha256)
+                if transfer is not None and ref is not None and ref.index is not None:
+                    transfer.write_chunk(ref.index, m.payload)
                 if all(t.complete for t in self.transfers.values()):
                     for t in self.transfers.values():
                         t.finish()
@@ -137,7 +138,7 @@ class Receiver:
         """Publish a device message with the next sequence number (state retained)."""
         self.seq += 1
         retain = cls is State
-        msg = cls(device=self.device, seq=self.seq, ts=time.time(), **fields)
+        msg = build_message(cls, self.device, self.seq, time.time(), **fields)
         topic = self.topics.state if retain else self.topics.evt
         self.client.publish(topic, msg.to_wire(), qos=1, retain=retain)
 

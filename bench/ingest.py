@@ -42,7 +42,7 @@ topics = [Topics(fleet, f"dev-{d:03d}").telemetry for d in range(devices)]
 payloads = []
 for i in range(n):
     d = i % devices
-    payloads.append((topics[d], Telemetry(device=f"dev-{d:03d}", seq=i // devices + 1, ts=time.time(), metrics=metrics).to_wire()))
+    payloads.append((topics[d], Telemetry.from_metrics(f"dev-{d:03d}", i // devices + 1, time.time(), metrics).to_wire()))
 print(json.dumps({"start": time.time(), "bytes": len(payloads[0][1])}), flush=True)
 last = None
 for topic, payload in payloads:
@@ -76,10 +76,12 @@ def run_raw(broker: PrivateMosquitto, n: int, devices: int) -> dict[str, float]:
             last[0] = time.time()
             done.set()
 
+    from edgefleet.agent.core.topics import Topics
+
     sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-raw-sub")
     sub.on_message = on_message
     sub.connect("127.0.0.1", broker.port)
-    sub.subscribe(f"edgefleet/v1/{fleet}/dev/+/telemetry", qos=1)
+    sub.subscribe(Topics.devices(fleet, "telemetry"), qos=1)
     sub.loop_start()
     time.sleep(0.5)
     start, size, proc = _publish(broker.port, fleet, n, devices)

@@ -8,11 +8,12 @@ built like `Daemon.metrics()`: an idle `ModelServer`'s window statistics plus `s
 All clients of a process share one selector loop (paho's external-loop hooks over epoll), so a process
 holds hundreds of devices without a thread, or a `select()` limit, per device.
 
-What a simulated device does NOT do: it runs no model (its telemetry windows report 0 requests and no
-latency), and on a deploy it checks the manifest's signature against the fleet key, the file list
-against the signed manifest and every file's sha256 over the chunks it received (asking for missing
-ranges when chunks stop, like the agent), but writes nothing to disk, runs no health check and reports
-`deployed` as soon as the download verifies.
+A deploy goes through the agent's own state machine (`edgefleet.agent.deployment.DeployMachine`): the
+same signature and file-list checks, chunk checks, repair requests with back-off, transfer timeout,
+hash-failure retries and events. What a simulated device does NOT do: it runs no model (its telemetry
+windows report 0 requests and no latency), its staging area lives in memory (`MemoryStaging`: chunks
+are hashed as they arrive and then dropped, nothing is written to disk), and its "install" reports
+`deployed` as soon as the download verifies, with no health check.
 
 Driven by bench/load.py over stdin/stdout, one JSON object per line (one reply per command):
 
@@ -34,8 +35,8 @@ import resource
 import selectors
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
@@ -44,36 +45,45 @@ from paho.mqtt.properties import Properties
 
 from edgefleet.agent import __version__
 from edgefleet.agent.config import AgentConfig
-from edgefleet.agent.core.errors import AgentError, ProtocolError
+from edgefleet.agent.core.errors import AgentError, TransferError
 from edgefleet.agent.core.protocol import (
     Code,
     DeployCommand,
-    Deployed,
     DeviceMessage,
     Error,
-    Missing,
-    Progress,
-    Rejected,
+    FileTransfer,
     State,
     Telemetry,
     Topics,
+    build_message,
     command_id_of,
     parse_command,
     ranges_of,
     will_payload,
 )
 from edgefleet.agent.core.trust import TrustStore
-from edgefleet.agent.core.verify import verify_manifest
+from edgefleet.agent.deployment import (
+    Action,
+    DeployMachine,
+    Discard,
+    Install,
+    PublishState,
+    Report,
+    Send,
+    Subscribe,
+    Unsubscribe,
+    verify_deploy,
+)
 from edgefleet.agent.server import ModelServer
 from edgefleet.agent.telemetry import system_metrics
 
 # The agent's own settings, so the simulated devices time repairs and keepalives as real ones do.
 _DEFAULTS = AgentConfig.__dataclass_fields__
 REPAIR_AFTER_S = float(_DEFAULTS["repair_after_s"].default)  # type: ignore[arg-type]
+TRANSFER_TIMEOUT_S = float(_DEFAULTS["transfer_timeout_s"].default)  # type: ignore[arg-type]
+MAX_CHUNK_BYTES = int(_DEFAULTS["max_chunk_bytes"].default)  # type: ignore[arg-type]
 KEEPALIVE_S = int(_DEFAULTS["keepalive_s"].default)  # type: ignore[arg-type]
 SESSION_EXPIRY_S = 7 * 24 * 3600  # as edgefleet.agent.mqtt_session
-MAX_RANGES_PER_REQUEST = 256  # as edgefleet.agent.daemon
-MAX_REPAIR_INTERVAL_S = 30.0  # as edgefleet.agent.daemon
 PROFILE = "x86-64"
 
 
@@ -102,39 +112,95 @@ class SharedSystemMetrics:
         return self.value
 
 
-@dataclass
-class FileState:
-    """One file of a deploy in transit: chunks seen, running hash over the in-order prefix."""
+class MemoryTransfer:
+    """One file received into memory: the checks of `edgefleet.agent.transfer.Transfer`, no disk.
 
-    sha256: str
-    size: int
-    chunk_size: int
-    chunks: int
-    chunk_sha256: tuple[str, ...]
-    have: set[int] = field(default_factory=set)
-    held: dict[int, bytes] = field(default_factory=dict)
-    next: int = 0
-    hash: Any = field(default_factory=hashlib.sha256)
+    Chunks are checked against the host's per-chunk hashes as they arrive, folded into a running
+    whole-file hash once in order, and dropped; `finish()` compares that hash with the signed one.
+    """
+
+    def __init__(self, spec: FileTransfer) -> None:
+        self.spec = spec
+        self.have: set[int] = set()
+        self.held: dict[int, bytes] = {}
+        self.next = 0
+        self.hash = hashlib.sha256()
+
+    @property
+    def received(self) -> int:
+        """Distinct chunks received."""
+        return len(self.have)
 
     @property
     def complete(self) -> bool:
         """Every chunk arrived."""
-        return self.next == self.chunks
+        return len(self.have) == self.spec.chunks
+
+    def write_chunk(self, index: int, data: bytes) -> bool:
+        """Take one chunk; False for a duplicate; TransferError for a bad index, size or hash."""
+        spec = self.spec
+        if not 0 <= index < spec.chunks:
+            raise TransferError(
+                Code.CHUNK_INDEX, f"chunk {index} of {spec.sha256[:12]}… is past its {spec.chunks} chunks"
+            )
+        expected = (
+            spec.chunk_size if index < spec.chunks - 1 else spec.size - spec.chunk_size * (spec.chunks - 1)
+        )
+        if len(data) != expected:
+            code = Code.CHUNK_OVERSIZE if len(data) > expected else Code.CHUNK_SIZE
+            raise TransferError(
+                code, f"chunk {index} of {spec.sha256[:12]}… has {len(data)} bytes, not {expected}"
+            )
+        if spec.chunk_sha256 and hashlib.sha256(data).hexdigest() != spec.chunk_sha256[index]:
+            raise TransferError(
+                Code.CHUNK_HASH, f"chunk {index} of {spec.file!r} does not match its hash: refused"
+            )
+        if index in self.have:
+            return False
+        self.have.add(index)
+        self.held[index] = data
+        while self.next in self.held:
+            self.hash.update(self.held.pop(self.next))
+            self.next += 1
+        return True
+
+    def missing_ranges(self, limit: int | None = None) -> list[list[int]]:
+        """Missing chunks as inclusive `[start, end]` ranges (at most `limit`)."""
+        ranges = ranges_of([i for i in range(self.spec.chunks) if i not in self.have])
+        return ranges if limit is None else ranges[:limit]
+
+    def finish(self) -> Path:
+        """Check the whole file against its signed sha256; on mismatch start over and raise."""
+        if self.hash.hexdigest() != self.spec.sha256:
+            self.have, self.held, self.next, self.hash = set(), {}, 0, hashlib.sha256()
+            raise TransferError(
+                Code.HASH_MISMATCH,
+                f"{self.spec.file!r} does not match its signed sha256 {self.spec.sha256[:12]}…",
+            )
+        return Path("<memory>") / self.spec.sha256  # nothing to install from: see the module docstring
 
 
-@dataclass
-class PendingDeploy:
-    """A deploy being downloaded."""
+class MemoryStaging:
+    """The staging area of a simulated device: its open transfers, in memory."""
 
-    command: DeployCommand
-    name: str
-    version: int
-    files: dict[str, FileState]
-    received_at: float
-    last_progress: float
-    next_repair: float
-    repair_interval: float = REPAIR_AFTER_S
-    received_at_request: int = -1
+    def __init__(self) -> None:
+        self.open_transfers: dict[str, MemoryTransfer] = {}
+
+    def open(self, spec: FileTransfer) -> MemoryTransfer:
+        """Open (or keep) the transfer of one file."""
+        current = self.open_transfers.get(spec.sha256)
+        if current is None or current.spec != spec:
+            current = self.open_transfers[spec.sha256] = MemoryTransfer(spec)
+        return current
+
+    def discard(self, sha256: str) -> None:
+        """Drop one transfer."""
+        self.open_transfers.pop(sha256, None)
+
+    def prune(self, keep: Iterable[str] = ()) -> None:
+        """Drop every transfer but those of `keep`."""
+        kept = set(keep)
+        self.open_transfers = {k: v for k, v in self.open_transfers.items() if k in kept}
 
 
 class SimDevice:
@@ -149,8 +215,14 @@ class SimDevice:
         self.started = time.time()
         self.server = ModelServer(threads=1)
         self.active: dict[str, Any] | None = None
-        self.pending: PendingDeploy | None = None
-        self.outcome: tuple[str, type[DeviceMessage], dict[str, Any]] | None = None
+        self.machine = DeployMachine(
+            MemoryStaging(),
+            self._verify,
+            device_id=self.device_id,
+            repair_after_s=REPAIR_AFTER_S,
+            transfer_timeout_s=TRANSFER_TIMEOUT_S,
+            max_chunk_bytes=MAX_CHUNK_BYTES,
+        )
         self.connected = False
         self.subscribed = False
         self.birth_mid: int | None = None
@@ -223,7 +295,7 @@ class SimDevice:
             }
         seq = self.seq
         self.seq += 1
-        message = cls(device=self.device_id, seq=seq, ts=round(time.time(), 3), **fields)
+        message = build_message(cls, self.device_id, seq, round(time.time(), 3), **fields)
         if isinstance(message, State):
             topic, retain = self.topics.state, True
         elif isinstance(message, Telemetry):
@@ -258,6 +330,7 @@ class SimDevice:
             self.pool.fail(f"{self.device_id}: the broker refused the connection: {reason}")
             return
         self.connected = True
+        self.machine.reconnected(time.monotonic())
         client.subscribe([(self.topics.cmd, 1), (self.topics.repair_filter, 1)])
         self.send(State, online=True, info=self.state_info())
 
@@ -286,7 +359,7 @@ class SimDevice:
             if message.topic == self.topics.cmd:
                 cmd = parse_command(payload)
                 if isinstance(cmd, DeployCommand):
-                    self.on_deploy(cmd)
+                    self.perform(self.machine.deploy(cmd, time.monotonic()))
                 else:
                     self.send(
                         Error,
@@ -297,162 +370,48 @@ class SimDevice:
                 return
             where = self.topics.parse_chunk_topic(message.topic)
             if where is not None:
-                self.on_chunk(
-                    where[0], where[1], payload, repair=message.topic.startswith(self.topics.device)
+                repair = message.topic.startswith(self.topics.device + "/")
+                self.perform(
+                    self.machine.chunk(where[0], where[1], payload, repair=repair, now=time.monotonic())
                 )
         except AgentError as exc:
             ref = command_id_of(payload) if message.topic == self.topics.cmd else message.topic
             self.send(Error, code=exc.code, reason=exc.reason, ref=ref)
 
-    # ---- deploy -------------------------------------------------------------------------------
+    # ---- deploy: the agent's state machine decides, this device performs ------------------------
 
-    def on_deploy(self, cmd: DeployCommand) -> None:
-        """Verify the signed manifest and file list, then subscribe to the chunks, as the agent does."""
-        if cmd.device is not None and cmd.device != self.device_id:
-            raise ProtocolError(
-                Code.WRONG_DEVICE, f"deploy {cmd.id!r} is addressed to {cmd.device!r}, not {self.device_id!r}"
-            )
-        if self.pending is not None and self.pending.command.id == cmd.id:
-            self.pending.next_repair = time.monotonic()
-            return
-        if self.outcome is not None and self.outcome[0] == cmd.id:
-            self.send(self.outcome[1], **self.outcome[2])
-            return
-        received = time.monotonic()
-        self.send(Progress, deploy=cmd.id, step="verify-manifest", detail={})
-        try:
-            manifest = verify_manifest(
-                cmd.manifest,
-                cmd.signatures,
-                self.pool.trust,
-                profile=PROFILE,
-                device_id=self.device_id,
-                ledger=None,
-            )
-            signed = dict(manifest.files)
-            declared = {f.file: f for f in cmd.files}
-            if set(declared) != set(signed) or any(
-                declared[n].sha256 != e.sha256 or declared[n].size != e.size for n, e in signed.items()
-            ):
-                raise ProtocolError(
-                    "files-mismatch", "the deploy's file list differs from the signed manifest"
-                )
-        except AgentError as exc:
-            self.finish(cmd.id, Rejected, step="verify-manifest", code=exc.code, reason=exc.reason)
-            return
-        files = {
-            f.sha256: FileState(f.sha256, f.size, f.chunk_size, f.chunks, tuple(f.chunk_sha256))
-            for f in cmd.files
-        }
-        now = time.monotonic()
-        self.pending = PendingDeploy(
-            cmd, manifest.name, int(manifest.version), files, received, now, now + REPAIR_AFTER_S
-        )
-        for sha in files:
-            self.client.subscribe(self.topics.artifact_filter(sha), qos=1)
-        # The subscriptions go out before this event on the same connection, as in the agent.
-        self.send(
-            Progress,
-            deploy=cmd.id,
-            step="download",
-            detail={
-                "name": manifest.name,
-                "version": int(manifest.version),
-                "chunks": sum(f.chunks for f in files.values()),
-                "have": 0,
-            },
-        )
-        self.maybe_complete()
+    def _verify(self, cmd: DeployCommand) -> Any:
+        return verify_deploy(cmd, self.pool.trust, profile=PROFILE, device_id=self.device_id, ledger=None)
 
-    def on_chunk(self, sha: str, index: int, data: bytes, *, repair: bool) -> None:
-        """Take one chunk: range and size checks, the per-chunk hint, the running whole-file hash."""
-        pending = self.pending
-        fs = pending.files.get(sha) if pending is not None else None
-        if pending is None or fs is None:
-            if repair:
-                raise ProtocolError(
-                    Code.UNKNOWN_TRANSFER, f"chunk {index} of {sha[:12]}… belongs to no deploy in progress"
-                )
-            return  # a broadcast for others, or one that arrives after this device finished
-        if index >= fs.chunks:
-            raise ProtocolError(
-                Code.CHUNK_INDEX, f"chunk {index} of {sha[:12]}… is past its {fs.chunks} chunks"
-            )
-        expected = fs.chunk_size if index < fs.chunks - 1 else fs.size - fs.chunk_size * (fs.chunks - 1)
-        if len(data) != expected:
-            raise ProtocolError(
-                Code.CHUNK_SIZE, f"chunk {index} of {sha[:12]}… has {len(data)} bytes, not {expected}"
-            )
-        if fs.chunk_sha256 and hashlib.sha256(data).hexdigest() != fs.chunk_sha256[index]:
-            raise ProtocolError(Code.CHUNK_HASH, f"chunk {index} of {sha[:12]}… does not match its hash")
-        if index in fs.have:
-            return
-        fs.have.add(index)
-        fs.held[index] = data
-        while fs.next in fs.held:
-            fs.hash.update(fs.held.pop(fs.next))
-            fs.next += 1
-        pending.last_progress = time.monotonic()
-        pending.next_repair = pending.last_progress + REPAIR_AFTER_S
-        if fs.complete:
-            self.client.unsubscribe(self.topics.artifact_filter(sha))
-        self.maybe_complete()
+    def perform(self, actions: list[Action]) -> None:
+        """Carry out the machine's actions as the agent's wiring does (persistence is skipped: no disk)."""
+        for action in actions:
+            if isinstance(action, Send):
+                self.send(action.cls, **action.fields)
+            elif isinstance(action, Report):
+                self.send(Error, code=action.code, reason=action.reason, ref=action.ref)
+            elif isinstance(action, Subscribe):
+                self.client.subscribe(self.topics.artifact_filter(action.sha256), qos=1)
+            elif isinstance(action, Unsubscribe):
+                self.client.unsubscribe(self.topics.artifact_filter(action.sha256))
+            elif isinstance(action, Discard):
+                for sha in action.sha256s:
+                    self.machine.staging.discard(sha)
+            elif isinstance(action, PublishState):
+                self.send(State, online=True, info=self.state_info())
+            elif isinstance(action, Install):
+                # Nothing is installed or health-checked here (see the module docstring): the new model
+                # is reported active at once.
+                self.active = {"name": action.name, "version": action.version}
+                self.deploy_seconds = time.monotonic() - action.started
+                self.perform(self.machine.installed(action.command.id, action.name, action.version, {}))
+            # SavePending, SaveOutcome, ClearPending: a simulated device keeps its state in memory.
 
-    def maybe_complete(self) -> None:
-        """When every file arrived: check the signed hashes, then report the outcome."""
-        pending = self.pending
-        if pending is None or not all(f.complete for f in pending.files.values()):
-            return
-        bad = [f.sha256[:12] for f in pending.files.values() if f.hash.hexdigest() != f.sha256]
-        if bad:
-            self.finish(
-                pending.command.id,
-                Rejected,
-                step="download",
-                code=Code.HASH_MISMATCH,
-                reason=f"files {bad} do not match their signed sha256",
-            )
-            return
-        self.send(
-            Progress, deploy=pending.command.id, step="downloaded", detail={"files": len(pending.files)}
-        )
-        # Nothing is installed or health-checked here (see the module docstring): the new model is
-        # reported active at once.
-        self.active = {"name": pending.name, "version": pending.version}
-        self.deploy_seconds = time.monotonic() - pending.received_at
-        self.finish(pending.command.id, Deployed, name=pending.name, version=pending.version, health={})
-
-    def finish(self, deploy_id: str, cls: type[DeviceMessage], **fields: Any) -> None:
-        """Send the outcome, remember it for a repeated command, re-publish the birth state."""
-        pending = self.pending
-        if pending is not None and pending.command.id == deploy_id:
-            for sha, fs in pending.files.items():
-                if not fs.complete:
-                    self.client.unsubscribe(self.topics.artifact_filter(sha))
-            self.pending = None
-        self.outcome = (deploy_id, cls, {"deploy": deploy_id, **fields})
-        self.send(cls, deploy=deploy_id, **fields)
-        self.send(State, online=True, info=self.state_info())
-
-    def check_download(self, now: float) -> None:
-        """Ask for missing chunk ranges once chunks stop, backing off while nothing comes (as the agent)."""
-        pending = self.pending
-        if pending is None or now < pending.next_repair or not self.connected:
-            return
-        received = sum(len(f.have) for f in pending.files.values())
-        if received != pending.received_at_request:
-            pending.repair_interval = REPAIR_AFTER_S
-        else:
-            pending.repair_interval = min(MAX_REPAIR_INTERVAL_S, pending.repair_interval * 2)
-        pending.received_at_request = received
-        pending.next_repair = now + pending.repair_interval
-        for sha, fs in pending.files.items():
-            if not fs.complete:
-                missing = [i for i in range(fs.chunks) if i not in fs.have]
-                ranges = ranges_of(missing)[:MAX_RANGES_PER_REQUEST]
-                self.send(
-                    Missing, deploy=pending.command.id, sha256=sha, ranges=tuple((a, b) for a, b in ranges)
-                )
+    @property
+    def outcome(self) -> str | None:
+        """The type of the last deploy's outcome event ("deployed", "rejected"), if one ended."""
+        last = self.machine.last_outcome
+        return None if last is None else str(last["event"]["type"])
 
 
 class Loop:
@@ -555,8 +514,8 @@ class Pool:
         if mono >= self._next_check:
             self._next_check = mono + 0.1
             for dev in self.devices:
-                if dev.pending is not None:
-                    dev.check_download(mono)
+                if dev.machine.pending is not None:
+                    dev.perform(dev.machine.tick(mono, connected=dev.connected))
         if mono >= self._next_misc:
             self._next_misc = mono + 1.0
             for dev in self.devices:
@@ -666,7 +625,7 @@ class Pool:
             "unacked": sum(len(d.inflight) for d in self.devices),
             "scheduled_left": len(self.schedule) if self.end_at is not None else 0,
             "send_lateness_ms": {"p50": q(50), "p99": q(99), "max": q(100)},
-            "outcomes": {d.device_id: (d.outcome[1].TYPE if d.outcome else None) for d in self.devices},
+            "outcomes": {d.device_id: d.outcome for d in self.devices},
             "active": {d.device_id: d.active for d in self.devices},
             "deploy_seconds": [
                 round(d.deploy_seconds, 4) for d in self.devices if d.deploy_seconds is not None

@@ -158,12 +158,13 @@ def staging_root() -> Path:
 def run_fanout(
     broker: PrivateMosquitto, bundle: Path, devices: int, chunk: int, mode: str = "plain", round_: int = 0
 ) -> dict[str, Any]:
+    from edgefleet.agent.core.topics import Topics
     from edgefleet.sdk.fleet.mqtt_url import MqttOptions, connect
     from edgefleet.sdk.fleet.transfer import Blob, BundleTransfer, TransferStats
 
     total = bundle_bytes(bundle)
     fleet = f"fanout{mode.replace('-', '')}{round_}"
-    topic = f"edgefleet/v1/{fleet}/artifact/#"
+    topic = Topics.broadcast_filter(fleet)
     staging = staging_root()
     if mode == "plain-staged":
         # The very file specs (sizes, chunk hashes) a deploy command would carry.

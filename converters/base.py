@@ -3,28 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterable, Optional
 
 import numpy as np
 
 from edgefleet.agent.core.registry import Registry
+from edgefleet.agent.core.runtimes.base import TensorInfo
 from edgefleet.converters.errors import ConversionError
 from edgefleet.converters.parity import ParityReport, ParityTolerance
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One model input or output: name, shape (None for a dynamic dimension) and numpy dtype name."""
-
-    name: str
-    shape: tuple[Optional[int], ...]
-    dtype: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (shape as a list)."""
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+# One model input or output (name, numpy dtype name, shape with None for a dynamic dimension): the
+# device runtime's own type, so host and device describe tensors the same way.
+TensorSpec = TensorInfo
 
 
 @dataclass
@@ -73,7 +66,7 @@ class Converter:
     @classmethod
     def missing(cls) -> list[str]:
         """Modules this converter needs that cannot be imported here."""
-        return [name for name in cls.requires if importlib.util.find_spec(name) is None]
+        return unimportable(cls.requires)
 
     def check_available(self) -> None:
         """Raise ConversionError naming the packages to install when something is missing."""
@@ -101,6 +94,24 @@ class Converter:
 
 CONVERTERS: Registry[type[Converter]] = Registry("converter")
 """Converters registered by name (e.g. "torch-onnx", "onnx-optimize", "torch-tflite")."""
+
+
+def unimportable(modules: Iterable[str]) -> list[str]:
+    """The names in `modules` that cannot be imported here (not installed, or blocked), without importing them."""
+    out = []
+    for name in modules:
+        if name in sys.modules:
+            # A None entry is how Python (and tests) mark a module whose import must fail.
+            if sys.modules[name] is None:
+                out.append(name)
+            continue
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package that fails, or a module without a spec
+            found = False
+        if not found:
+            out.append(name)
+    return out
 
 
 def short_reason(exc: BaseException, limit: int = 400) -> str:

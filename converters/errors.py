@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from edgefleet.sdk.errors import EdgefleetError
+
 if TYPE_CHECKING:
     from edgefleet.converters.parity import ParityReport
 
 
-class ConversionError(Exception):
+class ConversionError(EdgefleetError):
     """A model could not be converted; the message names the problem and what to try instead."""
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from edgefleet.converters.base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
 from edgefleet.converters.parity import ParityTolerance, check_parity, compare_many
-from edgefleet.converters.runners import OnnxRunner
+from edgefleet.converters.runners import named_feeds, open_runner
 
 # "all" is left out on purpose: it adds layout transforms (NCHWc) specific to this host's CPU, so
 # the saved graph would not be portable to an ARM device.
@@ -31,7 +31,7 @@ class OnnxOptimize(Converter):
     source = "onnx"
     target = "onnx"
     requires = ("onnx", "onnxruntime", "onnxslim")
-    default_tolerance = ParityTolerance(atol=1e-4, rtol=1e-3, min_top1_agreement=0.99, min_cosine=0.9999)
+    default_tolerance = ParityTolerance(atol=1e-4, rtol=1e-3, min_agreement=0.99, min_fidelity_row=0.9999)
 
     def convert(self, model: Any, out_path: Path, sample_inputs: dict[str, np.ndarray]) -> ConversionResult:
         """Optimize the ONNX file `model` into `out_path` and check it against the original."""
@@ -42,8 +42,8 @@ class OnnxOptimize(Converter):
         if level not in ORT_LEVELS:
             raise ConversionError(f"unknown ort_level {level!r}; choose one of {', '.join(ORT_LEVELS)}")
         slim = bool(self.options.get("slim", True))
-        source_runner = OnnxRunner(src)
-        feeds = _feeds_for(source_runner, sample_inputs)
+        source_runner = open_runner(src)
+        feeds = named_feeds(source_runner, sample_inputs)
         reference = source_runner.run(feeds)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".optimize-") as tmp:
@@ -55,7 +55,7 @@ class OnnxOptimize(Converter):
                 optimized = Path(tmp) / "ort.onnx"
                 _ort_optimize(current, optimized, level)
                 current = optimized
-            result_runner = OnnxRunner(current)
+            result_runner = open_runner(current)
             try:
                 parity = compare_many(reference, result_runner.run(feeds))
             except ValueError as exc:
@@ -75,16 +75,6 @@ class OnnxOptimize(Converter):
                 "bytes_after": out_path.stat().st_size,
             },
         )
-
-
-def _feeds_for(runner: OnnxRunner, sample_inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Sample inputs keyed by the graph's input names (by name when they match, else by position)."""
-    names = [s.name for s in runner.inputs]
-    if all(n in sample_inputs for n in names):
-        return {n: sample_inputs[n] for n in names}
-    if len(sample_inputs) != len(names):
-        raise ConversionError(f"the model takes inputs {names}; got {list(sample_inputs)}")
-    return dict(zip(names, sample_inputs.values()))
 
 
 def _slim(src: Path, dst: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 
 from edgefleet.converters.base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
 from edgefleet.converters.parity import ParityTolerance, check_parity, compare_many
-from edgefleet.converters.runners import OnnxRunner
+from edgefleet.converters.runners import named_feeds, open_runner
 
 if TYPE_CHECKING:
     from torch import nn
@@ -73,7 +73,7 @@ class TorchToOnnx(Converter):
     source = "torch"
     target = "onnx"
     requires = ("torch", "onnx", "onnxruntime")
-    default_tolerance = ParityTolerance(atol=1e-4, rtol=1e-3, min_top1_agreement=0.99, min_cosine=0.9999)
+    default_tolerance = ParityTolerance(atol=1e-4, rtol=1e-3, min_agreement=0.99, min_fidelity_row=0.9999)
 
     def convert(self, model: Any, out_path: Path, sample_inputs: dict[str, np.ndarray]) -> ConversionResult:
         """Export `model` to `out_path` and compare onnxruntime's outputs with torch's."""
@@ -115,9 +115,9 @@ class TorchToOnnx(Converter):
         else:
             self._export(module, out_path, sample_inputs, len(reference), opset, exporter)
         details["exporter"] = exporter
-        runner = OnnxRunner(out_path)
+        runner = open_runner(out_path)
         try:
-            got = runner.run(dict(zip([s.name for s in runner.inputs], sample_inputs.values())))
+            got = runner.run(named_feeds(runner, sample_inputs))
             parity = compare_many(reference, got)
         except (ValueError, ConversionError) as exc:
             out_path.unlink(missing_ok=True)
@@ -200,11 +200,8 @@ def _interleaved_median_ms(
     paths: dict[str, Path], sample_inputs: dict[str, np.ndarray], runs: int = 20
 ) -> dict[str, float]:
     """Median single-thread onnxruntime latency of each file, runs alternating so load drift hits all alike."""
-    runners = {name: OnnxRunner(path, threads=1) for name, path in paths.items()}
-    feeds = {
-        name: dict(zip([s.name for s in runner.inputs], sample_inputs.values()))
-        for name, runner in runners.items()
-    }
+    runners = {name: open_runner(path, threads=1) for name, path in paths.items()}
+    feeds = {name: named_feeds(runner, sample_inputs) for name, runner in runners.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     for name, runner in runners.items():
         runner.run(feeds[name])  # warm-up

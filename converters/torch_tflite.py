@@ -12,7 +12,7 @@ import numpy as np
 
 from edgefleet.converters.base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
 from edgefleet.converters.parity import ParityTolerance, check_parity, compare_many
-from edgefleet.converters.runners import TfliteRunner
+from edgefleet.converters.runners import named_feeds, open_runner
 from edgefleet.converters.torch_onnx import as_module, torch_outputs
 
 
@@ -35,7 +35,7 @@ class TorchToTflite(Converter):
     source = "torch"
     target = "tflite"
     requires = ("torch", "litert_torch", "ai_edge_litert")
-    default_tolerance = ParityTolerance(atol=1e-4, rtol=1e-3, min_top1_agreement=0.99, min_cosine=0.9999)
+    default_tolerance = ParityTolerance(atol=1e-4, rtol=1e-3, min_agreement=0.99, min_fidelity_row=0.9999)
 
     def convert(self, model: Any, out_path: Path, sample_inputs: dict[str, np.ndarray]) -> ConversionResult:
         """Convert `model` into `out_path`; parity is measured on every sample input."""
@@ -70,15 +70,15 @@ class TorchToTflite(Converter):
                 "unsupported, build for the ONNX format instead"
             ) from exc
         try:
-            runner = TfliteRunner(tmp, threads=1)
-            got = runner.run(dict(zip([s.name for s in runner.inputs], sample_inputs.values())))
+            runner = open_runner(tmp, threads=1, runtime="tflite")
+            got = runner.run(named_feeds(runner, sample_inputs))
             parity = compare_many(reference, got)
             check_parity(parity, self.tolerance, "torch → TFLite")
         except Exception:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, out_path)
-        runner = TfliteRunner(out_path, threads=1)
+        runner = open_runner(out_path, threads=1, runtime="tflite")
         return ConversionResult(
             path=out_path,
             parity=parity,

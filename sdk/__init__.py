@@ -6,7 +6,17 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
+
+# The host's dependencies (torch, litert-torch, fastapi, ...) need Python >= 3.10. A device with only the
+# `agent` extra still gets the `edgefleet` script: say why it cannot run rather than fail deep in an import.
+if sys.version_info < (3, 10):
+    raise ImportError(
+        f"edgefleet's host SDK (the `edgefleet` command, extra [host]) needs Python >= 3.10; this is Python "
+        f"{sys.version_info[0]}.{sys.version_info[1]}. On a device run `edgefleet-agent` (extra [agent]), "
+        "which runs on Python 3.8+."
+    )
 
 __all__ = ["Fleet", "build"]
 

@@ -47,7 +47,7 @@ class Observer:
         self.client.on_message = lambda c, u, m: self.inbox.put((m.topic, bytes(m.payload), bool(m.retain)))
         connected = threading.Event()
         self.client.on_connect = lambda c, u, f, r, p: (c.subscribe(topic_filter, qos=1), connected.set())
-        host, port = url.removeprefix("mqtt://").split(":")
+        host, port = url.split("://", 1)[-1].split(":")  # Python 3.8 has no removeprefix
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 300
         self.client.connect(host, int(port), clean_start=False, properties=props)

@@ -88,9 +88,10 @@ def test_install_then_update_then_rollback(env: Env) -> None:
 
 def test_reference_bundle_checks_fidelity(env: Env) -> None:
     result = env.install(env.bundle(1, reference=True, min_fidelity=0.999))
-    assert result.health["metric"] == "cosine" and result.health["value"] > 0.999
+    # an old manifest (eval.metric cosine, health.min_fidelity) is scored in the vocabulary's names
+    assert result.health["metric"] == "fidelity" and result.health["value"] > 0.999
     report = env.installer.evaluate()
-    assert report["metric"] == "cosine" and report["top1_agreement"] == 1.0
+    assert report["metric"] == "fidelity" and report["detail"]["agreement"] == 1.0
 
 
 @pytest.mark.parametrize(

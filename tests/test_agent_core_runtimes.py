@@ -10,6 +10,7 @@ import pytest
 from edgefleet.agent.core.errors import RuntimeLoadError
 from edgefleet.agent.core.runtimes import RUNTIMES, load_runtime
 from edgefleet.agent.core.runtimes.onnx import choose_providers
+from edgefleet.agent.core.runtimes.tflite import tensor_names
 from tests.agent_core_support import IN_FEATURES, predict, tiny_onnx
 
 
@@ -81,3 +82,13 @@ def test_tflite_runtime_runs_litert_model(tmp_path: Path) -> None:
     np.testing.assert_allclose(many[0], want, rtol=1e-4, atol=1e-5)
     assert "XNNPACK" in rt.providers[0]
     assert rt.threads == 2
+    # the short name the build writes into the manifest and eval.npz, not 'serving_default_args_0:0'
+    assert ":" not in name and not name.startswith("serving_default_")
+    assert rt.fixed_batch == 1
+
+
+def test_tflite_tensor_names_are_short_unless_they_would_collide() -> None:
+    assert tensor_names(["serving_default_x:0", "serving_default_mask:0"]) == ["x", "mask"]
+    assert tensor_names(["StatefulPartitionedCall:0"]) == ["StatefulPartitionedCall"]
+    # shortening would make two inputs one name: the raw names stay
+    assert tensor_names(["serving_default_x:0", "x:1"]) == ["serving_default_x:0", "x:1"]

@@ -212,12 +212,12 @@ def test_a_flood_of_bad_input_is_rate_limited_not_echoed(agent: Agent) -> None:
 
 
 def test_deploy_flow_refuses_bad_chunks_then_installs_what_arrived(agent: Agent) -> None:
-    from edgefleet.sdk.push import BundlePusher
+    from edgefleet.sdk.fleet.transfer import BundleTransfer
 
-    # prepare: a signed deploy command for this device
+    # prepare: a signed deploy command for this device, as the fleet's sender builds it
     bundle = agent.state_dir.parent / "bundle"
-    pusher = BundlePusher(bundle, chunk_size=512)
-    cmd = pusher.deploy_command("d-flow", "dev-1")
+    transfer = BundleTransfer(bundle, chunk_size=512)
+    cmd = transfer.deploy_command("d-flow", "dev-1")
     model = next(f for f in cmd.files if f.file == "model.onnx")
     # act: the command is verified and the download starts
     sent = _answers(agent, agent.topics.cmd, cmd.to_wire())
@@ -239,7 +239,9 @@ def test_deploy_flow_refuses_bad_chunks_then_installs_what_arrived(agent: Agent)
     for spec in cmd.files:
         for i in range(spec.chunks):
             for topic in (agent.topics.artifact(spec.sha256, i), agent.topics.repair(spec.sha256, i)):
-                assert _answers(agent, topic, pusher.chunk(spec.sha256, i)) == [] or i == spec.chunks - 1
+                assert (
+                    _answers(agent, topic, transfer.blobs[spec.sha256].chunk(i)) == [] or i == spec.chunks - 1
+                )
     assert agent._install_thread is not None
     agent._install_thread.join(10)
     # assert: the installer got the exact files, and its refusal became a Rejected event with its step

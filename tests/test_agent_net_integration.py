@@ -7,7 +7,7 @@ import json
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -17,13 +17,14 @@ from edgefleet.agent.core.protocol import (
     InferCommand,
     Result,
     RollbackCommand,
+    State,
     StatusCommand,
     Telemetry,
+    Topics,
     decode_array,
     encode_array,
 )
 from edgefleet.agent.daemon import Agent
-from edgefleet.sdk.push import BundlePusher
 from tests.agent_net_support import (
     IN_FEATURES,
     PERSISTENT_BROKER,
@@ -35,6 +36,7 @@ from tests.agent_net_support import (
     export_tiny_onnx,
     make_bundle,
 )
+from tests.fleet_support import Host, Outcome
 
 pytestmark = pytest.mark.broker
 CHUNK = 256
@@ -71,6 +73,14 @@ def broker(mosquitto_factory):  # type: ignore[no-untyped-def]
     return mosquitto_factory(PERSISTENT_BROKER)
 
 
+@pytest.fixture
+def host(tmp_path, broker, fleet_name, artifacts):  # type: ignore[no-untyped-def]
+    """The fleet's control plane (its real sender), trusting the test key."""
+    h = Host(broker.url, fleet_name, tmp_path / "host", artifacts["key"])
+    yield h
+    h.close()
+
+
 def _agent(tmp_path: Path, url: str, fleet: str, key: Path, device: str = "dev-1", **extra: Any) -> Agent:
     cfg = load_config(
         None,
@@ -95,22 +105,25 @@ def _agent(tmp_path: Path, url: str, fleet: str, key: Path, device: str = "dev-1
     return agent
 
 
-def _push(bundle: Path, url: str, fleet: str, device: str = "dev-1", **kw: Any) -> Any:
-    pusher = BundlePusher(bundle, broker_url=url, fleet=fleet, chunk_size=CHUNK)
-    return pusher.push([device], timeout_s=kw.pop("timeout_s", 60), **kw)[device]
+def _push(host: Host, bundle: Path, device: str = "dev-1", **kw: Any) -> Outcome:
+    """Deploy through the fleet's sender in small chunks, so a transfer spans many messages."""
+    return host.deploy(bundle, device, timeout_s=kw.pop("timeout_s", 60), chunk_size=CHUNK, **kw)
 
 
 def _x() -> np.ndarray:
     return np.random.default_rng(5).standard_normal((3, IN_FEATURES)).astype(np.float32)
 
 
-def _telemetry_with_version(obs: Observer, version: int, timeout: float = 10) -> dict[str, Any]:
+def _telemetry(obs: Observer, want: Callable[[Telemetry], bool], timeout: float = 10) -> Telemetry:
     _, msg, _ = obs.next(
-        lambda t, p: t.endswith("/telemetry") and json.loads(p)["metrics"].get("model_version") == version,
-        timeout=timeout,
+        lambda t, p: t.endswith("/telemetry") and want(Telemetry.from_wire(p)), timeout=timeout
     )
     assert isinstance(msg, Telemetry)
-    return msg.metrics
+    return msg
+
+
+def _telemetry_with_version(obs: Observer, version: int, timeout: float = 10) -> Telemetry:
+    return _telemetry(obs, lambda m: m.model is not None and m.model.version == version, timeout)
 
 
 def _active_version(payload: bytes) -> int | None:
@@ -125,34 +138,32 @@ def _command(obs: Observer, agent_topic_cmd: str, payload: bytes, ref: str) -> R
     return msg
 
 
-def test_deploy_switch_telemetry_and_rollback(tmp_path, broker, fleet_name, artifacts) -> None:  # type: ignore[no-untyped-def]
+def test_deploy_switch_telemetry_and_rollback(tmp_path, broker, fleet_name, artifacts, host) -> None:  # type: ignore[no-untyped-def]
     agent = _agent(
         tmp_path, broker.url, fleet_name, artifacts["key"], mqtt_infer=True, http_enabled=True, http_port=0
     )
-    obs = Observer(broker.url, f"edgefleet/v1/{fleet_name}/#")
+    obs = Observer(broker.url, Topics.fleet_filter(fleet_name))
     try:
         # act: first deploy
-        first = _push(artifacts["v1"], broker.url, fleet_name)
+        first = _push(host, artifacts["v1"])
         # assert: installed through every step, serving, reported in telemetry
         assert first.status == "deployed", first
         assert first.steps[:3] == ["verify-manifest", "download", "downloaded"]
         out = agent.infer({"x": _x()})
         assert out.outputs["logits"].shape == (3, 4) and out.model_version == 1
-        metrics = _telemetry_with_version(obs, 1)
-        assert metrics["model"] == "tiny"
-        assert metrics["eval"]["source"] == "install"
+        telemetry = _telemetry_with_version(obs, 1)
+        assert telemetry.model is not None and telemetry.model.name == "tiny"
+        assert telemetry.quality_of("accuracy", "eval") is not None  # the install's health check
         # feedback on a prediction shows up as live accuracy in the next telemetry window
         one = agent.infer({"x": _x()[:1]})
         agent.feedback(one.request_id, int(one.outputs["logits"].argmax()))
-        _, live, _ = obs.next(
-            lambda t, p: t.endswith("/telemetry") and json.loads(p)["metrics"].get("feedback", 0) > 0
-        )
-        assert live.metrics["live_accuracy"] == 1.0  # type: ignore[attr-defined]
+        live = _telemetry(obs, lambda m: m.requests.feedback > 0).quality_of("accuracy", "feedback")
+        assert live is not None and live.value == 1.0
         # the local HTTP endpoint serves the same model
         with urllib.request.urlopen(f"http://127.0.0.1:{agent.http_port}/v1/model", timeout=5) as reply:
             assert json.loads(reply.read())["version"] == 1
         # second deploy replaces it
-        second = _push(artifacts["v2"], broker.url, fleet_name)
+        second = _push(host, artifacts["v2"])
         assert second.status == "deployed", second
         assert agent.infer({"x": _x()}).model_version == 2
         _telemetry_with_version(obs, 2)
@@ -176,40 +187,42 @@ def test_deploy_switch_telemetry_and_rollback(tmp_path, broker, fleet_name, arti
 
 
 def test_bad_bundles_are_rejected_and_the_old_model_keeps_serving(
-    tmp_path, broker, fleet_name, artifacts
+    tmp_path, broker, fleet_name, artifacts, host
 ) -> None:  # type: ignore[no-untyped-def]
     agent = _agent(tmp_path, broker.url, fleet_name, artifacts["key"])
     try:
-        assert _push(artifacts["v1"], broker.url, fleet_name).status == "deployed"
+        assert _push(host, artifacts["v1"]).status == "deployed"
         for name, step in (("broken", "load"), ("inaccurate", "health"), ("slow", "health")):
-            outcome = _push(artifacts[name], broker.url, fleet_name)
-            assert outcome.status == "rejected", (name, outcome)
-            assert outcome.event["step"] == step and outcome.event["reason"], (name, outcome.event)
+            outcome = _push(host, artifacts[name])
+            assert outcome.status == "rejected" and outcome.rejected is not None, (name, outcome)
+            assert outcome.rejected.step == step and outcome.rejected.reason, (name, outcome.rejected)
+            assert (outcome.reason or "").startswith(f"{step}: "), (name, outcome.reason)
             assert agent.infer({"x": _x()}).model_version == 1, name
         # a replayed old version is refused before any download
-        replay = _push(artifacts["v1"], broker.url, fleet_name)
-        assert replay.status == "rejected" and replay.event["step"] == "verify-manifest"
+        replay = _push(host, artifacts["v1"])
+        assert replay.status == "rejected" and replay.rejected is not None
+        assert replay.rejected.step == "verify-manifest"
         assert "download" not in replay.steps
     finally:
         agent.stop()
 
 
-def test_tampered_chunk_is_refused_and_repaired(tmp_path, broker, fleet_name, artifacts) -> None:  # type: ignore[no-untyped-def]
+def test_tampered_chunk_is_refused_and_repaired(tmp_path, broker, fleet_name, artifacts, host) -> None:  # type: ignore[no-untyped-def]
     agent = _agent(tmp_path, broker.url, fleet_name, artifacts["key"])
     try:
 
         def tamper(sha: str, index: int, data: bytes) -> bytes:
             return b"\0" * len(data) if index == 1 else data
 
-        outcome = _push(artifacts["v1"], broker.url, fleet_name, chunk_filter=tamper)
+        outcome = _push(host, artifacts["v1"], chunk_filter=tamper)
         assert outcome.status == "deployed", outcome
-        assert any(e["code"] == "chunk-hash-mismatch" for e in outcome.errors)
+        assert any(e.code == "chunk-hash-mismatch" for e in outcome.errors)
         assert outcome.repairs >= 1
     finally:
         agent.stop()
 
 
-def test_broker_restart_mid_transfer_resumes(tmp_path, broker, fleet_name, artifacts) -> None:  # type: ignore[no-untyped-def]
+def test_broker_restart_mid_transfer_resumes(tmp_path, broker, fleet_name, artifacts, host) -> None:  # type: ignore[no-untyped-def]
     agent = _agent(tmp_path, broker.url, fleet_name, artifacts["key"])
     restarted = []
     try:
@@ -221,7 +234,7 @@ def test_broker_restart_mid_transfer_resumes(tmp_path, broker, fleet_name, artif
                 return None
             return data
 
-        outcome = _push(artifacts["v1"], broker.url, fleet_name, chunk_filter=restart_once)
+        outcome = _push(host, artifacts["v1"], chunk_filter=restart_once)
         assert restarted and outcome.status == "deployed", outcome
         assert agent.session is not None and agent.session.connects >= 2
         assert agent.infer({"x": _x()}).model_version == 1
@@ -231,12 +244,12 @@ def test_broker_restart_mid_transfer_resumes(tmp_path, broker, fleet_name, artif
 
 @pytest.mark.slow
 @pytest.mark.chaos
-def test_kill9_during_download_resumes_from_the_bitmap(tmp_path, broker, fleet_name, artifacts) -> None:  # type: ignore[no-untyped-def]
+def test_kill9_during_download_resumes_from_the_bitmap(tmp_path, broker, fleet_name, artifacts, host) -> None:  # type: ignore[no-untyped-def]
     proc = AgentProcess(
         agent_args(tmp_path / "state", broker.url, fleet_name, "dev-k", artifacts["key"]),
         tmp_path / "agent.log",
     )
-    obs = Observer(broker.url, f"edgefleet/v1/{fleet_name}/dev/dev-k/#")
+    obs = Observer(broker.url, Topics(fleet_name, "dev-k").all)
     proc.start()
     try:
         obs.next(lambda t, p: t.endswith("/state") and b'"online":true' in p, timeout=30)
@@ -250,7 +263,7 @@ def test_kill9_during_download_resumes_from_the_bitmap(tmp_path, broker, fleet_n
                 proc.start()
             return data
 
-        outcome = _push(artifacts["v1"], broker.url, fleet_name, "dev-k", chunk_filter=kill_mid_download)
+        outcome = _push(host, artifacts["v1"], "dev-k", chunk_filter=kill_mid_download)
         assert killed and outcome.status == "deployed", (outcome, proc.log()[-3000:])
         _, state, _ = obs.next(lambda t, p: t.endswith("/state") and _active_version(p) == 1, timeout=10)
         assert state.info["active"] == {"name": "tiny", "version": 1}
@@ -262,16 +275,18 @@ def test_kill9_during_download_resumes_from_the_bitmap(tmp_path, broker, fleet_n
 
 @pytest.mark.slow
 @pytest.mark.chaos
-def test_kill9_during_install_restarts_into_a_verified_model(tmp_path, broker, fleet_name, artifacts) -> None:  # type: ignore[no-untyped-def]
+def test_kill9_during_install_restarts_into_a_verified_model(
+    tmp_path, broker, fleet_name, artifacts, host
+) -> None:  # type: ignore[no-untyped-def]
     proc = AgentProcess(
         agent_args(tmp_path / "state", broker.url, fleet_name, "dev-i", artifacts["key"]),
         tmp_path / "agent.log",
     )
-    obs = Observer(broker.url, f"edgefleet/v1/{fleet_name}/dev/dev-i/#")
+    obs = Observer(broker.url, Topics(fleet_name, "dev-i").all)
     proc.start()
     try:
         obs.next(lambda t, p: t.endswith("/state") and b'"online":true' in p, timeout=30)
-        assert _push(artifacts["v1"], broker.url, fleet_name, "dev-i").status == "deployed"
+        assert _push(host, artifacts["v1"], "dev-i").status == "deployed"
         killed = []
 
         def kill_on_install(message: Any) -> None:
@@ -280,7 +295,7 @@ def test_kill9_during_install_restarts_into_a_verified_model(tmp_path, broker, f
                 proc.kill9()
                 proc.start()
 
-        outcome = _push(artifacts["v6"], broker.url, fleet_name, "dev-i", on_event=kill_on_install)
+        outcome = _push(host, artifacts["v6"], "dev-i", on_event=kill_on_install)
         assert killed, outcome
         assert outcome.status == "deployed", (outcome, proc.log()[-3000:])
         _, state, _ = obs.next(lambda t, p: t.endswith("/state") and _active_version(p) == 6, timeout=10)
@@ -294,14 +309,13 @@ def test_kill9_during_install_restarts_into_a_verified_model(tmp_path, broker, f
 def test_emulated_profile_caps_threads_and_says_so(tmp_path, broker, fleet_name, artifacts) -> None:  # type: ignore[no-untyped-def]
     from edgefleet.device_profiles import load_profile
 
-    obs = Observer(broker.url, f"edgefleet/v1/{fleet_name}/#")
+    obs = Observer(broker.url, Topics.fleet_filter(fleet_name))
     agent = _agent(tmp_path, broker.url, fleet_name, artifacts["key"], profile=None, emulate="rpi4b")
     try:
         _, state, _ = obs.next(lambda t, p: t.endswith("/state") and b'"online":true' in p)
-        assert state.info["emulated"] == "rpi4b" and state.info["profile"] == "rpi4b"
-        assert state.info["threads"] <= load_profile("rpi4b").cores
-        _, telemetry, _ = obs.next(lambda t, p: t.endswith("/telemetry"))
-        assert telemetry.metrics["emulated"] == "rpi4b"
+        assert isinstance(state, State) and state.emulated == "rpi4b" and state.profile == "rpi4b"
+        assert state.threads is not None and state.threads <= load_profile("rpi4b").cores
+        assert _telemetry(obs, lambda m: True).emulated == "rpi4b"
     finally:
         obs.close()
         agent.stop()

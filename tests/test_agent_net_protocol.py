@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefleet.agent.core.errors import ProtocolError
+from edgefleet.agent.core.events import DEVICE_ENVELOPE
 from edgefleet.agent.core.protocol import (
     COMMANDS,
     Code,
@@ -22,8 +23,10 @@ from edgefleet.agent.core.protocol import (
     FileTransfer,
     InferCommand,
     Missing,
+    ModelRef,
     Progress,
     Rejected,
+    Requests,
     Result,
     RollbackCommand,
     State,
@@ -117,9 +120,17 @@ def test_device_messages_round_trip(device, seq, ts, text, detail, ranges, versi
         State(
             **base,
             online=online,
-            info={k: v for k, v in detail.items() if k not in ("v", "type", "device", "seq", "ts", "online")},
+            profile=text,
+            tags=(text,),
+            active=ModelRef(text, version),
+            extra={k: v for k, v in detail.items() if k not in State.KEYS | DEVICE_ENVELOPE},
         ),
-        Telemetry(**base, metrics=detail),
+        Telemetry(
+            **base,
+            model=ModelRef(text, version),
+            requests=Requests(count=version, errors_by_code={text: 1}),
+            extra={k: v for k, v in detail.items() if k not in Telemetry.KEYS | DEVICE_ENVELOPE},
+        ),
     ]
     for message in messages:
         assert parse_device_message(message.to_wire()) == message

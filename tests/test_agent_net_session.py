@@ -89,7 +89,7 @@ def test_birth_commands_and_persistent_session_across_broker_restart(
     # prepare
     session, received = _session(tmp_path, broker.url, fleet_name, version)
     topics = session.topics
-    obs, inbox = _observer(broker.url, f"edgefleet/v1/{fleet_name}/#")
+    obs, inbox = _observer(broker.url, Topics.fleet_filter(fleet_name))
     # act: connect; the retained birth says online
     session.start()
     assert session.wait_connected(10)

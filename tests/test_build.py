@@ -13,7 +13,8 @@ torch = pytest.importorskip("torch")
 
 from build_support import FakeProfile  # noqa: E402
 
-from edgefleet.sdk.build.builder import Candidate, _choose, build  # noqa: E402
+from edgefleet.sdk.build.builder import Candidate, build  # noqa: E402
+from edgefleet.sdk.build.choose import choose  # noqa: E402
 from edgefleet.sdk.build.errors import BudgetError, BuildError  # noqa: E402
 from edgefleet.sdk.build.measure import LatencyStats, Quality  # noqa: E402
 from edgefleet.sdk.build.plan import CandidateSpec, PlanOptions, plan_candidates  # noqa: E402
@@ -63,7 +64,7 @@ def test_budget_logic_marks_and_picks() -> None:
     too_big = _cand("big", acc=0.98, p50=0.5, size=3_000_000)
     good = _cand("good", acc=0.975, p50=0.6, size=300)
     # act
-    chosen, reason = _choose([base, too_lossy, too_slow, too_big, good], base, 0.01, 2_000_000, None)
+    chosen, reason = choose([base, too_lossy, too_slow, too_big, good], base, 0.01, 2_000_000, None)
     # assert
     assert chosen is good
     assert "within budget" in reason
@@ -77,7 +78,7 @@ def test_budget_nobody_meets_lists_closest_with_reasons() -> None:
     base = _cand("fp32", acc=0.98, p50=1.0, size=5_000_000, baseline=True)
     small = _cand("int8", acc=0.90, p50=0.5, size=1_500_000)
     with pytest.raises(BudgetError, match="no candidate meets") as info:
-        _choose([base, small], base, 0.01, 1_000_000, None)
+        choose([base, small], base, 0.01, 1_000_000, None)
     text = str(info.value)
     assert "fp32: over-budget: size" in text
     assert "int8: over-budget: accuracy drop" in text
@@ -89,7 +90,7 @@ def test_estimated_latency_over_profile_budget_is_over_budget() -> None:
     base.estimate_ms = 80.0
     fast = _cand("int8", acc=0.98, p50=0.5, size=300)
     fast.estimate_ms = 20.0
-    chosen, _ = _choose([base, fast], base, 0.01, None, 50.0)
+    chosen, _ = choose([base, fast], base, 0.01, None, 50.0)
     assert chosen is fast
     assert "estimated target latency 80.00 ms > profile p95 budget 50.00 ms" in base.reason
 
@@ -128,7 +129,7 @@ def test_build_without_labels_uses_fidelity(digits: tuple[Any, Any]) -> None:
     model, split = digits
     result = build(model, FakeProfile(), eval=split.x_test[:200], plan=FAST, latency_runs=5)
     assert result.baseline.quality is not None
-    assert result.baseline.quality.metric == "cosine"
+    assert result.baseline.quality.metric == "fidelity"
     assert result.baseline.quality.value == pytest.approx(1.0)
     assert result.chosen.accuracy_drop is not None and result.chosen.accuracy_drop <= 0.01
 
@@ -236,5 +237,5 @@ def test_build_multi_input_integer_model_by_input_names() -> None:
     # assert: fidelity (no labels), both inputs fed by name, the INT8 candidate measured
     dynamic = next(c for c in result.candidates if c.id == "onnx-int8-dynamic")
     assert dynamic.status in ("ok", "over-budget")
-    assert dynamic.quality is not None and dynamic.quality.metric == "cosine"
+    assert dynamic.quality is not None and dynamic.quality.metric == "fidelity"
     assert dynamic.quality.value > 0.98

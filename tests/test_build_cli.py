@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,29 @@ def test_unknown_profile_is_a_clear_error(files: dict[str, Path]) -> None:
     assert code == 1
     assert "no-such-board" in output
     assert "Traceback" not in output
+
+
+@needs_profiles
+def test_plugin_that_cannot_import_is_listed_unavailable(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # prepare: a compression module whose import fails and an optional package that is missing
+    monkeypatch.setitem(sys.modules, "edgefleet.sdk.compress.distill", None)
+    monkeypatch.setitem(sys.modules, "litert_torch", None)
+    out = files["root"] / "bundle-unavailable"
+    # act
+    code, output = _run(
+        str(files["model"]), "--profile", "rpi4b", "--eval", str(files["eval"]), "--only", "onnx-fp16",
+        "--key", str(files["key"]), "-o", str(out),
+    )  # fmt: skip
+    # assert: printed under the table and recorded in report.json, each with its reason
+    assert code == 0, output
+    assert "edgefleet.sdk.compress.distill (module): unavailable: ModuleNotFoundError" in output
+    assert "torch-tflite (converter): unavailable: needs litert_torch" in output
+    assert "tflite-int8 (compressor): unavailable: needs litert_torch" in output
+    report = json.loads((out / "report.json").read_text())
+    listed = {u["name"]: u for u in report["unavailable"]}
+    assert listed["edgefleet.sdk.compress.distill"]["kind"] == "module"
+    assert "halted" in listed["edgefleet.sdk.compress.distill"]["reason"]
+    assert listed["torch-tflite"]["kind"] == "converter"
+    assert "litert_torch" in listed["tflite-int8"]["reason"]

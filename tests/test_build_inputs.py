@@ -149,7 +149,7 @@ def test_input_shape_alone_builds_on_random_data(onnx_file: Path) -> None:
     result = build(
         onnx_file, FakeProfile(), input_shape=parse_input_shape("1,1,8,8"), plan=FAST, latency_runs=5
     )
-    assert result.baseline.quality is not None and result.baseline.quality.metric == "cosine"
+    assert result.baseline.quality is not None and result.baseline.quality.metric == "fidelity"
 
 
 def test_bad_input_shape_text() -> None:

@@ -56,10 +56,10 @@ def test_accuracy_against_labels(onnx_file: Path) -> None:
 def test_fidelity_without_labels() -> None:
     ref = [np.array([[1.0, 0.0], [0.0, 1.0]])]
     same = evaluate([ref[0].copy()], reference=ref)
-    assert same.metric == "cosine" and same.value == pytest.approx(1.0)
+    assert same.metric == "fidelity" and same.value == pytest.approx(1.0)
     swapped = evaluate([ref[0][:, ::-1]], reference=ref)
     assert swapped.value == pytest.approx(0.0)
-    assert swapped.top1_agreement == 0.0
+    assert swapped.detail["agreement"] == 0.0
     with pytest.raises(ValueError, match="labels or reference"):
         evaluate(ref)
 

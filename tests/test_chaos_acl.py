@@ -26,6 +26,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from typer.testing import CliRunner
 
+from edgefleet.agent.core.topics import Topics
 from edgefleet.sdk.cli import app
 from edgefleet.sdk.trust.credentials import Credentials, Identity
 from tests.conftest import Mosquitto
@@ -247,17 +248,18 @@ def test_a_device_cannot_publish_as_another_or_send_commands(
     mosquitto_factory: Any, creds: Credentials, fleet_name: str
 ) -> None:
     broker = start_broker(mosquitto_factory, creds)
-    p = f"edgefleet/v1/{fleet_name}"
+    p = Topics.fleet_prefix(fleet_name)
+    a, b = Topics(fleet_name, "dev-a"), Topics(fleet_name, "dev-b")
     forbidden = [
-        f"{p}/dev/dev-b/state",
-        f"{p}/dev/dev-b/evt",
-        f"{p}/dev/dev-b/telemetry",
-        f"{p}/dev/dev-b/cmd",
-        f"{p}/dev/dev-a/cmd",  # not even to itself: commands come from the host only
-        f"{p}/dev/dev-b/chunk/{SHA}/0",
-        f"{p}/dev/dev-a/chunk/{SHA}/0",
-        f"{p}/artifact/{SHA}/0",
-        f"edgefleet/v1/other-{fleet_name}/dev/dev-a/state",
+        b.state,
+        b.evt,
+        b.telemetry,
+        b.cmd,
+        a.cmd,  # not even to itself: commands come from the host only
+        b.repair(SHA, 0),
+        a.repair(SHA, 0),
+        a.artifact(SHA, 0),
+        Topics(f"other-{fleet_name}", "dev-a").state,
     ]
     with connected(broker.port, creds.host()) as host:
         host.subscribe(f"{p}/#")
@@ -284,7 +286,7 @@ def test_a_device_reads_only_its_own_commands_and_chunks(
     mosquitto_factory: Any, creds: Credentials, fleet_name: str
 ) -> None:
     broker = start_broker(mosquitto_factory, creds)
-    p = f"edgefleet/v1/{fleet_name}"
+    p = Topics.fleet_prefix(fleet_name)
     with (
         connected(broker.port, creds.host()) as host,
         connected(broker.port, creds.device("dev-a")) as dev_a,
@@ -349,7 +351,7 @@ def test_password_mode_authenticates_applies_the_acl_and_revokes(
     creds = Credentials.init(tmp_path / "pw", fleet_name, auth="password")
     creds.add_devices(["dev-a", "dev-b"])
     broker = start_broker(mosquitto_factory, creds)
-    p = f"edgefleet/v1/{fleet_name}"
+    p = Topics.fleet_prefix(fleet_name)
 
     def login(name: str, ident: Identity) -> dict[str, Any]:
         """Username and password keyword arguments for Client."""

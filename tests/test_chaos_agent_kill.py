@@ -33,8 +33,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgefleet.agent.core.fsutil import read_json
-from edgefleet.agent.core.protocol import parse_device_message
-from edgefleet.sdk.push import BundlePusher
+from edgefleet.agent.core.protocol import Topics, parse_device_message
+from edgefleet.sdk.fleet.transfer import BundleTransfer
 from edgefleet.sdk.trust.keys import init_keys, load_private_key
 from tests.agent_net_support import Observer
 from tests.chaos_agent_support import (
@@ -47,6 +47,7 @@ from tests.chaos_agent_support import (
     signed_bundle,
     wait_until,
 )
+from tests.fleet_support import Host
 
 pytestmark = [pytest.mark.chaos, pytest.mark.broker, pytest.mark.slow]
 
@@ -202,9 +203,7 @@ class Killer:
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda c, u, mid, codes, p: subscribed.set()
-        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(
-            f"edgefleet/v1/{fleet}/dev/{DEVICE}/evt", qos=1
-        )
+        self.client.on_connect = lambda c, u, f, r, p: c.subscribe(Topics(fleet, DEVICE).evt, qos=1)
         host, port = url.removeprefix("mqtt://").split(":")
         self.client.connect(host, int(port))
         self.client.loop_start()
@@ -318,8 +317,8 @@ def test_kill9_at_random_points_always_restarts_on_a_verified_model(
     url = mosquitto.url
     proc = agent_process(tmp_path / "agent", url, fleet_name, DEVICE, keys.public_path)
     state_dir = tmp_path / "agent" / "state"
-    cmd_topic = f"edgefleet/v1/{fleet_name}/dev/{DEVICE}/cmd"
-    states = Observer(url, f"edgefleet/v1/{fleet_name}/dev/{DEVICE}/state")
+    cmd_topic = Topics(fleet_name, DEVICE).cmd
+    states = Observer(url, Topics(fleet_name, DEVICE).state)
     kills: list[Kill] = []
     current: dict[str, Any] = {}
 
@@ -353,6 +352,9 @@ def test_kill9_at_random_points_always_restarts_on_a_verified_model(
 
     proc.start()
     killer = Killer(url, fleet_name, proc, state_dir, on_killed)
+    # The fleet's own sender; whole files (no delta), so the command the killer's restart re-sends is
+    # byte for byte the one the rollout sent.
+    host = Host(url, fleet_name, tmp_path / "host", keys.public_path)
     started = time.monotonic()
     durations: dict[str, float] = {}
     try:
@@ -360,8 +362,14 @@ def test_kill9_at_random_points_always_restarts_on_a_verified_model(
         # calibration: two deploys without kills measure how long the long steps last on this machine
         for version in (1, 2):
             killer.watch(f"calibrate-{version}")
-            pusher = BundlePusher(bundle(version), broker_url=url, fleet=fleet_name, chunk_size=CHUNK)
-            done = pusher.push([DEVICE], deploy_id=f"calibrate-{version}", chunk_filter=throttle)[DEVICE]
+            done = host.deploy(
+                bundle(version),
+                DEVICE,
+                rollout_id=f"calibrate-{version}",
+                chunk_size=CHUNK,
+                chunk_filter=throttle,
+                delta=False,
+            )
             assert done.status == "deployed", (done, proc.log()[-3000:])
             wait_until(
                 lambda: any(s == "deployed" for s, _ in killer.stamps), 10, "the killer's copy of the events"
@@ -389,10 +397,8 @@ def test_kill9_at_random_points_always_restarts_on_a_verified_model(
             kill = Kill(rounds, old, new, f"{trigger.kind}: {trigger.name}", round(delay * 1000, 1))
             deploy_id = f"chaos-{rounds}"
             path = bundle(new)
-            pusher = BundlePusher(path, broker_url=url, fleet=fleet_name, chunk_size=CHUNK)
-            current.update(
-                kill=kill, deploy_id=deploy_id, command=pusher.deploy_command(deploy_id, DEVICE).to_wire()
-            )
+            command = BundleTransfer(path, CHUNK).deploy_command(deploy_id, DEVICE).to_wire()
+            current.update(kill=kill, deploy_id=deploy_id, command=command)
             killer.watch(deploy_id)
             # act: deploy; the killer strikes somewhere inside
             if trigger.kind == "event":
@@ -404,15 +410,20 @@ def test_kill9_at_random_points_always_restarts_on_a_verified_model(
                 states.publish(cmd_topic, current["command"])
                 killer.fire(delay, inline=True)
             # (for a cmd trigger this re-sends the command: a repeat the agent must take in its stride)
-            outcome = pusher.push([DEVICE], deploy_id=deploy_id, timeout_s=30, chunk_filter=throttle)[DEVICE]
+            # (a device that lost the command with its process gets it again from the kill handler)
+            outcome = host.deploy(
+                path,
+                DEVICE,
+                rollout_id=deploy_id,
+                timeout_s=120,
+                chunk_size=CHUNK,
+                chunk_filter=throttle,
+                delta=False,
+            )
             if killer.disarm():
                 assert killer.done.wait(90), "the kill/restart did not finish"
                 kills.append(kill)
                 assert kill.error is None, (kill, proc.log()[-3000:])
-            for _ in range(3):  # the host re-sends the same deploy until it ends
-                if outcome.status != "timeout":
-                    break
-                outcome = pusher.push([DEVICE], deploy_id=deploy_id, timeout_s=30)[DEVICE]
             # assert: the rollout completed; the new version serves, verified, the ledger in step
             assert outcome.status == "deployed", (kill, outcome, proc.log()[-3000:])
             found = check_slots(state_dir)
@@ -433,6 +444,7 @@ def test_kill9_at_random_points_always_restarts_on_a_verified_model(
             killer.done.wait(90)
         killer.close()
         states.close()
+        host.close()
         proc.stop()
     summary = {
         "seed": seed,

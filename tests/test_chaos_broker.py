@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from edgefleet.agent.core.topics import Topics
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.store import Store
 from tests.chaos_support import ChaosProxy, TopicWatcher, export_wide_onnx, ranges
@@ -79,8 +80,9 @@ def test_a_broker_killed_twice_mid_rollout_the_rollout_completes_and_each_device
     # prepare: three agents on v1, a host ingesting as `edgefleet serve` does (no client id)
     ids = ["d1", "d2", "d3"]
     fleet = Fleet(broker=mosquitto.url, store=store, fleet=fleet_name, trusted_keys=[artifacts["key"]])
-    prefix = f"edgefleet/v1/{fleet_name}"
-    watcher = TopicWatcher(mosquitto.url, f"{prefix}/dev/+/cmd", f"{prefix}/artifact/#")
+    watcher = TopicWatcher(
+        mosquitto.url, Topics.devices(fleet_name, "cmd"), Topics.broadcast_filter(fleet_name)
+    )
     try:
         fleet.start_ingest()
         with agents(

@@ -36,7 +36,7 @@ from edgefleet.agent.core.protocol import (
     parse_device_message,
     ranges_of,
 )
-from edgefleet.sdk.push import BundlePusher
+from edgefleet.sdk.fleet.transfer import BundleTransfer
 from edgefleet.sdk.trust.keys import init_keys, load_private_key
 from tests.agent_net_support import AgentProcess
 from tests.chaos_agent_support import (
@@ -49,6 +49,7 @@ from tests.chaos_agent_support import (
     wait_until,
 )
 from tests.conftest import Mosquitto, free_port
+from tests.fleet_support import Host
 
 pytestmark = [pytest.mark.chaos, pytest.mark.broker]
 
@@ -86,8 +87,8 @@ class Rig:
         """The agent's state folder."""
         return self.tmp / "agent" / "state"
 
-    def bundle(self, version: int, chunk: int, **overrides: Any) -> BundlePusher:
-        """A signed bundle of `version` (the wide model), ready to push in chunks of `chunk` bytes."""
+    def bundle(self, version: int, chunk: int, **overrides: Any) -> BundleTransfer:
+        """A signed bundle of `version` (the wide model), cut by the fleet's sender into chunks of `chunk` bytes."""
         self.made += 1
         path = signed_bundle(
             self.tmp / f"bundle-{self.made}",
@@ -96,7 +97,7 @@ class Rig:
             version,
             **overrides,
         )
-        return BundlePusher(path, broker_url=self.broker.url, fleet=self.fleet, chunk_size=chunk)
+        return BundleTransfer(path, chunk)
 
     def publish(self, topic: str, payload: bytes, wait: bool = True) -> Any:
         """Publish QoS 1 (waiting for the broker's PUBACK when `wait`)."""
@@ -135,7 +136,7 @@ class Rig:
                     )
                 self.cond.wait(min(left, 0.5))
 
-    def start_deploy(self, pusher: BundlePusher, deploy_id: str) -> tuple[DeployCommand, int]:
+    def start_deploy(self, pusher: BundleTransfer, deploy_id: str) -> tuple[DeployCommand, int]:
         """Send a deploy command as the host would and wait until the agent downloads; (command, mark)."""
         command = pusher.deploy_command(deploy_id, DEVICE)
         since = self.mark()
@@ -206,7 +207,13 @@ def _rig(tmp: Path, broker: Mosquitto) -> Iterator[Rig]:
         )
         # version 2 first, so an older signed version (1) exists to replay
         r.version = 2
-        outcome = r.bundle(2, 16 * 1024).push([DEVICE], timeout_s=60)[DEVICE]
+        host = Host(broker.url, fleet, tmp / "host", keys.public_path)
+        try:
+            outcome = host.deploy(
+                r.bundle(2, 16 * 1024).bundle_dir, DEVICE, timeout_s=60, chunk_size=16 * 1024
+            )
+        finally:
+            host.close()
         assert outcome.status == "deployed", (outcome, proc.log()[-3000:])
         r.http_port = json.loads((r.state_dir / "http.port").read_text())["port"]
         assert r.serving() == 2
@@ -217,10 +224,16 @@ def _rig(tmp: Path, broker: Mosquitto) -> Iterator[Rig]:
         proc.stop()
 
 
-def _chunks(pusher: BundlePusher) -> dict[str, list[bytes]]:
+def _chunks(pusher: BundleTransfer) -> dict[str, list[bytes]]:
     return {
-        f.spec.sha256: [pusher.chunk(f.spec.sha256, i) for i in range(f.spec.chunks)] for f in pusher.files
+        f.spec.sha256: [_chunk(pusher, f.spec.sha256, i) for i in range(f.spec.chunks)] for f in pusher.files
     }
+
+
+def _chunk(pusher: BundleTransfer, sha256: str, index: int) -> bytes:
+    data = pusher.blobs[sha256].chunk(index)
+    assert data is not None, f"chunk {index} of {sha256[:12]} is out of range"
+    return data
 
 
 def test_duplicated_reordered_and_missing_chunks_install_exactly(rig: Rig) -> None:
@@ -241,7 +254,7 @@ def test_duplicated_reordered_and_missing_chunks_install_exactly(rig: Rig) -> No
     asked = rig.wait_event(lambda m: isinstance(m, Missing) and m.sha256 == model.sha256, since)
     assert [list(r) for r in asked.ranges] == ranges_of(held)  # type: ignore[attr-defined]
     for i in reversed(held + held[:1]):
-        rig.publish(rig.topics.repair(model.sha256, i), pusher.chunk(model.sha256, i), wait=False)
+        rig.publish(rig.topics.repair(model.sha256, i), _chunk(pusher, model.sha256, i), wait=False)
     done = rig.wait_event(
         lambda m: getattr(m, "deploy", None) == "d-order" and m.TYPE in ("deployed", "rejected"), since
     )

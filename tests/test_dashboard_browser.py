@@ -121,7 +121,7 @@ def test_dashboard_live(
     before = page.locator("#chart-latency-device circle.pt").count()
     assert before > 0
     assert page.locator("#chart-latency-version g.series").count() == 2
-    assert page.locator("#chart-accuracy-device circle.pt").count() > 0
+    assert page.locator("#chart-quality-device circle.pt").count() > 0
 
     # two versions side by side
     page.wait_for_selector("#compare table")
@@ -150,7 +150,7 @@ def test_dashboard_live(
                 "model_version": 2,
                 "count": 50,
                 "p95_ms": 3.1,
-                "eval_accuracy": 0.98,
+                "accuracy": 0.98,
             }
             for i in range(3)
         ],

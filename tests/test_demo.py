@@ -23,9 +23,9 @@ from edgefleet.sdk.demo import (
     BadOutcome,
     DemoError,
     DemoOptions,
-    _prepare_state_dir,
     mislabeled_copy,
     parse_devices,
+    prepare_state_dir,
     restamp,
     run_demo,
 )
@@ -100,17 +100,17 @@ def test_state_dir_must_be_new_empty_or_an_earlier_demos(tmp_path: Path) -> None
     foreign.mkdir()
     (foreign / "thesis.tex").write_text("precious")
     with pytest.raises(DemoError) as err:
-        _prepare_state_dir(foreign)
+        prepare_state_dir(foreign)
     assert "not empty" in err.value.reason
     assert (foreign / "thesis.tex").read_text() == "precious"
     earlier = tmp_path / "earlier"
     (earlier / "logs").mkdir(parents=True)
     (earlier / MARKER).write_text("x")
     (earlier / "fleet.db").write_text("old")
-    path, temp = _prepare_state_dir(earlier)
+    path, temp = prepare_state_dir(earlier)
     assert path == earlier.resolve() and not temp
     assert list(earlier.iterdir()) == []
-    path, temp = _prepare_state_dir(None)
+    path, temp = prepare_state_dir(None)
     try:
         assert temp and path.is_dir()
     finally:

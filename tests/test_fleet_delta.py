@@ -107,7 +107,7 @@ def test_the_deploy_command_carries_the_delta_and_still_parses_for_old_agents(
     patch_path = tmp_path / "p.bsdiff4"
     patch_path.write_bytes(b"x" * 150)
     blob = Blob(patch_path, "ab" * 32, 64)
-    payload = transfer.deploy_payload("r-1", "d1", {file: ("cd" * 32, blob)})
+    payload = transfer.deploy_command("r-1", "d1", {file: ("cd" * 32, blob)}).to_wire()
     obj = json.loads(payload)
     delta = next(f for f in obj["files"] if f["file"] == file)["delta"]
     assert (delta["format"], delta["base_sha256"], delta["sha256"], delta["size"], delta["chunks"]) == (

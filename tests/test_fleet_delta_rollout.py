@@ -18,7 +18,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.agent.core.protocol import Deployed, FileTransfer, Progress, Rejected, State, Topics
+from edgefleet.agent.core.protocol import (
+    Deployed,
+    FileTransfer,
+    Progress,
+    Rejected,
+    State,
+    Topics,
+    build_message,
+)
 from edgefleet.agent.delta import find_base, patch_transfer, rebuild
 from edgefleet.sdk.fleet.bundles import load_bundles
 from edgefleet.sdk.fleet.client import Fleet
@@ -67,7 +75,7 @@ class DeltaDevice:
 
     def send(self, cls: Any, retain: bool = False, **fields: Any) -> None:
         self.seq += 1
-        msg = cls(device=self.device, seq=self.seq, ts=time.time(), **fields)
+        msg = build_message(cls, self.device, self.seq, time.time(), **fields)
         self.client.publish(
             self.topics.state if retain else self.topics.evt, msg.to_wire(), qos=1, retain=retain
         )

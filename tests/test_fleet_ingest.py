@@ -10,7 +10,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefleet.agent.core.protocol import Progress, State, Telemetry, Topics, will_payload
+from edgefleet.agent.core.protocol import ModelRef, Progress, State, Telemetry, Topics, will_payload
 from edgefleet.sdk.fleet import registry
 from edgefleet.sdk.fleet.ingest import Ingest
 from edgefleet.sdk.fleet.mqtt_url import MqttOptions
@@ -40,7 +40,7 @@ def _telemetry(device: str, seq: int, p95: float = 1.0) -> bytes:
         "p95_ms": p95,
         "profile": "rpi4b",
     }
-    return Telemetry(device=device, seq=seq, ts=time.time(), metrics=metrics).to_wire()
+    return Telemetry.from_metrics(device, seq, time.time(), metrics).to_wire()
 
 
 def test_telemetry_and_events_are_stored_in_order_with_gaps_found(
@@ -90,13 +90,11 @@ def test_registry_follows_birth_and_last_will(tmp_path: Path, mosquitto: Any, fl
         seq=1,
         ts=time.time(),
         online=True,
-        info={
-            "profile": "rpi4b",
-            "tags": ["lab"],
-            "agent_version": "0.1.0",
-            "runtimes": ["onnxruntime"],
-            "active": {"name": "digits", "version": 3},
-        },
+        profile="rpi4b",
+        tags=("lab",),
+        agent_version="0.1.0",
+        runtimes=("onnxruntime",),
+        active=ModelRef("digits", 3),
     )
     device.publish(topics.state, birth.to_wire(), qos=1, retain=True).wait_for_publish(5)
     # act: a fresh host reads the retained state
@@ -132,7 +130,7 @@ def _retained_devices(url: str, fleet: str, count: int) -> None:
     """Publish `count` retained birth messages, as devices that then went away."""
     client = _client(url)
     for i in range(count):
-        state = State(device=f"d{i}", seq=1, ts=time.time(), online=True, info={"profile": "rpi4b"})
+        state = State(device=f"d{i}", seq=1, ts=time.time(), online=True, profile="rpi4b")
         client.publish(Topics(fleet, f"d{i}").state, state.to_wire(), qos=1, retain=True).wait_for_publish(5)
     client.disconnect()
     client.loop_stop()

@@ -20,7 +20,7 @@ import pytest
 from edgefleet.agent.core.protocol import InferCommand, Topics, encode_array
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.fleet.errors import BundleRefused, RolloutConflict, SelectorError
-from edgefleet.sdk.fleet.rollout import engine_alive
+from edgefleet.sdk.fleet.progress import engine_alive
 from edgefleet.sdk.fleet.strategy import AbortRules
 from edgefleet.sdk.store import Store
 from tests.fleet_support import agents, build_artifacts, device_statuses, wait_for, wait_online
@@ -290,7 +290,7 @@ def test_bad_input_is_refused_and_nothing_is_sent(
         agents(tmp_path / "a", mosquitto.url, env.fleet, artifacts["key"], ["a1"], profile="arm64"),
     ):
         wait_online(env.store, env.fleet, env.options, ["x1", "a1"])
-        sent = Observer(mosquitto.url, f"edgefleet/v1/{env.fleet}/#")
+        sent = Observer(mosquitto.url, Topics.fleet_filter(env.fleet))
         try:
             with pytest.raises(SelectorError, match="unknown device 'nope'"):
                 env.deploy(artifacts["v1"], "nope")

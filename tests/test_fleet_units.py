@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from edgefleet.agent.core.protocol import Telemetry
+from edgefleet.agent.core.codes import FAILED_DEVICE, DeviceStatus
+from edgefleet.agent.core.manifest import HealthPolicy
+from edgefleet.agent.core.protocol import Latency, Quality, Requests, Telemetry
 from edgefleet.sdk.fleet.errors import BrokerUnavailable, BundleRefused, SelectorError, StrategyError
 from edgefleet.sdk.fleet.ingest import flatten_telemetry
 from edgefleet.sdk.fleet.mqtt_url import MqttOptions
 from edgefleet.sdk.fleet.selectors import parse_selector, resolve
-from edgefleet.sdk.fleet.strategy import AbortRules, parse_strategy
+from edgefleet.sdk.fleet.strategy import AbortRules, TelemetrySample, parse_strategy
 from edgefleet.sdk.fleet.transfer import choose_chunk_size
 
 DEVICES = [
@@ -98,11 +100,29 @@ def test_default_rules_abort_on_the_first_failure() -> None:
     assert AbortRules().check_outcomes({"a": "deployed", "b": "pending"}) is None
 
 
+def test_the_failure_share_counts_the_statuses_the_engine_sets() -> None:
+    # prepare: every status a device can have in a rollout, as the engine writes them (enum members)
+    statuses = {f"d-{s.value}": s for s in DeviceStatus}
+    # act
+    reason = AbortRules(max_failed_pct=10, min_finished=1).check_outcomes(statuses)
+    # assert: the failures are exactly the engine's failure outcomes (rejected, timed-out), among the
+    # finished devices (those plus deployed); nothing counts a status no code sets
+    assert {DeviceStatus.REJECTED, DeviceStatus.TIMED_OUT} == FAILED_DEVICE
+    assert reason is not None and "2 of 3 finished" in reason and "1 rejected, 1 timed-out" in reason
+    # a "failed" status (which no code sets) is not a failure the rules count
+    assert "failed" not in {s.value for s in DeviceStatus}
+    assert AbortRules().check_outcomes({"a": "failed", "b": "deployed"}) is None
+
+
+def _sample(device: str, count: int = 10, p95: float | None = 1.0, **quality: float) -> TelemetrySample:
+    return TelemetrySample(device, count, p95, quality)
+
+
 def test_telemetry_rules_use_the_manifest_budget() -> None:
-    health = {"max_p95_ms": 5.0, "min_accuracy": 0.9}
-    fast = {"device_id": "a", "count": 100, "p95_ms": 2.0, "eval_accuracy": 0.95}
-    slow = {"device_id": "b", "count": 300, "p95_ms": 9.0}
-    idle = {"device_id": "c", "count": 0, "p95_ms": 50.0}
+    health = HealthPolicy(metric="accuracy", min_quality=0.9, max_p95_ms=5.0)
+    fast = _sample("a", 100, 2.0, accuracy=0.95)
+    slow = _sample("b", 300, 9.0)
+    idle = _sample("c", 0, 50.0)
     rules = AbortRules()
     assert rules.check_telemetry([fast, idle], health) is None
     reason = rules.check_telemetry([fast, slow], health)
@@ -110,10 +130,62 @@ def test_telemetry_rules_use_the_manifest_budget() -> None:
     assert AbortRules(max_p95_ms=10).check_telemetry([fast, slow], health) is None
     assert AbortRules(min_samples=3).check_telemetry([fast, slow], health) is None
     assert AbortRules(telemetry=False).check_telemetry([fast, slow], health) is None
-    worse = {"device_id": "a", "count": 10, "p95_ms": 1.0, "eval_accuracy": 0.7}
+    worse = _sample("a", accuracy=0.7)
     reason = rules.check_telemetry([worse], health)
     assert reason is not None and "eval-set accuracy 0.7000" in reason and "minimum 0.9" in reason
-    assert rules.check_telemetry([worse], {}) is None
+    assert rules.check_telemetry([worse], None) is None
+
+
+def test_min_agreement_gates_agreement_readings() -> None:
+    # prepare: a reference-eval bundle whose devices agree with the fp32 model on 80 % of rows
+    low = [_sample("a", agreement=0.80, fidelity=0.999), _sample("b", agreement=0.82, fidelity=0.998)]
+    # act / assert: the rule's floor gates the agreement mean; other metrics are not confused with it
+    reason = AbortRules(min_agreement=0.9).check_telemetry(low, None)
+    assert reason is not None and "eval-set agreement 0.8100" in reason and "minimum 0.9" in reason
+    assert AbortRules(min_agreement=0.8).check_telemetry(low, None) is None
+    assert AbortRules(min_accuracy=0.9).check_telemetry(low, None) is None  # no accuracy readings
+    # the manifest's floor applies when the rule sets none (health metric agreement, floor 0.95)
+    reason = AbortRules().check_telemetry(low, HealthPolicy(metric="agreement", min_quality=0.95))
+    assert reason is not None and "agreement" in reason
+    with pytest.raises(StrategyError, match="--min-agreement"):
+        AbortRules(min_agreement=1.5)
+
+
+def test_min_fidelity_gates_fidelity_readings() -> None:
+    # prepare: outputs drifted from the reference (mean cosine 0.97)
+    drifted = [_sample("a", fidelity=0.97), _sample("b", fidelity=0.97)]
+    # act / assert
+    reason = AbortRules(min_fidelity=0.99).check_telemetry(drifted, None)
+    assert reason is not None and "eval-set fidelity 0.9700" in reason and "minimum 0.99" in reason
+    assert AbortRules(min_fidelity=0.95).check_telemetry(drifted, None) is None
+    # a manifest naming no metric gates the bundle's eval metric (here fidelity, floor 1 - 0.005)
+    health = HealthPolicy(min_quality=0.995)
+    assert AbortRules().check_telemetry(drifted, health, "fidelity") is not None
+    assert AbortRules().check_telemetry(drifted, health, "agreement") is None
+    assert AbortRules.from_dict(AbortRules(min_fidelity=0.9).to_dict()).min_fidelity == 0.9
+    with pytest.raises(StrategyError, match="--min-fidelity"):
+        AbortRules(min_fidelity=-0.1)
+
+
+def test_a_sample_reads_typed_telemetry() -> None:
+    # prepare: a telemetry message with an eval reading (fidelity, agreement in detail) and feedback
+    message = Telemetry(
+        device="cam-1",
+        seq=1,
+        ts=1.0,
+        requests=Requests(count=12),
+        latency=Latency(count=12, p95_ms=3.5),
+        quality=(
+            Quality("fidelity", 0.98, 64, {"agreement": 0.9}, "eval"),
+            Quality("accuracy", 0.75, 4, {}, "feedback"),
+        ),
+    )
+    # act
+    sample = TelemetrySample.of(message)
+    # assert
+    assert (sample.device_id, sample.count, sample.p95_ms) == ("cam-1", 12, 3.5)
+    assert dict(sample.quality) == {"fidelity": 0.98, "agreement": 0.9}
+    assert sample.live_accuracy == 0.75
 
 
 def test_abort_rules_refuse_nonsense_and_round_trip() -> None:
@@ -128,7 +200,7 @@ def test_abort_rules_refuse_nonsense_and_round_trip() -> None:
 
 
 def test_telemetry_rows_carry_the_store_columns() -> None:
-    message = Telemetry(
+    message = Telemetry.from_metrics(
         device="cam-1",
         seq=7,
         ts=100.0,
@@ -164,7 +236,9 @@ def test_telemetry_rows_carry_the_store_columns() -> None:
     ],
 )
 def test_eval_accuracy_is_read_from_both_eval_shapes(evaluation, expected) -> None:  # type: ignore[no-untyped-def]
-    message = Telemetry(device="cam-1", seq=1, ts=1.0, metrics={"model": "m", "eval": evaluation})
+    message = Telemetry.from_metrics(
+        device="cam-1", seq=1, ts=1.0, metrics={"model": "m", "eval": evaluation}
+    )
     assert flatten_telemetry(message)["eval_accuracy"] == expected
 
 

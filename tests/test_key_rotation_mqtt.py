@@ -13,11 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from edgefleet.agent.core.manifest import canonical_bytes
-from edgefleet.agent.core.protocol import Code, Error, RotateRootCommand, State
+from edgefleet.agent.core.protocol import Code, Error, RotateRootCommand, State, Topics
 from edgefleet.agent.core.trust import ROOT_FILE, load_public_key_pem, make_root
 from edgefleet.sdk.cli import app
 from edgefleet.sdk.fleet.client import Fleet
-from edgefleet.sdk.push import BundlePusher
 from edgefleet.sdk.trust.keys import (
     init_keys,
     load_host_root,
@@ -29,13 +28,22 @@ from edgefleet.sdk.trust.keys import (
 )
 from tests.agent_net_support import IN_FEATURES, Observer
 from tests.chaos_agent_support import Models, in_process_agent, signed_bundle, wait_until
+from tests.fleet_support import Host
 
 
 def _push(bundle: Path, url: str, fleet: str, device: str) -> dict:
-    outcome = BundlePusher(bundle, broker_url=url, fleet=fleet, chunk_size=1024).push([device], timeout_s=60)[
-        device
-    ]
-    return {"status": outcome.status, **outcome.event}
+    """Deploy with the fleet's sender; the device's status and, when it refused, its step, code and reason.
+
+    The host trusts no key here (it checks files only), so what a device trusts is what decides.
+    """
+    host = Host(url, fleet, bundle.parent / f"host-{bundle.name}-{device}", None)
+    try:
+        outcome = host.deploy(bundle, device, timeout_s=60, chunk_size=1024)
+    finally:
+        host.close()
+    refused = outcome.rejected
+    details = {"step": refused.step, "code": refused.code, "reason": refused.reason} if refused else {}
+    return {"status": outcome.status, **details}
 
 
 def _serving_version(agent) -> int:  # type: ignore[no-untyped-def]
@@ -56,7 +64,7 @@ def test_rotation_below_threshold_is_refused_then_a_valid_one_lets_the_new_key_i
     # dev-2 has been online once (its persistent session subscribes to cmd) and is offline now
     dev2 = in_process_agent(tmp_path / "dev-2", url, fleet_name, old.public_path, "dev-2")
     dev2.stop()
-    obs = Observer(url, f"edgefleet/v1/{fleet_name}/dev/+/state")
+    obs = Observer(url, Topics.devices(fleet_name, "state"))
     try:
         assert (
             _push(signed_bundle(tmp_path / "v1", old_key, *models.pick(1), 1), url, fleet_name, "dev-1")[
@@ -150,7 +158,7 @@ def test_malformed_and_out_of_order_rotations_answer_error_events(
     old, new = init_keys(tmp_path / "old"), init_keys(tmp_path / "new")
     old_key, new_key = load_private_key(old.private_path), load_private_key(new.private_path)
     agent = in_process_agent(tmp_path / "dev-1", mosquitto.url, fleet_name, old.public_path, "dev-1")
-    obs = Observer(mosquitto.url, f"edgefleet/v1/{fleet_name}/dev/dev-1/evt")
+    obs = Observer(mosquitto.url, Topics(fleet_name, "dev-1").evt)
     raw_new = load_public_key_pem(new.public_path)
 
     def answer(cmd_id: str, payload: bytes) -> Error:
@@ -205,7 +213,7 @@ def test_a_rotation_sent_during_an_install_is_refused_busy_then_applied(
     old_key, new_key = load_private_key(old.private_path), load_private_key(new.private_path)
     models = Models.make(tmp_path / "models")
     agent = in_process_agent(tmp_path / "dev-1", mosquitto.url, fleet_name, old.public_path, "dev-1")
-    obs = Observer(mosquitto.url, f"edgefleet/v1/{fleet_name}/dev/dev-1/evt")
+    obs = Observer(mosquitto.url, Topics(fleet_name, "dev-1").evt)
     slow = signed_bundle(
         tmp_path / "slow",
         old_key,

@@ -75,6 +75,8 @@ def test_each_builtin_profile_loads_with_sources(name: str) -> None:
     assert profile.sustained_gflops > 0 and profile.mem_bandwidth_gbs > 0
     if profile.gpu is not None:
         assert profile.sources.get("gpu")
+    # The Nano's GPU is out of the agent's reach: JetPack 4.6's CUDA 10.2 is too old for onnxruntime 1.16.
+    if profile.gpu is not None and name != "jetson-nano":
         assert profile.onnx_providers()[0] in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
 

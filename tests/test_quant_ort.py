@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from edgefleet.converters import CONVERTERS, compare_outputs  # noqa: E402
-from edgefleet.converters.runners import OnnxRunner  # noqa: E402
+from edgefleet.converters.runners import open_runner  # noqa: E402
 from edgefleet.sdk.compress import (  # noqa: E402
     COMPRESSORS,
     CompressionContext,
@@ -50,9 +50,9 @@ def ctx(tmp_path: Path, data: np.ndarray) -> CompressionContext:
 
 
 def _fidelity(fp32: Path, quant: Path, data: np.ndarray) -> float:
-    ref = OnnxRunner(fp32).run({"input": data})[0]
-    got = OnnxRunner(quant).run({"input": data})[0]
-    return compare_outputs(ref, got).min_cosine
+    ref = open_runner(fp32).run({"input": data})[0]
+    got = open_runner(quant).run({"input": data})[0]
+    return compare_outputs(ref, got).fidelity_min
 
 
 def _op_types(path: Path) -> set[str]:

@@ -11,7 +11,8 @@ import pytest
 pytest.importorskip("litert_torch")
 pytest.importorskip("ai_edge_litert")
 
-from edgefleet.converters.runners import TfliteRunner
+from edgefleet.agent.core.runtimes.tflite import TfliteRuntime
+from edgefleet.converters.runners import named_feeds, open_runner
 from edgefleet.sdk.build.zoo import accuracy, trained_digits_cnn
 from edgefleet.sdk.compress import COMPRESSORS, CompressionContext, CompressionError
 from edgefleet.sdk.compress import tflite_quant as _registers  # noqa: F401
@@ -26,7 +27,8 @@ def trained() -> tuple[Any, Any, float]:
 
 
 def _tflite_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    logits = TfliteRunner(path).run({"x": x})[0]
+    runner = open_runner(path)
+    logits = runner.run(named_feeds(runner, {"x": x}))[0]
     return float(np.mean(logits.argmax(1) == y))
 
 
@@ -42,7 +44,7 @@ def test_tflite_quantization_keeps_accuracy(
     # act
     path = COMPRESSORS.get(step)(batch_size=4).apply(model, ctx)
     # assert: a real TFLite file with the batch baked in, accuracy within the step's tolerance
-    runner = TfliteRunner(path)
+    runner = open_runner(path)
     assert runner.fixed_batch == 4
     assert fp32_acc - _tflite_accuracy(path, split.x_test, split.y_test) <= max_drop
 
@@ -51,8 +53,13 @@ def test_full_int8_has_integer_io_and_quarter_size(trained: tuple[Any, Any, floa
     model, split, _ = trained
     ctx = CompressionContext(workdir=tmp_path, calib={"input": split.x_train})
     int8 = COMPRESSORS.get("tflite-int8")().apply(model, ctx)
-    details = TfliteRunner(int8).interpreter.get_input_details()[0]
+    runtime = open_runner(int8)
+    assert isinstance(runtime, TfliteRuntime)
+    details = runtime.tensor_details()["inputs"][0]
     assert np.dtype(details["dtype"]) == np.int8
+    # callers see float32: the runtime quantizes inputs and dequantizes outputs itself
+    assert runtime.inputs[0].dtype == "float32"
+    assert runtime.outputs[0].dtype == "float32"
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     assert int8.stat().st_size < 0.5 * fp32_bytes
 

@@ -122,7 +122,13 @@ def test_models_and_compare_side_by_side(client: TestClient) -> None:
     assert cmp["b"]["summary"]["model_version"] == 2
     # v2 is faster and more accurate on every profile in the data
     assert cmp["b"]["summary"]["p95_ms"] < cmp["a"]["summary"]["p95_ms"]
-    assert cmp["b"]["summary"]["eval_accuracy"] == pytest.approx(0.98)
+    assert cmp["b"]["summary"]["accuracy"] == pytest.approx(0.98)
+    # quality by the vocabulary's names: the labelled data scores accuracy, nothing scored the others
+    assert (cmp["b"]["summary"]["agreement"], cmp["b"]["summary"]["fidelity"]) == (None, None)
+    assert (
+        cmp["b"]["points"][0]["accuracy"] == pytest.approx(0.98)
+        and "eval_accuracy" not in cmp["b"]["points"][0]
+    )
     assert cmp["a"]["points"]
     assert cmp["b"]["points"]
 

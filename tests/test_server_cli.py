@@ -14,7 +14,7 @@ import pytest
 from conftest import free_port, wait_for_port
 from server_data import fill_store
 
-from edgefleet.agent.core.protocol import State
+from edgefleet.agent.core.protocol import State, Topics
 from edgefleet.sdk.store import Store
 from tests.fleet_support import wait_for
 
@@ -110,10 +110,10 @@ def test_serve_with_broker_ingests_and_enables_actions(
         wait_for_port("127.0.0.1", port, timeout=60)
         assert httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=10).json()["actions"] is True
         # a device's retained birth message reaches the store through serve's ingest
-        birth = State(device="pi-9", seq=1, ts=1.0, online=True, info={"profile": "rpi5"}).to_wire()
+        birth = State(device="pi-9", seq=1, ts=1.0, online=True, profile="rpi5").to_wire()
         host, mqtt_port = url.removeprefix("mqtt://").split(":")
         publish.single(
-            f"edgefleet/v1/{fleet_name}/dev/pi-9/state",
+            Topics(fleet_name, "pi-9").state,
             birth,
             qos=1,
             retain=True,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.quality import ACCURACY, METRIC_NAMES, canonical_metric, metrics_for_kind
 
 SCHEMA = "edgefleet.manifest/1"
 MANIFEST_FILE = "manifest.json"
@@ -26,7 +27,8 @@ MAX_FILES = 64
 FORMATS = ("onnx", "tflite")
 RUNTIMES = ("onnxruntime", "tflite")
 EVAL_KINDS = ("labels", "reference")
-EVAL_METRICS = ("accuracy", "cosine", "top1_agreement")
+# The vocabulary's names (agent/core/quality.py) and, for old manifests, the names they replaced.
+EVAL_METRICS = (*METRIC_NAMES, "cosine", "top1_agreement")
 DTYPES = (
     "float32",
     "float16",
@@ -271,7 +273,7 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """The eval file shipped with the model and how the health check scores it."""
+    """The eval file shipped with the model and how the health check scores it (docs/quality.md)."""
 
     file: str
     kind: str
@@ -279,14 +281,18 @@ class EvalSpec:
 
     @classmethod
     def from_dict(cls, obj: Any) -> EvalSpec:
-        """Parse and validate the `eval` object; labels go with accuracy, reference outputs with fidelity."""
+        """Parse the `eval` object: labels go with accuracy, reference outputs with agreement or fidelity.
+
+        Old names (`cosine`, `top1_agreement`) parse into the vocabulary's (`fidelity`, `agreement`).
+        """
         obj = _dict(obj, "eval")
         kind = _choice(_req(obj, "kind", "eval."), "eval.kind", EVAL_KINDS)
         metric = _choice(_req(obj, "metric", "eval."), "eval.metric", EVAL_METRICS)
-        if (kind == "labels") != (metric == "accuracy"):
+        metric = canonical_metric(metric)
+        if metric not in metrics_for_kind(kind):
             raise _invalid(
                 "eval.metric",
-                "must be `accuracy` for kind `labels` and `cosine` or `top1_agreement` for kind `reference`",
+                "must be `accuracy` for kind `labels` and `agreement` or `fidelity` for kind `reference`",
             )
         return cls(
             file=check_relpath(_str(_req(obj, "file", "eval."), "eval.file"), "eval.file"),
@@ -301,39 +307,84 @@ class EvalSpec:
 
 @dataclass(frozen=True)
 class HealthPolicy:
-    """What the device checks before switching to a new model; failing any item rolls back."""
+    """What the device checks before switching to a new model; failing any item rolls back.
 
-    min_accuracy: Optional[float] = None
-    min_fidelity: Optional[float] = None
+    `min_quality` is the floor on `metric` (None: the eval's metric), set by the build as the reference
+    model's value less `--max-accuracy-drop`. Old manifests' `min_accuracy` / `min_fidelity` still parse.
+    """
+
+    metric: Optional[str] = None
+    min_quality: Optional[float] = None
     max_p95_ms: Optional[float] = None
     warmup_runs: int = 3
     timeout_s: float = 60.0
 
+    @property
+    def min_accuracy(self) -> Optional[float]:
+        """The floor when it is on accuracy (the old field's meaning), else None."""
+        return self.min_quality if self.metric == ACCURACY else None
+
+    @property
+    def min_fidelity(self) -> Optional[float]:
+        """The floor when it is on a reference metric (agreement or fidelity; the old field's meaning)."""
+        return self.min_quality if self.metric is not None and self.metric != ACCURACY else None
+
     @classmethod
-    def from_dict(cls, obj: Any) -> HealthPolicy:
-        """Parse and validate the `health` object."""
+    def from_dict(cls, obj: Any, eval_kind: Optional[str] = None) -> HealthPolicy:
+        """Parse and validate the `health` object; `eval_kind` picks between old min_accuracy/min_fidelity."""
         obj = _dict(obj, "health")
+        metric: Optional[str] = None
+        if obj.get("metric") is not None:
+            metric = _choice(obj.get("metric"), "health.metric", EVAL_METRICS)
+            metric = canonical_metric(metric)
+        floors = [
+            (name, _opt_num(obj.get(name), f"health.{name}"))
+            for name in ("min_quality", "min_accuracy", "min_fidelity")
+        ]
+        for name, value in floors:
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise _invalid(f"health.{name}", f"must be between 0 and 1, got {value}")
+        given = {name: value for name, value in floors if value is not None}
+        min_quality = given.get("min_quality")
+        if min_quality is None and given:
+            # An old manifest: min_accuracy guarded a labels eval, min_fidelity a reference eval, and an
+            # agent ignored the one that did not fit the eval's kind.
+            if eval_kind is None:
+                name = next(iter(given))
+            else:
+                name = "min_accuracy" if eval_kind == "labels" else "min_fidelity"
+            min_quality = given.get(name)
+            if metric is None and name == "min_accuracy" and min_quality is not None:
+                metric = ACCURACY
         policy = cls(
-            min_accuracy=_opt_num(obj.get("min_accuracy"), "health.min_accuracy"),
-            min_fidelity=_opt_num(obj.get("min_fidelity"), "health.min_fidelity"),
+            metric=metric,
+            min_quality=min_quality,
             max_p95_ms=_opt_num(obj.get("max_p95_ms"), "health.max_p95_ms"),
             warmup_runs=_int(obj.get("warmup_runs", 3), "health.warmup_runs", 0),
             timeout_s=_num(obj.get("timeout_s", 60.0), "health.timeout_s"),
         )
-        for name, value in (("min_accuracy", policy.min_accuracy), ("min_fidelity", policy.min_fidelity)):
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise _invalid(f"health.{name}", f"must be between 0 and 1, got {value}")
         if policy.max_p95_ms is not None and policy.max_p95_ms <= 0:
             raise _invalid("health.max_p95_ms", "must be positive")
         if policy.timeout_s <= 0:
             raise _invalid("health.timeout_s", "must be positive")
         return policy
 
+    def for_eval(self, eval_spec: EvalSpec) -> HealthPolicy:
+        """This policy with its metric resolved against the eval (None → the eval's metric), checked to fit."""
+        metric = self.metric or eval_spec.metric
+        if metric not in metrics_for_kind(eval_spec.kind):
+            raise _invalid(
+                "health.metric",
+                f"is {metric!r}, which an eval of kind {eval_spec.kind!r} cannot score; use one of "
+                f"{', '.join(metrics_for_kind(eval_spec.kind))}",
+            )
+        return replace(self, metric=metric)
+
     def to_dict(self) -> Dict[str, Any]:
         """JSON form."""
         return {
-            "min_accuracy": self.min_accuracy,
-            "min_fidelity": self.min_fidelity,
+            "metric": self.metric,
+            "min_quality": self.min_quality,
             "max_p95_ms": self.max_p95_ms,
             "warmup_runs": self.warmup_runs,
             "timeout_s": self.timeout_s,
@@ -461,7 +512,7 @@ class Manifest:
             ),
             files=files,
             eval=eval_spec,
-            health=HealthPolicy.from_dict(_req(obj, "health", "")),
+            health=HealthPolicy.from_dict(_req(obj, "health", ""), eval_spec.kind).for_eval(eval_spec),
             compression=tuple(compression),
             metrics=_dict(obj.get("metrics", {}), "metrics"),
             extra={k: v for k, v in obj.items() if k not in _KNOWN_KEYS},

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgefleet.sdk.errors import EdgefleetError
 
-class BuildError(Exception):
+
+class BuildError(EdgefleetError):
     """A build could not produce a bundle; the message names the problem and the fix."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from edgefleet.device_profiles import Profile, load_profile
+from edgefleet.sdk.errors import EdgefleetError
 
 # Per-op dispatch cost on the host (µs), measured by bench/estimate.py (0.44-1.05 µs over four runs on a
 # shared, busy 2-core host; 0.65 is the first run's): a chain of 200 tiny Add ops in
@@ -34,7 +35,7 @@ HOST_CLOCK_GHZ = 2.0
 ProfileLike = Union[Profile, str, Path]
 
 
-class EstimateError(Exception):
+class EstimateError(EdgefleetError):
     """The model cannot be costed: unreadable file, unknown format, or an unbound dynamic dimension."""
 
 

@@ -1,21 +1,21 @@
-"""The manifest fields a build fills (schema `edgefleet.manifest/1`, defined in `agent/manifest.py`)."""
+"""The manifest fields a build fills (schema `edgefleet.manifest/1`, defined in `agent/core/manifest.py`).
+
+The health floor is the build's one quality budget: `health.min_quality` = the reference (fp32) model's
+value of `health.metric` on the bundle's eval set − `--max-accuracy-drop` (docs/quality.md).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
+from edgefleet.agent.core.quality import ACCURACY, Quality, floor_for, passes
+from edgefleet.sdk.build.errors import BudgetError
 
 if TYPE_CHECKING:
     from edgefleet.converters.runners import ModelRunner
     from edgefleet.sdk.build.builder import Candidate
-    from edgefleet.sdk.build.measure import Quality
 
-# Margins between what the host measured and what the device must reach on the same eval.npz: the
-# device runs the same file, but ARM kernels round differently from x86 ones.
-ACCURACY_MARGIN = 0.02
-FIDELITY_MARGIN = 0.005
 MANIFEST_DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 
 
@@ -39,9 +39,16 @@ def manifest_fields_for(
     *,
     name: str,
     subset_quality: Quality,
+    reference_quality: Quality,
+    max_accuracy_drop: float,
     max_p95_ms: Optional[float],
 ) -> dict[str, Any]:
-    """Everything but `files`/times: target, model, I/O specs, eval kind, compression, metrics, health."""
+    """Everything but `files`/times: target, model, I/O specs, eval kind, compression, metrics, health.
+
+    `subset_quality` / `reference_quality`: the chosen model's and the fp32 model's reading on the
+    bundle's eval set (the rows the device scores). Raises BudgetError when the chosen model already
+    misses the floor there, since every device would then reject the bundle.
+    """
     spec = chosen.spec
     model: dict[str, Any] = {
         # A stable name on the device, whatever work-folder name the candidate had on the host.
@@ -63,12 +70,19 @@ def manifest_fields_for(
         and spec.tflite_quant is not None
         and spec.tflite_quant.name == "tflite-int8"
     ):
-        note = "int8 tensor: quantize with the tensor's scale/zero point (outputs: dequantize)"
-    labels = subset_quality.metric == "accuracy"
-    if labels:
-        health = {"min_accuracy": max(0.0, subset_quality.value - ACCURACY_MARGIN)}
-    else:
-        health = {"min_fidelity": float(np.clip(subset_quality.value - FIDELITY_MARGIN, 0.0, 1.0))}
+        note = "int8 inside: the runtime quantizes float32 inputs and dequantizes outputs (scale/zero point)"
+    labels = subset_quality.metric == ACCURACY
+    metric = subset_quality.metric
+    floor = floor_for(metric, reference_quality.value, max_accuracy_drop)
+    if not passes(subset_quality, floor, metric):
+        raise BudgetError(
+            f"the chosen candidate {chosen.id} scores {metric} {subset_quality.value:.4f} on the bundle's "
+            f"{subset_quality.samples} eval rows, below the device's floor {floor:.4f} (the fp32 model's "
+            f"{reference_quality.value:.4f} − --max-accuracy-drop {max_accuracy_drop}); raise "
+            "--max-accuracy-drop or give more eval data",
+            [chosen.to_dict()],
+        )
+    health: dict[str, Any] = {"metric": metric, "min_quality": round(floor, 6)}
     if max_p95_ms:
         health["max_p95_ms"] = float(max_p95_ms)
     health["warmup_runs"] = 3
@@ -81,12 +95,14 @@ def manifest_fields_for(
         "eval": {
             "file": "eval.npz",
             "kind": "labels" if labels else "reference",
-            "metric": "accuracy" if labels else "cosine",
+            "metric": metric,
         },
         "compression": [{"candidate": chosen.id, "precision": spec.precision}, *chosen.steps],
         "metrics": {
             "size_bytes": chosen.size_bytes,
             "quality": chosen.quality.to_dict() if chosen.quality else None,
+            "eval_quality": subset_quality.to_dict(),
+            "reference_quality": reference_quality.to_dict(),
             "accuracy_drop": chosen.accuracy_drop,
             "host_latency_ms": {"p50": chosen.latency.p50_ms, "p95": chosen.latency.p95_ms}
             if chosen.latency

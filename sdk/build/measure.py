@@ -1,4 +1,4 @@
-"""Host measurements of a converted model: latency p50/p95 at a batch size, accuracy or fidelity."""
+"""Host measurements of a converted model: latency p50/p95 at a batch size, and quality (agent/core/quality.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from typing import Any, Optional
 
 import numpy as np
 
-from edgefleet.converters.parity import compare_many
-from edgefleet.converters.runners import ModelRunner, open_runner
+from edgefleet.agent.core.quality import Quality, measure
+from edgefleet.converters.runners import ModelRunner, named_feeds, open_runner
+
+__all__ = ["LatencyStats", "Quality", "evaluate", "measure_latency", "measure_side_by_side", "run_model"]
 
 
 @dataclass(frozen=True)
@@ -23,21 +25,6 @@ class LatencyStats:
     runs: int
     batch_size: int
     threads: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class Quality:
-    """Accuracy on labels, or fidelity (cosine / top-1 agreement) to the fp32 model's outputs."""
-
-    metric: str  # "accuracy" or "cosine"
-    value: float
-    top1_agreement: Optional[float] = None
-    min_cosine: Optional[float] = None
-    samples: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -73,9 +60,9 @@ def measure_latency(
     """
     runner = model if isinstance(model, ModelRunner) else open_runner(Path(model), threads=threads)
     batch = runner.fixed_batch or batch_size
-    feeds = _named(runner, batch_feeds(inputs, batch))
+    feeds = named_feeds(runner, batch_feeds(inputs, batch))
     for _ in range(warmup):
-        runner.run_batch(feeds)
+        runner.run(feeds)
     times: list[float] = []
     began = time.perf_counter()
     while len(times) < max_runs:
@@ -84,7 +71,7 @@ def measure_latency(
         if len(times) >= 5 and (enough or elapsed >= max_seconds):
             break
         start = time.perf_counter()
-        runner.run_batch(feeds)
+        runner.run(feeds)
         times.append((time.perf_counter() - start) * 1000.0)
     return _stats(times, batch, threads)
 
@@ -111,10 +98,10 @@ def measure_side_by_side(
         m if isinstance(m, ModelRunner) else open_runner(Path(m), threads=threads)
         for m in (reference, candidate)
     ]
-    feeds = [_named(r, batch_feeds(inputs, r.fixed_batch or batch_size)) for r in pair]
+    feeds = [named_feeds(r, batch_feeds(inputs, r.fixed_batch or batch_size)) for r in pair]
     for _ in range(warmup):
         for runner, feed in zip(pair, feeds):
-            runner.run_batch(feed)
+            runner.run(feed)
     times: list[list[float]] = [[], []]
     began = time.perf_counter()
     while len(times[1]) < max_runs:
@@ -124,7 +111,7 @@ def measure_side_by_side(
             break
         for i, (runner, feed) in enumerate(zip(pair, feeds)):
             start = time.perf_counter()
-            runner.run_batch(feed)
+            runner.run(feed)
             times[i].append((time.perf_counter() - start) * 1000.0)
     return (
         _stats(times[0], pair[0].fixed_batch or batch_size, threads),
@@ -144,18 +131,10 @@ def _stats(times: list[float], batch: int, threads: int) -> LatencyStats:
     )
 
 
-def _named(runner: ModelRunner, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inputs keyed by the runner's input names (by name when they match, else by position)."""
-    names = [s.name for s in runner.inputs]
-    if all(n in inputs for n in names):
-        return {n: inputs[n] for n in names}
-    return dict(zip(names, inputs.values()))
-
-
 def run_model(model: Path | ModelRunner, inputs: dict[str, np.ndarray], threads: int = 1) -> list[np.ndarray]:
     """All outputs of the model on all inputs (in chunks of at most 256 rows, to bound memory)."""
     runner = model if isinstance(model, ModelRunner) else open_runner(Path(model), threads=threads)
-    feeds = _named(runner, inputs)
+    feeds = named_feeds(runner, inputs)
     total = len(next(iter(feeds.values())))
     chunk = 256
     parts = [runner.run({k: v[s : s + chunk] for k, v in feeds.items()}) for s in range(0, total, chunk)]
@@ -168,28 +147,10 @@ def evaluate(
     labels: Optional[np.ndarray] = None,
     reference: Optional[list[np.ndarray]] = None,
 ) -> Quality:
-    """Accuracy of the first output's argmax against `labels`, else fidelity to `reference` outputs."""
-    if labels is not None:
-        predicted = outputs[0].reshape(len(outputs[0]), -1).argmax(axis=1)
-        top1 = None
-        min_cos = None
-        if reference is not None:
-            parity = compare_many(reference, outputs)
-            top1, min_cos = parity.top1_agreement, parity.min_cosine
-        return Quality(
-            metric="accuracy",
-            value=float(np.mean(predicted == labels)),
-            top1_agreement=top1,
-            min_cosine=min_cos,
-            samples=len(labels),
-        )
-    if reference is None:
+    """Accuracy against `labels`, else fidelity to `reference` outputs; the other scores ride in `detail`.
+
+    One scorer for host and device (agent/core/quality.py): every output counts, as on the device.
+    """
+    if labels is None and reference is None:
         raise ValueError("evaluate() needs labels or reference outputs")
-    parity = compare_many(reference, outputs)
-    return Quality(
-        metric="cosine",
-        value=parity.cosine,
-        top1_agreement=parity.top1_agreement,
-        min_cosine=parity.min_cosine,
-        samples=parity.samples,
-    )
+    return measure(outputs, labels=labels, reference=reference)

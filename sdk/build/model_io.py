@@ -57,7 +57,7 @@ def _load_onnx(path: Path) -> LoadedModel:
     import onnx
 
     from edgefleet.converters.errors import ConversionError
-    from edgefleet.converters.runners import OnnxRunner
+    from edgefleet.converters.runners import open_runner
 
     try:
         onnx.checker.check_model(str(path))
@@ -66,7 +66,7 @@ def _load_onnx(path: Path) -> LoadedModel:
             f"{path.name} is not a valid ONNX model (corrupt or truncated?): {_first_line(exc)}; re-export it"
         ) from exc
     try:
-        runner = OnnxRunner(path)
+        runner = open_runner(path)
     except ConversionError as exc:
         raise ModelLoadError(f"{path.name}: {exc}") from exc
     return LoadedModel(stage="onnx", model=path, inputs=runner.inputs, source=path)
@@ -74,10 +74,10 @@ def _load_onnx(path: Path) -> LoadedModel:
 
 def _load_tflite(path: Path) -> LoadedModel:
     from edgefleet.converters.errors import ConversionError
-    from edgefleet.converters.runners import TfliteRunner
+    from edgefleet.converters.runners import open_runner
 
     try:
-        runner = TfliteRunner(path)
+        runner = open_runner(path)
     except ConversionError as exc:
         raise ModelLoadError(
             f"{path.name} is not a loadable TFLite model (corrupt or truncated?): {exc}"
@@ -127,7 +127,7 @@ def _program_inputs(program: Any) -> list[TensorSpec]:
             continue
         shape = tuple(int(d) if isinstance(d, int) else None for d in value.shape)
         dtype = str(value.dtype).replace("torch.", "")
-        specs.append(TensorSpec(spec.arg.name, (None, *shape[1:]), dtype))
+        specs.append(TensorSpec(name=spec.arg.name, dtype=dtype, shape=(None, *shape[1:])))
     return specs
 
 

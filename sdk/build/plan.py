@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -52,7 +51,9 @@ class PlanOptions:
 
 
 def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    from edgefleet.converters.base import unimportable
+
+    return not unimportable([module])
 
 
 def _onnx_family(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 
 from edgefleet.sdk.cli.errors import fail as _fail
+from edgefleet.sdk.cli.output import build_log_path, library_output_to, print_table, report_build_log
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -90,7 +91,7 @@ def register(app: typer.Typer) -> None:
         max_accuracy_drop: float = typer.Option(
             0.01,
             "--max-accuracy-drop",
-            help="Largest accuracy loss allowed (0.01 = one point; 1 − cosine without labels).",
+            help="Largest quality loss allowed: accuracy with labels (0.01 = one point), else fidelity to fp32; also the devices' health floor.",
         ),
         input_shape: Optional[str] = typer.Option(
             None,
@@ -127,34 +128,39 @@ def register(app: typer.Typer) -> None:
             finetune_epochs=finetune_epochs,
             only=tuple(s.strip() for s in only.split(",") if s.strip()) if only else (),
         )
+        log_path = build_log_path(out)
         try:
             shapes = parse_input_shape(input_shape) if input_shape else None
-            result = _run_with_progress(
-                console,
-                lambda progress: build(
-                    model,
-                    profile,
-                    calib=calib,
-                    eval=eval_data,
-                    max_accuracy_drop=max_accuracy_drop,
-                    out=out,
-                    input_shape=shapes,
-                    plan=plan,
-                    threads=threads,
-                    private_key=key,
-                    progress=progress,
-                    overwrite=force,
-                    name=name or _safe_name(model.stem),
-                ),
-                quiet=as_json,
-            )
+            with library_output_to(log_path):  # torch / TensorFlow / torchao warnings: into the log
+                result = _run_with_progress(
+                    console,
+                    lambda progress: build(
+                        model,
+                        profile,
+                        calib=calib,
+                        eval=eval_data,
+                        max_accuracy_drop=max_accuracy_drop,
+                        out=out,
+                        input_shape=shapes,
+                        plan=plan,
+                        threads=threads,
+                        private_key=key,
+                        progress=progress,
+                        overwrite=force,
+                        name=name or _safe_name(model.stem),
+                    ),
+                    quiet=as_json,
+                )
         except BudgetError as exc:
+            report_build_log(console, log_path)
             if as_json:
                 typer.echo(json.dumps({"error": str(exc), "closest": exc.candidates}, indent=2))
             raise _fail(str(exc), 2) from None
         except BuildError as exc:
+            report_build_log(console, log_path)
             raise _fail(str(exc)) from None
         if as_json:
+            report_build_log(console, log_path)
             typer.echo(
                 json.dumps(
                     {**result.report, "bundle": str(result.bundle_dir) if result.bundle_dir else None},
@@ -162,10 +168,18 @@ def register(app: typer.Typer) -> None:
                 )
             )
             return
-        console.print(candidates_table(result.report))
-        console.print(f"[bold]chosen:[/] {result.chosen.id} — {result.reason}", highlight=False)
+        print_table(candidates_table(result.report), console)
+        console.print(
+            f"[bold]chosen:[/] {result.chosen.id} — {result.reason}", highlight=False, soft_wrap=True
+        )
+        from rich.markup import escape
+
+        for missing in result.unavailable:
+            # Reasons hold brackets ("edgefleet[host]") that rich would read as markup.
+            console.print(f"[yellow]{escape(str(missing))}[/]", highlight=False, soft_wrap=True)
         if result.bundle_dir is not None:
             console.print(f"bundle written to {result.bundle_dir} (report.json inside)", highlight=False)
+        report_build_log(console, log_path)
 
 
 def _safe_name(stem: str) -> str:
@@ -186,7 +200,13 @@ def _run_with_progress(console: Any, work: Any, quiet: bool) -> Any:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(
-        TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console, transient=True
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        redirect_stderr=False,  # stderr goes to the build log (library_output_to), not above the bar
+        disable=not console.is_terminal,  # a pipe or a file gets the results, not bar frames
     ) as bar:
         task = bar.add_task("building", total=1.0)
         overall = {"value": 0.0}

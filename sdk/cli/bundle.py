@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 
 from edgefleet.sdk.cli.errors import fail as _fail
+from edgefleet.sdk.cli.output import print_table
 
 
 def _print_report(info: dict[str, Any]) -> None:
@@ -42,7 +43,7 @@ def _print_report(info: dict[str, Any]) -> None:
             table.add_row(
                 f["path"], str(f["declared_size"]), "missing" if f["size"] is None else str(f["size"])
             )
-        console.print(table)
+        print_table(table, console)
         if manifest["compression"]:
             console.print("compression: " + json.dumps(manifest["compression"]))
         if info.get("metrics"):

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 
 from edgefleet.sdk.cli.errors import fail as _fail
+from edgefleet.sdk.cli.output import print_table
 
 _DIR = typer.Option(
     None,
@@ -163,7 +164,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             _dump({"fleet": creds.fleet, "auth": creds.auth, "host": creds.host_name, "devices": rows})
             return
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"fleet {creds.fleet} ({creds.auth}), host identity {creds.host_name}")
@@ -173,7 +173,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(
                 row["id"], row["status"], row["issued"], row.get("not_after", "-"), row.get("revoked", "-")
             )
-        Console().print(table)
+        print_table(table)
 
     @creds_app.command("mosquitto-conf")
     def mosquitto_conf(

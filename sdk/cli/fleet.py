@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
+from edgefleet.agent.core.codes import ENDED_ROLLOUT, FAILED_DEVICE, DeviceStatus, RolloutStatus
+from edgefleet.agent.core.parts import SystemMetrics
+from edgefleet.agent.core.quality import METRIC_NAMES
 from edgefleet.sdk.cli.errors import fail as _err
+from edgefleet.sdk.cli.output import print_table
 
 if TYPE_CHECKING:
     from edgefleet.sdk.fleet.client import Fleet
@@ -17,6 +21,11 @@ if TYPE_CHECKING:
 EXIT_ABORTED = 3
 EXIT_REFUSED = 2
 EXIT_FAILED = 1
+# Shown in red and counted as failed: the abort rules' failures and a rollback no device confirmed.
+SHOWN_FAILED = FAILED_DEVICE | {DeviceStatus.ROLLBACK_FAILED}
+# The series' quality columns: the vocabulary's three metrics, then accuracy on feedback labels.
+QUALITY_KEYS = (*METRIC_NAMES, "live_accuracy")
+QUALITY_HEADERS = (*METRIC_NAMES, "live accuracy")
 
 _BROKER = typer.Option(
     None, "--broker", envvar="EDGEFLEET_BROKER", help="mqtt://HOST:PORT or mqtts://HOST:PORT."
@@ -85,6 +94,11 @@ def _model(name: Any, version: Any) -> str:
     return f"{name} v{version}" if name else "-"
 
 
+def _fmt(value: float | None, spec: str) -> str:
+    """A number with `spec`, or '-' when the device did not report it."""
+    return "-" if value is None else format(value, spec)
+
+
 def _rollout_table(row: dict[str, Any]) -> Any:
     from rich.table import Table
 
@@ -94,20 +108,14 @@ def _rollout_table(row: dict[str, Any]) -> Any:
     title = f"rollout {row['id']}  [bold]{row['status']}[/]  {row['strategy']} → {row['selector']}"
     if wave >= 0:
         title += f"  wave {wave + 1}/{settings.get('waves', '?')}"
-    if soak and row["status"] == "running":
+    if soak and row["status"] == RolloutStatus.RUNNING:
         title += f"  soak {max(0.0, float(soak) - time.time()):.0f}s left"
     table = Table(title=title, title_justify="left")
     for col in ("device", "wave", "status", "reason"):
         table.add_column(col)
     for dev in row["devices"]:
         status = str(dev["status"])
-        color = (
-            "green"
-            if status == "deployed"
-            else "red"
-            if status in ("rejected", "timed-out", "rollback-failed")
-            else "yellow"
-        )
+        color = "green" if status == DeviceStatus.DEPLOYED else "red" if status in SHOWN_FAILED else "yellow"
         table.add_row(
             dev["device_id"], str(int(dev["wave"]) + 1), f"[{color}]{status}[/]", str(dev.get("reason") or "")
         )
@@ -123,7 +131,12 @@ def _watch(client: Fleet, handle: Any, as_json: bool) -> str:
 
     if as_json:
         return str(handle.wait())
-    with Live(_rollout_table(client.rollout(handle.id)), console=Console(), refresh_per_second=4) as live:
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file gets the final table once, as plain text
+        status = str(handle.wait())
+        print_table(_rollout_table(client.rollout(handle.id)), console)
+        return status
+    with Live(_rollout_table(client.rollout(handle.id)), console=console, refresh_per_second=4) as live:
         while handle.thread is not None and handle.thread.is_alive():
             handle.thread.join(0.25)
             live.update(_rollout_table(client.rollout(handle.id)))
@@ -135,9 +148,9 @@ def _finish(client: Fleet, rollout_id: str, status: str, as_json: bool) -> None:
     row = client.rollout(rollout_id)
     if as_json:
         _dump(row)
-    if status == "aborted":
+    if status == RolloutStatus.ABORTED:
         raise _err(f"rollout {rollout_id} aborted: {row.get('reason')}", EXIT_ABORTED)
-    if status not in ("succeeded", "completed"):
+    if status not in (RolloutStatus.SUCCEEDED, RolloutStatus.COMPLETED):
         raise _err(
             f"rollout {rollout_id} stopped in state {status}; resume it with `edgefleet rollout {rollout_id} --resume`",
             EXIT_FAILED,
@@ -184,7 +197,6 @@ def register(app: typer.Typer) -> None:
                 )
             _dump(rows)
             return
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"fleet {fleet}: {len(rows)} devices", title_justify="left")
@@ -216,7 +228,7 @@ def register(app: typer.Typer) -> None:
                 f"{t[0]['p95_ms']:.3f}" if t and t[0].get("p95_ms") is not None else "-",
                 _age(t[0]["ts"]) if t else "-",
             )
-        Console().print(table)
+        print_table(table)
 
     @app.command("deploy")
     def deploy(
@@ -248,7 +260,17 @@ def register(app: typer.Typer) -> None:
         min_accuracy: Optional[float] = typer.Option(
             None,
             "--min-accuracy",
-            help="Abort when updated devices' accuracy drops below this (default: the manifest's).",
+            help="Abort when updated devices' accuracy (labels) drops below this (default: the manifest's).",
+        ),
+        min_agreement: Optional[float] = typer.Option(
+            None,
+            "--min-agreement",
+            help="Abort when updated devices' agreement with the reference model's top-1 drops below this.",
+        ),
+        min_fidelity: Optional[float] = typer.Option(
+            None,
+            "--min-fidelity",
+            help="Abort when updated devices' fidelity (mean cosine to the reference outputs) drops below this.",
         ),
         min_samples: int = typer.Option(
             1, "--min-samples", help="Telemetry windows needed before the telemetry rules judge."
@@ -295,6 +317,8 @@ def register(app: typer.Typer) -> None:
                 min_samples=min_samples,
                 max_p95_ms=max_p95_ms,
                 min_accuracy=min_accuracy,
+                min_agreement=min_agreement,
+                min_fidelity=min_fidelity,
             )
             handle = client.deploy(
                 [str(b) for b in bundles],
@@ -340,7 +364,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             _dump(full)
             return
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"rollouts of fleet {fleet}", title_justify="left")
@@ -350,19 +373,19 @@ def register(app: typer.Typer) -> None:
             if r is None:
                 continue
             statuses = [d["status"] for d in r["devices"]]
-            failed = sum(s in ("rejected", "timed-out", "rollback-failed") for s in statuses)
+            failed = sum(s in SHOWN_FAILED for s in statuses)
             table.add_row(
                 r["id"],
                 r["status"],
                 r["strategy"],
                 r["selector"],
                 str(len(statuses)),
-                str(statuses.count("deployed")),
+                str(statuses.count(DeviceStatus.DEPLOYED)),
                 str(failed),
                 _age(r["created_at"]),
                 str(r.get("reason") or ""),
             )
-        Console().print(table)
+        print_table(table)
 
     @app.command("rollout")
     def rollout(
@@ -394,7 +417,7 @@ def register(app: typer.Typer) -> None:
                 client.abort(rollout_id, reason, wait=True)
                 status = _wait_ended(client, rollout_id)
                 row = client.rollout(rollout_id)
-                if status != "aborted":
+                if status != RolloutStatus.ABORTED:
                     raise _err(
                         f"rollout {rollout_id} is still {status}: the process driving it has not finished "
                         "the rollback; check again with `edgefleet rollout ID`",
@@ -403,9 +426,7 @@ def register(app: typer.Typer) -> None:
                 if as_json:
                     _dump(row)
                 else:
-                    from rich.console import Console
-
-                    Console().print(_rollout_table(row))
+                    print_table(_rollout_table(row))
                 return
             if resume:
                 handle = client.resume(rollout_id, wait=False)
@@ -418,9 +439,7 @@ def register(app: typer.Typer) -> None:
         if as_json:
             _dump(row)
             return
-        from rich.console import Console
-
-        Console().print(_rollout_table(row))
+        print_table(_rollout_table(row))
 
     @app.command("telemetry")
     def telemetry(
@@ -431,7 +450,7 @@ def register(app: typer.Typer) -> None:
         fleet: str = _FLEET,
         as_json: bool = _JSON,
     ) -> None:
-        """Latency p50/p95/p99, accuracy and system numbers of one device, per model version."""
+        """Latency p50/p95/p99, quality (accuracy, agreement, fidelity) and CPU/RSS/temperature of one device."""
         from edgefleet.sdk.fleet.client import Fleet
         from edgefleet.sdk.fleet.errors import FleetError
         from edgefleet.sdk.store import Store, StoreError
@@ -456,31 +475,33 @@ def register(app: typer.Typer) -> None:
         if latest is None:
             console.print(f"{device}: no telemetry stored yet (is `edgefleet serve --broker ...` ingesting?)")
             return
-        pay = latest.get("payload") or {}
+        report = client.latest_report(device)
+        system = report.system if report is not None else SystemMetrics()
         console.print(
             f"[bold]{device}[/] {_model(latest.get('model_name'), latest.get('model_version'))} "
-            f"({_age(latest['ts'])}): cpu {pay.get('cpu_percent', '-')}%, rss {pay.get('rss_mb', '-')} MB, "
-            f"temp {pay.get('soc_temp_c', '-')}, missing messages {sum(g['last_missing'] - g['first_missing'] + 1 for g in data['gaps'])}"
+            f"({_age(latest['ts'])}): cpu {_fmt(system.process_cpu_percent, '.1f')}%, "
+            f"rss {_fmt(system.rss_mb, '.1f')} MB, temp {_fmt(system.temp_c, '.1f')} °C, "
+            f"missing messages {sum(g['last_missing'] - g['first_missing'] + 1 for g in data['gaps'])}"
         )
         for label, points in data["series"].items():
             table = Table(title=label, title_justify="left")
-            for col in ("time", "requests", "p50 ms", "p95 ms", "p99 ms", "eval acc", "live acc"):
+            for col in ("time", "requests", "p50 ms", "p95 ms", "p99 ms", *QUALITY_HEADERS):
                 table.add_column(col)
             for p in points[-30:]:
                 table.add_row(
                     time.strftime("%H:%M:%S", time.localtime(p["ts"])),
                     str(p["count"]),
                     *(f"{p[k]:.3f}" if p[k] is not None else "-" for k in ("p50_ms", "p95_ms", "p99_ms")),
-                    *(f"{p[k]:.4f}" if p[k] is not None else "-" for k in ("eval_accuracy", "live_accuracy")),
+                    *(f"{p[k]:.4f}" if p.get(k) is not None else "-" for k in QUALITY_KEYS),
                 )
-            console.print(table)
+            print_table(table, console)
 
 
 def _wait_ended(client: Fleet, rollout_id: str, timeout_s: float = 120.0) -> str:
     """Poll the store until the rollout ended (an engine in another process may be rolling back)."""
     deadline = time.monotonic() + timeout_s
     status = str(client.rollout(rollout_id)["status"])
-    while status not in ("succeeded", "completed", "aborted") and time.monotonic() < deadline:
+    while status not in ENDED_ROLLOUT and time.monotonic() < deadline:
         time.sleep(0.2)
         status = str(client.rollout(rollout_id)["status"])
     return status

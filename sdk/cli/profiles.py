@@ -12,6 +12,7 @@ from typing import Any, Dict, List
 import typer
 
 from edgefleet.sdk.cli.errors import fail
+from edgefleet.sdk.cli.output import print_table
 
 EXIT_BAD_PROFILE = 2
 
@@ -78,7 +79,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(rows, indent=2))
             return
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title="edgefleet device profiles")
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
                 f"{row['max_model_mb']:g}",
                 f"{row['p95_latency_ms']:g}",
             )
-        Console().print(table)
+        print_table(table)
 
     @profiles_app.command("show")
     def show(
@@ -130,7 +130,6 @@ def register(app: typer.Typer) -> None:
         if as_json:
             typer.echo(json.dumps(doc, indent=2))
             return
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"profile {profile.name}", show_lines=False)
@@ -140,4 +139,4 @@ def register(app: typer.Typer) -> None:
         sources = doc["sources"]
         for key in _SHOW_ORDER:
             table.add_row(key, _fmt(doc[key]), sources.get(key, ""))
-        Console().print(table)
+        print_table(table)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,7 +12,9 @@ from edgefleet.sdk.cli.errors import err_console
 
 def _home() -> Path:
     """edgefleet's folder: `EDGEFLEET_HOME`, default ~/.edgefleet."""
-    return Path(os.environ.get("EDGEFLEET_HOME", Path.home() / ".edgefleet"))
+    from edgefleet.agent.core.paths import edgefleet_home
+
+    return edgefleet_home()
 
 
 def _attach_fleet(options: Any, store: Any, fleet: str, trusted_keys: list[Path]) -> Any:

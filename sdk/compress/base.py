@@ -9,11 +9,12 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 import numpy as np
 
 from edgefleet.agent.core.registry import Registry
+from edgefleet.sdk.errors import EdgefleetError
 
 Stage = Literal["torch", "onnx", "tflite"]
 
 
-class CompressionError(Exception):
+class CompressionError(EdgefleetError):
     """A compression step could not run on this model or data; the message says why and what to do."""
 
 
@@ -28,9 +29,9 @@ class Requirements:
 
     def missing_extras(self) -> list[str]:
         """Names of the extra modules that cannot be imported here."""
-        import importlib.util
+        from edgefleet.converters.base import unimportable
 
-        return [name for name in self.extras if importlib.util.find_spec(name) is None]
+        return unimportable(self.extras)
 
 
 @dataclass

@@ -85,10 +85,10 @@ def _preprocess(source: Path, workdir: Path) -> Path:
 def _check_written(path: Path, step: str) -> Path:
     """Load the written file once, so a broken graph fails here with the step's name on it."""
     from edgefleet.converters.errors import ConversionError
-    from edgefleet.converters.runners import OnnxRunner
+    from edgefleet.converters.runners import open_runner
 
     try:
-        OnnxRunner(path)
+        open_runner(path)
     except ConversionError as exc:
         path.unlink(missing_ok=True)
         raise CompressionError(f"{step} produced a model onnxruntime cannot load: {exc}") from exc
@@ -154,13 +154,13 @@ class _NpzReader:
 
 def calibration_feeds(source: Path, calib: dict[str, np.ndarray], max_samples: int) -> dict[str, np.ndarray]:
     """Calibration arrays keyed by the graph's input names, checked against its ranks and dtypes."""
-    from edgefleet.converters.runners import OnnxRunner
+    from edgefleet.converters.runners import open_runner
 
     if not calib:
         raise CompressionError(
             "static INT8 needs calibration data: pass --calib FILE.npz with an array 'x' of model inputs"
         )
-    specs = OnnxRunner(source).inputs
+    specs = open_runner(source).inputs
     names = [s.name for s in specs]
     arrays = [calib[n] for n in names] if all(n in calib for n in names) else list(calib.values())
     if len(arrays) != len(specs):

@@ -63,7 +63,7 @@ class _TfliteStep(CompressionStep):
         import torch
 
         from edgefleet.converters.errors import ConversionError
-        from edgefleet.converters.runners import TfliteRunner
+        from edgefleet.converters.runners import open_runner
         from edgefleet.converters.torch_onnx import as_module
         from edgefleet.converters.torch_tflite import quiet_litert
 
@@ -87,7 +87,7 @@ class _TfliteStep(CompressionStep):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise CompressionError(f"{self.name} failed: {first[:300]}") from exc
         try:
-            TfliteRunner(out)
+            open_runner(out)
         except ConversionError as exc:
             out.unlink(missing_ok=True)
             raise CompressionError(f"{self.name} wrote a model the interpreter cannot load: {exc}") from exc

@@ -20,10 +20,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Optional
 
+from edgefleet.sdk.errors import EdgefleetError
+
 Backend = Literal["auto", "mosquitto", "amqtt"]
 
 
-class BrokerError(Exception):
+class BrokerError(EdgefleetError):
     """The embedded broker could not start; the message says why and what to do."""
 
 

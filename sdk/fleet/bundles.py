@@ -79,11 +79,9 @@ def load_bundles(
     With trusted keys, the signature and every file are checked; without, every file against the manifest.
     """
     from edgefleet.agent.core.errors import VerifyError
-    from edgefleet.agent.core.manifest import Manifest
-    from edgefleet.agent.core.trust import TrustStore
-    from edgefleet.agent.core.verify import verify_bundle_dir, verify_file
+    from edgefleet.sdk.trust.bundle import verify_bundle
 
-    trust = TrustStore.from_public_keys([str(k) for k in trusted_keys]) if trusted_keys else None
+    keys = list(trusted_keys)
     by_profile: dict[str, ResolvedBundle] = {}
     arguments = list(paths)
     if not arguments:
@@ -92,20 +90,7 @@ def load_bundles(
         for folder in _expand(Path(arg), unpack_root):
             manifest_bytes = (folder / "manifest.json").read_bytes()
             try:
-                manifest = Manifest.from_bytes(manifest_bytes)
-                biggest = max([e.size for e in manifest.files.values()] + [1])
-                if trust is not None:
-                    verify_bundle_dir(
-                        folder,
-                        trust,
-                        profile=manifest.target.profile,
-                        device_id=None,
-                        ledger=None,
-                        max_model_bytes=biggest,
-                    )
-                else:
-                    for rel, entry in sorted(manifest.files.items()):
-                        verify_file(folder / rel, entry, biggest)
+                manifest = verify_bundle(folder, keys)
             except VerifyError as exc:
                 raise BundleRefused(f"bundle {folder} does not verify: {exc.reason}") from exc
             resolved = ResolvedBundle(

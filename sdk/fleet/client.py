@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import uuid
@@ -11,19 +10,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgefleet.agent.core.codes import ACTIVE_ROLLOUT, ENDED_ROLLOUT, RolloutStatus
+from edgefleet.agent.core.events import Telemetry
+from edgefleet.agent.core.paths import edgefleet_home
 from edgefleet.sdk.fleet import registry
 from edgefleet.sdk.fleet.bundles import ResolvedBundle, load_bundles
 from edgefleet.sdk.fleet.errors import BundleRefused, FleetError, RolloutConflict, RolloutNotFound
 from edgefleet.sdk.fleet.ingest import Ingest
 from edgefleet.sdk.fleet.mqtt_url import MqttOptions, default_broker_url
-from edgefleet.sdk.fleet.rollout import ACTIVE_ROLLOUT, ENDED_ROLLOUT, EngineView, RolloutEngine, engine_alive
+from edgefleet.sdk.fleet.progress import EngineView, engine_alive
+from edgefleet.sdk.fleet.rollout import RolloutEngine
 from edgefleet.sdk.fleet.selectors import parse_selector, resolve
-from edgefleet.sdk.fleet.strategy import AbortRules, parse_strategy
+from edgefleet.sdk.fleet.strategy import AbortRules, parse_strategy, rules_with
 from edgefleet.sdk.store import Store
 
 
 def _home() -> Path:
-    return Path(os.environ.get("EDGEFLEET_HOME") or Path.home() / ".edgefleet")
+    return edgefleet_home()
 
 
 @dataclass
@@ -35,7 +38,7 @@ class RolloutHandle:
     thread: threading.Thread | None = None
     error: BaseException | None = None
 
-    def wait(self, timeout: float | None = None) -> str:
+    def wait(self, timeout: float | None = None) -> RolloutStatus:
         """Block until the rollout ends (or `timeout`); returns its status."""
         if self.thread is not None:
             self.thread.join(timeout)
@@ -44,7 +47,7 @@ class RolloutHandle:
         return self.engine.status
 
     @property
-    def status(self) -> str:
+    def status(self) -> RolloutStatus:
         """The rollout's status now."""
         return self.engine.status
 
@@ -185,20 +188,37 @@ class Fleet:
         delta: bool = True,
         wait: bool = True,
         on_change: Callable[[EngineView], None] | None = None,
+        rollout_id: str | None = None,
+        min_accuracy: float | None = None,
+        min_agreement: float | None = None,
+        min_fidelity: float | None = None,
     ) -> RolloutHandle:
         """Start a rollout of `bundles` (one per profile) to the devices `to` selects.
 
         Everything is checked first (bundles verify, selector, profiles, no device in another rollout);
         a refusal sends nothing. With `delta`, a device that runs an earlier version of the same model
-        and can apply patches gets a bsdiff4 patch instead of the model file. With `wait` the call returns when the rollout ended; otherwise it runs
-        on a background thread and the handle's `wait()` joins it.
+        and can apply patches gets a bsdiff4 patch instead of the model file. With `wait` the call returns
+        when the rollout ended; otherwise it runs on a background thread and the handle's `wait()` joins
+        it. `rollout_id` (default: generated) is also the deploy id every device sees. `min_accuracy`,
+        `min_agreement`, `min_fidelity` set the telemetry gate's floors (over those of `rules`; a floor
+        not set comes from the bundle's health policy).
         """
+        from edgefleet.agent.core.protocol import valid_name
+
         if isinstance(bundles, (str, Path)):
             bundles = [bundles]
         if soak_s < 0 or timeout_s <= 0:
             raise FleetError("soak must be >= 0 s and the device timeout > 0 s")
+        if rollout_id is not None and (
+            not valid_name(rollout_id) or self.store.rollout(rollout_id) is not None
+        ):
+            raise RolloutConflict(
+                f"rollout id {rollout_id!r} is taken or malformed: use a new id of 1-128 letters, digits, "
+                "'.', '_' or '-', or leave it out to get a generated one"
+            )
         plan = self.plan(bundles, to, strategy=strategy, skip_unmatched=skip_unmatched)
-        the_rules = rules or AbortRules()
+        gates = {"min_accuracy": min_accuracy, "min_agreement": min_agreement, "min_fidelity": min_fidelity}
+        the_rules = rules_with(rules or AbortRules(), {k: v for k, v in gates.items() if v is not None})
         ids: dict[str, int] = {}
         for profile, b in plan["bundles"].items():
             ids[profile] = self._register(b)
@@ -208,7 +228,7 @@ class Fleet:
         for wave, members in enumerate(plan["waves"]):
             targets += [(d, ids[plan["profiles"][d]], wave) for d in members]
         targets += [(d, None, 0) for d in sorted(plan["unmatched"])]
-        rollout_id = f"r-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        rollout_id = rollout_id or f"r-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         settings = {
             "bundles": ids,
             "soak_s": soak_s,
@@ -341,7 +361,10 @@ class Fleet:
                 handle.wait()
             return
         if not self.store.set_rollout_status(
-            rollout_id, "aborting", reason, only_from=("pending", "running")
+            rollout_id,
+            RolloutStatus.ABORTING,
+            reason,
+            only_from=(RolloutStatus.PENDING, RolloutStatus.RUNNING),
         ):
             now = self.rollout(rollout_id)["status"]
             if now in ENDED_ROLLOUT:
@@ -395,6 +418,17 @@ class Fleet:
             "series": series,
             "gaps": [g.__dict__ for g in self.store.gaps(self.fleet, device_id)],
         }
+
+    def latest_report(self, device_id: str) -> Telemetry | None:
+        """The device's newest stored telemetry, typed again (the store keeps its flat form), or None."""
+        rows = self.store.latest_telemetry(self.fleet, device_id, limit=1)
+        if not rows:
+            return None
+        row = rows[0]
+        seq = row.get("seq")
+        return Telemetry.from_metrics(
+            device_id, seq if isinstance(seq, int) else -1, float(row["ts"]), row["payload"] or {}
+        )
 
     # ---- ingest -------------------------------------------------------------------------------
 

@@ -62,10 +62,18 @@ def make_patch(base: Path, target: Path, cache_dir: Path) -> Patch:
 
 
 def supports_delta(device: Mapping[str, Any]) -> bool:
-    """Whether the device's state says it can rebuild files from bsdiff4 patches."""
-    state = device.get("state") or {}
-    formats = state.get("delta") if isinstance(state, Mapping) else None
-    return isinstance(formats, list) and DELTA_FORMAT in formats
+    """Whether the device's last state (a registry row's `state`) says it rebuilds files from bsdiff4 patches."""
+    from edgefleet.agent.core.errors import ProtocolError
+    from edgefleet.agent.core.events import State
+
+    info = device.get("state")
+    if not isinstance(info, Mapping):
+        return False
+    try:
+        state = State.from_info(str(device.get("device_id") or "-"), 0, 0.0, True, info)
+    except ProtocolError:
+        return False
+    return DELTA_FORMAT in state.delta_formats
 
 
 def base_bundle(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from edgefleet.sdk.errors import EdgefleetError
 
-class FleetError(Exception):
+
+class FleetError(EdgefleetError):
     """Base of every refusal or failure of the fleet control plane."""
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from edgefleet.agent.core.errors import ProtocolError
-from edgefleet.agent.core.protocol import TOPIC_ROOT, State, Telemetry, parse_device_message
+from edgefleet.agent.core.protocol import State, Telemetry, Topics, parse_device_message
 from edgefleet.sdk.fleet.mqtt_url import Connection, MqttOptions, connect
 from edgefleet.sdk.fleet.registry import apply_state, device_from_topic
 from edgefleet.sdk.store import Store, StoreError
@@ -46,39 +46,21 @@ def liveness_limit(info: Mapping[str, Any]) -> float | None:
     return max(keepalive, 2.0 * interval)
 
 
-def _eval_accuracy(evaluation: Mapping[str, Any]) -> float | None:
-    """Eval-set accuracy from either shape the agent sends.
-
-    A periodic eval carries `accuracy`; the install's health report carries `metric` and `value`.
-    """
-    if "accuracy" in evaluation:
-        return _num(evaluation.get("accuracy"))
-    if evaluation.get("metric") == "accuracy":
-        return _num(evaluation.get("value"))
-    return None
-
-
 def flatten_telemetry(message: Telemetry) -> dict[str, Any]:
-    """A telemetry message as a store row: the agent's metrics with the columns the store indexes."""
-    m = message.metrics
-    evaluation = m.get("eval") if isinstance(m.get("eval"), Mapping) else {}
-    assert isinstance(evaluation, Mapping)
-    row: dict[str, Any] = dict(m)
+    """A telemetry message as a store row: its flat metrics with the columns the store indexes."""
+    row: dict[str, Any] = message.flat_metrics()
+    evaluation = next((q for q in message.quality if q.source != "feedback"), None)
     row.update(
         device_id=message.device,
         seq=message.seq,
         ts=message.ts,
-        profile=m.get("profile"),
-        model_name=m.get("model"),
-        model_version=m.get("model_version"),
-        count=int(m.get("count") or 0),
-        errors=int(m.get("errors") or 0),
-        eval_accuracy=_eval_accuracy(evaluation),
-        agreement=_num(evaluation.get("fidelity", evaluation.get("agreement"))),
-        live_accuracy=_num(m.get("live_accuracy")),
+        model_name=None if message.model is None else message.model.name,
+        # One column per quality metric: the eval set's reading (its other scores ride in `detail`).
+        accuracy=None if evaluation is None else evaluation.get("accuracy"),
+        agreement=None if evaluation is None else evaluation.get("agreement"),
+        fidelity=None if evaluation is None else evaluation.get("fidelity"),
     )
-    for key in ("p50_ms", "p95_ms", "p99_ms", "mean_ms"):
-        row[key] = _num(m.get(key))
+    row["eval_accuracy"] = row["accuracy"]  # the older column name, for readers not yet switched
     return row
 
 
@@ -128,7 +110,7 @@ class Ingest:
 
     def filters(self) -> list[str]:
         """The topic filters this ingest subscribes to (shared when a group is set)."""
-        base = [f"{TOPIC_ROOT}/{self.fleet}/dev/+/{kind}" for kind in _KINDS]
+        base = [Topics.devices(self.fleet, kind) for kind in _KINDS]
         if self.share_group:
             return [f"$share/{self.share_group}/{f}" for f in base]
         return base
@@ -222,7 +204,7 @@ class Ingest:
         """Write a batch in arrival order: telemetry runs go in one statement, events one by one."""
         pending: list[dict[str, Any]] = []
         for topic, payload in batch:
-            kind = topic.rsplit("/", 1)[-1]
+            kind = str(Topics.kind_of(topic))
             device = device_from_topic(topic)
             if not payload or device is None:
                 continue

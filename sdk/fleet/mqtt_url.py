@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlsplit
 
+from edgefleet.agent.core.paths import DEFAULT_BROKER
 from edgefleet.sdk.fleet.errors import BrokerUnavailable
 
-DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 CONNECT_TIMEOUT_S = 10.0
 
 MessageHandler = Callable[[str, bytes, bool], None]

@@ -10,26 +10,23 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 from edgefleet.agent.core.errors import ProtocolError
-from edgefleet.agent.core.protocol import TOPIC_ROOT, State, parse_device_message
+from edgefleet.agent.core.events import State, parse_device_message
+from edgefleet.agent.core.topics import Topics
 from edgefleet.sdk.fleet.mqtt_url import MqttOptions, connect
 from edgefleet.sdk.store import Store
 
 
 def state_topic_filter(fleet: str) -> str:
     """Subscription for every device's retained state in a fleet."""
-    return f"{TOPIC_ROOT}/{fleet}/dev/+/state"
+    return Topics.devices(fleet, "state")
 
 
 def device_from_topic(topic: str) -> str | None:
     """The device id in `edgefleet/v1/{fleet}/dev/{id}/...`, or None."""
-    parts = topic.split("/")
-    if len(parts) >= 6 and parts[3] == "dev":
-        return parts[4]
-    return None
+    return Topics.device_of(topic)
 
 
 def apply_state(store: Store, fleet: str, message: State) -> None:
@@ -38,29 +35,21 @@ def apply_state(store: Store, fleet: str, message: State) -> None:
         # The Last Will carries nothing but "offline": keep what the device said before.
         store.upsert_device(fleet, message.device, online=False, last_seen=time.time())
         return
-    info = message.info
-    active = info.get("active") if isinstance(info.get("active"), Mapping) else None
+    active = message.active
     fields: dict[str, Any] = {
         "online": True,
-        "profile": _str_or_none(info.get("profile")),
-        "tags": [str(t) for t in info.get("tags") or [] if isinstance(t, str)],
-        "agent_version": _str_or_none(info.get("agent_version")),
-        "runtimes": [str(r) for r in info.get("runtimes") or [] if isinstance(r, str)],
-        "emulated": bool(info.get("emulated")),
-        "active_model": _str_or_none(active.get("name")) if active else None,
-        "active_version": _int_or_none(active.get("version")) if active else None,
-        "state": dict(info),
+        "profile": message.profile,
+        "tags": list(message.tags),
+        "agent_version": message.agent_version,
+        "runtimes": list(message.runtimes),
+        "emulated": bool(message.emulated),
+        "active_model": active.name if active else None,
+        "active_version": active.version if active else None,
+        # Kept whole for display and for the delta planner (which formats the device applies).
+        "state": message.info,
         "last_seen": message.ts or time.time(),
     }
     store.upsert_device(fleet, message.device, **fields)
-
-
-def _str_or_none(value: Any) -> str | None:
-    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
-
-
-def _int_or_none(value: Any) -> int | None:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def handle_state_payload(store: Store, fleet: str, topic: str, payload: bytes) -> bool:
@@ -79,7 +68,7 @@ def handle_state_payload(store: Store, fleet: str, topic: str, payload: bytes) -
 
 def sync_topic(fleet: str, nonce: str) -> str:
     """A host-only topic the registry publishes to itself to learn that the retained burst is over."""
-    return f"{TOPIC_ROOT}/{fleet}/host/sync/{nonce}"
+    return Topics.host_sync(fleet, nonce)
 
 
 def refresh(

@@ -1,21 +1,23 @@
 """Rollout strategies (`all`, `canary:PCT`, `waves:P1,P2,...`), wave planning and abort rules.
 
-Abort rules follow AWS IoT Jobs: a share of failed / rejected / timed-out devices counts only once a
-minimum number of devices has finished, so one early failure in a big wave does not stop everything.
-They also read the devices' telemetry: accuracy below the manifest's minimum, or p95 latency above its
-maximum, on the devices already updated aborts the rollout.
+Abort rules follow AWS IoT Jobs: a share of rejected / timed-out devices counts only once a minimum
+number of devices has finished, so one early failure in a big wave does not stop everything. They also
+read the devices' telemetry: a quality metric (accuracy, agreement, fidelity) below its floor, or p95
+latency above its maximum, on the devices already updated aborts the rollout.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from edgefleet.agent.core.codes import FAILED_DEVICE, DeviceStatus, QualitySource
+from edgefleet.agent.core.events import Telemetry
+from edgefleet.agent.core.manifest import HealthPolicy
+from edgefleet.agent.core.quality import ACCURACY, METRIC_NAMES, METRICS, canonical_metric, passes
 from edgefleet.sdk.fleet.errors import StrategyError
-
-FAILED_STATUSES = frozenset({"rejected", "timed-out", "failed"})
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,49 @@ def parse_strategy(text: str) -> Strategy:
 
 
 @dataclass(frozen=True)
+class TelemetrySample:
+    """One telemetry window of an updated device (new model only), as the abort rules read it.
+
+    `quality` maps a metric of the vocabulary (accuracy, agreement, fidelity) to the window's eval-set
+    value; `live_accuracy` is the share of feedback labels the model got right.
+    """
+
+    device_id: str
+    count: int = 0
+    p95_ms: float | None = None
+    quality: Mapping[str, float] = field(default_factory=dict)
+    live_accuracy: float | None = None
+
+    @classmethod
+    def of(cls, message: Telemetry) -> TelemetrySample:
+        """The sample in one telemetry message: its requests, p95 and quality readings."""
+        quality: dict[str, float] = {}
+        for reading in message.quality:
+            if reading.source == QualitySource.EVAL:
+                # A reading carries its own metric and may carry the others of its eval in `detail`.
+                for name in METRIC_NAMES:
+                    value = reading.get(name)
+                    if value is not None:
+                        quality.setdefault(name, value)
+        live = message.quality_of(ACCURACY, QualitySource.FEEDBACK)
+        return cls(
+            device_id=message.device,
+            count=message.requests.count,
+            p95_ms=message.latency.p95_ms,
+            quality=quality,
+            live_accuracy=None if live is None else live.value,
+        )
+
+
+@dataclass(frozen=True)
 class AbortRules:
     """When a rollout stops by itself.
 
-    `max_failed_pct`: abort when the share of failed / rejected / timed-out devices among those finished
-    exceeds it, once at least `min_finished` devices have finished. `telemetry`: also abort on the
-    updated devices' telemetry (accuracy below `min_accuracy`, p95 above `max_p95_ms`; each defaults to
-    the manifest's health policy), once `min_samples` telemetry windows with traffic came in.
+    `max_failed_pct`: abort when the share of rejected / timed-out devices among those finished exceeds
+    it, once at least `min_finished` devices have finished. `telemetry`: also abort on the updated
+    devices' telemetry (a quality metric below its floor `min_accuracy` / `min_agreement` /
+    `min_fidelity`, p95 above `max_p95_ms`; each defaults to the manifest's health policy), once
+    `min_samples` telemetry windows came in.
     """
 
     max_failed_pct: float = 0.0
@@ -85,6 +123,8 @@ class AbortRules:
     min_samples: int = 1
     max_p95_ms: float | None = None
     min_accuracy: float | None = None
+    min_agreement: float | None = None
+    min_fidelity: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -94,8 +134,20 @@ class AbortRules:
             raise StrategyError("the minimum counts of an abort rule must be at least 1")
         if self.max_p95_ms is not None and self.max_p95_ms <= 0:
             raise StrategyError(f"max p95 {self.max_p95_ms} ms must be above 0")
-        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
-            raise StrategyError(f"min accuracy {self.min_accuracy} must be in [0, 1]")
+        for name, floor in self.floors().items():
+            if not 0 <= floor <= 1:
+                raise StrategyError(
+                    f"{METRICS[name].flag} {floor} must be in [0, 1] (a share of rows, or a mean cosine)"
+                )
+
+    def floors(self) -> dict[str, float]:
+        """The floors this rule sets itself, by metric (the manifest's fills the others)."""
+        out = {}
+        for name, m in METRICS.items():
+            value = getattr(self, m.gate)
+            if value is not None:
+                out[name] = float(value)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON for the store."""
@@ -111,8 +163,8 @@ class AbortRules:
 
     def check_outcomes(self, statuses: Mapping[str, str]) -> str | None:
         """The abort reason from per-device statuses, or None."""
-        finished = [s for s in statuses.values() if s in FAILED_STATUSES or s == "deployed"]
-        failed = [s for s in finished if s in FAILED_STATUSES]
+        finished = [s for s in statuses.values() if s in FAILED_DEVICE or s == DeviceStatus.DEPLOYED]
+        failed = [str(s) for s in finished if s in FAILED_DEVICE]
         if len(finished) < self.min_finished or not failed:
             return None
         share = 100.0 * len(failed) / len(finished)
@@ -124,35 +176,64 @@ class AbortRules:
             )
         return None
 
-    def check_telemetry(self, samples: Sequence[Mapping[str, Any]], health: Mapping[str, Any]) -> str | None:
+    def check_telemetry(
+        self, samples: Sequence[TelemetrySample], health: HealthPolicy | None, eval_metric: str | None = None
+    ) -> str | None:
         """The abort reason from telemetry windows of updated devices (new model only), or None.
 
-        Each sample is a flat telemetry row: device_id, count, p95_ms, eval_accuracy, live_accuracy.
+        `health` is the bundle's policy: its `max_p95_ms`, and its `min_quality` as the floor of its metric
+        (`eval_metric`, the bundle's eval metric, when the policy names none) unless a rule sets that floor.
         """
         if not self.telemetry:
             return None
-        max_p95 = self.max_p95_ms if self.max_p95_ms is not None else health.get("max_p95_ms")
-        min_acc = self.min_accuracy if self.min_accuracy is not None else health.get("min_accuracy")
-        with_traffic = [s for s in samples if (s.get("count") or 0) > 0 and s.get("p95_ms") is not None]
+        max_p95 = self.max_p95_ms if self.max_p95_ms is not None else (health.max_p95_ms if health else None)
+        with_traffic = [s for s in samples if s.count > 0 and s.p95_ms is not None]
         if max_p95 is not None and len(with_traffic) >= self.min_samples:
             # Weighted by requests: one slow window with 2 requests must not outvote a busy fast one.
-            total = sum(int(s["count"]) for s in with_traffic)
-            p95 = sum(float(s["p95_ms"]) * int(s["count"]) for s in with_traffic) / total
+            total = sum(s.count for s in with_traffic)
+            p95 = sum(float(s.p95_ms or 0.0) * s.count for s in with_traffic) / total
             if p95 > float(max_p95):
-                devs = sorted({str(s.get("device_id")) for s in with_traffic})
+                devs = sorted({s.device_id for s in with_traffic})
                 return (
                     f"p95 latency {p95:.3f} ms on the updated devices ({', '.join(devs)}) is above the "
                     f"{float(max_p95):g} ms budget ({len(with_traffic)} telemetry windows, {total} requests)"
                 )
-        if min_acc is not None:
-            for key in ("eval_accuracy", "live_accuracy"):
-                values = [float(s[key]) for s in samples if s.get(key) is not None]
-                if len(values) >= self.min_samples:
-                    acc = sum(values) / len(values)
-                    if acc < float(min_acc):
-                        label = "eval-set" if key == "eval_accuracy" else "live"
-                        return (
-                            f"{label} accuracy {acc:.4f} on the updated devices is below the minimum "
-                            f"{float(min_acc):g} ({len(values)} telemetry windows)"
-                        )
+        floors = self.floors()
+        if health is not None and health.min_quality is not None:
+            floors.setdefault(canonical_metric(health.metric or eval_metric or ACCURACY), health.min_quality)
+        for name, floor in floors.items():
+            reason = self._below(
+                f"eval-set {name}", [s.quality[name] for s in samples if name in s.quality], floor, name
+            )
+            if reason is not None:
+                return reason
+        if ACCURACY in floors:
+            live = [s.live_accuracy for s in samples if s.live_accuracy is not None]
+            return self._below("live accuracy", live, floors[ACCURACY], ACCURACY)
         return None
+
+    def _below(self, label: str, values: Sequence[float], floor: float, name: str) -> str | None:
+        """The reason when the mean of `values` (enough of them) misses `floor`, else None."""
+        if len(values) < self.min_samples:
+            return None
+        mean = sum(values) / len(values)
+        if passes(mean, floor, name):
+            return None
+        return (
+            f"{label} {mean:.4f} on the updated devices is below the minimum {floor:g} "
+            f"({len(values)} telemetry windows)"
+        )
+
+
+def rules_with(rules: AbortRules, floors: Mapping[str, float]) -> AbortRules:
+    """`rules` with the quality floors given by gate name (`min_accuracy`, `min_agreement`, `min_fidelity`)."""
+    gates = {m.gate for m in METRICS.values()}
+    unknown = sorted(set(floors) - gates)
+    if unknown:
+        raise StrategyError(f"unknown quality gate {', '.join(unknown)}; use {', '.join(sorted(gates))}")
+    return replace(
+        rules,
+        min_accuracy=floors.get("min_accuracy", rules.min_accuracy),
+        min_agreement=floors.get("min_agreement", rules.min_agreement),
+        min_fidelity=floors.get("min_fidelity", rules.min_fidelity),
+    )

@@ -8,16 +8,21 @@ devices ask for whatever they still miss).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.core.protocol import TOPIC_ROOT, DeployCommand, FileTransfer, Topics
+from edgefleet.agent.core.commands import DeltaSpec, DeployCommand, FileTransfer
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.manifest import Manifest
+from edgefleet.agent.core.topics import Topics
 from edgefleet.agent.transfer import chunk_digests
+from edgefleet.sdk.fleet.delta import DELTA_FORMAT
 from edgefleet.sdk.fleet.errors import BundleRefused
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
@@ -25,18 +30,27 @@ MIN_CHUNK_SIZE = 1024
 # Topic, fixed header and MQTT 5 properties of a chunk PUBLISH stay well under this.
 PACKET_OVERHEAD = 512
 PUBLISH_WINDOW = 32
+# sha256 of no bytes: the digest of an empty file, which has no chunk and so no prefix digest.
+_EMPTY_SHA = hashlib.sha256(b"").hexdigest()
 
 
 def choose_chunk_size(max_packet_size: int | None, requested: int | None = None) -> int:
-    """The chunk size: the requested one (default 256 KiB) capped under the broker's packet limit."""
+    """The chunk size: the requested one (default 256 KiB) capped under the broker's packet limit.
+
+    A requested size may be small (tests cut a tiny model into many chunks); the broker's cap must
+    leave at least MIN_CHUNK_SIZE, or a big model would travel in tens of thousands of messages.
+    """
+    if requested is not None and requested < 1:
+        raise BundleRefused(f"chunk size {requested} must be at least 1 byte")
     size = requested or DEFAULT_CHUNK_SIZE
     if max_packet_size:
-        size = min(size, max_packet_size - PACKET_OVERHEAD)
-    if size < MIN_CHUNK_SIZE:
-        raise BundleRefused(
-            f"the broker accepts packets of at most {max_packet_size} bytes, too small for chunks of "
-            f"{MIN_CHUNK_SIZE} bytes; raise the broker's max_packet_size"
-        )
+        cap = max_packet_size - PACKET_OVERHEAD
+        if cap < MIN_CHUNK_SIZE:
+            raise BundleRefused(
+                f"the broker accepts packets of at most {max_packet_size} bytes, too small for chunks of "
+                f"{MIN_CHUNK_SIZE} bytes; raise the broker's max_packet_size"
+            )
+        size = min(size, cap)
     return size
 
 
@@ -117,7 +131,7 @@ class Blob:
                 if should_stop is not None and should_stop():
                     return
                 data = handle.read(self.chunk_size)
-                info = conn.publish(f"{TOPIC_ROOT}/{fleet}/artifact/{self.sha256}/{index}", data, qos=1)
+                info = conn.publish(Topics.broadcast(fleet, self.sha256, index), data, qos=1)
                 with stats.lock:
                     stats.broadcast_bytes += len(data)
                     stats.broadcast_chunks += 1
@@ -156,6 +170,8 @@ class BundleTransfer:
     """One bundle folder cut into chunks: its deploy commands (full or with delta patches) and its blobs."""
 
     def __init__(self, bundle_dir: str | Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        if chunk_size < 1:
+            raise BundleRefused(f"chunk size {chunk_size} must be at least 1 byte")
         self.bundle_dir = Path(bundle_dir)
         self.chunk_size = chunk_size
         manifest_path = self.bundle_dir / "manifest.json"
@@ -167,20 +183,28 @@ class BundleTransfer:
                 )
         self.manifest_bytes = manifest_path.read_bytes()
         try:
+            entries = Manifest.from_bytes(self.manifest_bytes).files
+        except VerifyError as exc:
+            raise BundleRefused(f"{manifest_path} is not a valid manifest: {exc.reason}") from None
+        try:
             self.signatures = json.loads(signature_path.read_bytes())
-            entries = json.loads(self.manifest_bytes)["files"]
-        except (ValueError, KeyError, TypeError):
-            raise BundleRefused(
-                f"{self.bundle_dir}: manifest.json or signature.json is not valid JSON"
-            ) from None
+        except ValueError:
+            raise BundleRefused(f"{signature_path} is not valid JSON: re-sign the bundle") from None
         self.files: list[_File] = []
         self.blobs: dict[str, Blob] = {}
         for name, entry in sorted(entries.items()):
             path = self.bundle_dir / name
             if not path.is_file():
                 raise BundleRefused(f"bundle file {path} named in the manifest is missing")
-            blob = Blob(path, str(entry["sha256"]), chunk_size)
+            blob = Blob(path, entry.sha256, chunk_size)
             chunk_sha, prefix_sha = blob.digests()
+            # The last prefix digest is the whole file's: a file changed since the bundle was signed
+            # would only be refused by every device after its download, so it is refused here.
+            if blob.size != entry.size or (prefix_sha[-1:] or [_EMPTY_SHA])[-1] != blob.sha256:
+                raise BundleRefused(
+                    f"bundle file {path} does not match its manifest entry (size or sha256): it changed "
+                    "after signing; rebuild the bundle"
+                )
             spec = FileTransfer(
                 name, blob.sha256, blob.size, chunk_size, blob.chunks, tuple(chunk_sha), tuple(prefix_sha)
             )
@@ -188,39 +212,32 @@ class BundleTransfer:
             self.blobs[blob.sha256] = blob
         self.total_bytes = sum(f.spec.size for f in self.files)
 
-    def deploy_command(self, deploy_id: str, device: str) -> DeployCommand:
-        """The signed deploy command for one device (every file in full)."""
+    def deploy_command(
+        self, deploy_id: str, device: str, patches: Mapping[str, tuple[str, Blob]] | None = None
+    ) -> DeployCommand:
+        """The signed deploy command for one device; files in `patches` (file → (base sha256, patch blob)) carry a delta.
+
+        The delta tells an agent that can rebuild the file from the base it holds to fetch the patch's
+        chunks (under the patch's sha256) instead of the file's; the file's signed sha256 and size stay
+        as they are, so the rebuilt file is verified exactly like a downloaded one.
+        """
+        files = []
+        for f in self.files:
+            patch = (patches or {}).get(f.spec.file)
+            files.append(f.spec if patch is None else replace(f.spec, delta=delta_spec(*patch)))
         return DeployCommand(
             id=deploy_id,
             manifest=self.manifest_bytes,
             signatures=self.signatures,
-            files=tuple(f.spec for f in self.files),
+            files=tuple(files),
             device=device,
         )
 
-    def deploy_payload(self, deploy_id: str, device: str, patches: Mapping[str, tuple[str, Blob]]) -> bytes:
-        """The deploy command's JSON; files in `patches` (file → (base sha256, patch blob)) carry a `delta`.
-
-        The `delta` object tells an agent that can rebuild the file from the base it holds to fetch the
-        patch's chunks (under the patch's sha256) instead of the file's; the file's signed sha256 and size
-        stay as they are, so the rebuilt file is verified exactly like a downloaded one.
-        """
-        obj = json.loads(self.deploy_command(deploy_id, device).to_wire())
-        for entry in obj["files"]:
-            if entry["file"] in patches:
-                base_sha, blob = patches[entry["file"]]
-                chunk_sha, prefix_sha = blob.digests()
-                entry["delta"] = {
-                    "format": "bsdiff4",
-                    "base_sha256": base_sha,
-                    "sha256": blob.sha256,
-                    "size": blob.size,
-                    "chunk_size": blob.chunk_size,
-                    "chunks": blob.chunks,
-                    "chunk_sha256": chunk_sha,
-                    "prefix_sha256": prefix_sha,
-                }
-        return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode("utf-8")
+    def needs(self, patches: Mapping[str, tuple[str, Blob]] | None = None) -> set[str]:
+        """The sha256 of every blob a device must receive: whole files, or the patches that replace them."""
+        patches = patches or {}
+        out = {f.spec.sha256 for f in self.files if f.spec.file not in patches}
+        return out | {blob.sha256 for _, blob in patches.values()}
 
     def shas(self) -> list[str]:
         """The signed sha256 of every file."""
@@ -230,6 +247,21 @@ class BundleTransfer:
         """Close the file handles kept for repairs."""
         for blob in self.blobs.values():
             blob.close()
+
+
+def delta_spec(base_sha256: str, patch: Blob) -> DeltaSpec:
+    """How a device fetches a bsdiff4 patch instead of the whole file: the base it applies to, the patch's chunks."""
+    chunk_sha, prefix_sha = patch.digests()
+    return DeltaSpec(
+        format=DELTA_FORMAT,
+        base_sha256=base_sha256,
+        sha256=patch.sha256,
+        size=patch.size,
+        chunk_size=patch.chunk_size,
+        chunks=patch.chunks,
+        chunk_sha256=tuple(chunk_sha),
+        prefix_sha256=tuple(prefix_sha),
+    )
 
 
 def wait_published(conn: Any, info: Any, timeout_s: float = 60.0) -> bool:

@@ -28,9 +28,10 @@ class FleetAdapter:
         *,
         soak_s: Optional[float] = None,
         timeout_s: Optional[float] = None,
+        gates: Optional[dict[str, float]] = None,
     ) -> str:
-        """Start the rollout without waiting for it; returns its id."""
-        options: dict[str, Any] = {"strategy": strategy, "wait": False}
+        """Start the rollout without waiting for it; returns its id. `gates`: Fleet.deploy's quality floors."""
+        options: dict[str, Any] = {"strategy": strategy, "wait": False, **(gates or {})}
         if soak_s is not None:
             options["soak_s"] = soak_s
         if timeout_s is not None:

@@ -24,8 +24,12 @@ class FleetActions(Protocol):
         *,
         soak_s: Optional[float] = None,
         timeout_s: Optional[float] = None,
+        gates: Optional[dict[str, float]] = None,
     ) -> str:
-        """Validate and start a rollout in the background; return its id without waiting for it."""
+        """Validate and start a rollout in the background; return its id without waiting for it.
+
+        `gates`: quality floors by gate name (`min_accuracy`, `min_agreement`, `min_fidelity`).
+        """
         ...
 
     def abort_rollout(self, rollout_id: str, reason: str) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from edgefleet.sdk.errors import EdgefleetError
 
-class ServerError(Exception):
+
+class ServerError(EdgefleetError):
     """Base of every error the server layer raises."""
 
 

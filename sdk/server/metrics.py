@@ -10,6 +10,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
+from edgefleet.agent.core.quality import METRIC_NAMES
 from edgefleet.sdk.server import queries
 from edgefleet.sdk.store import Store
 
@@ -151,13 +152,22 @@ def collect(store: Store, fleet: str, actions_enabled: bool) -> str:
             labels,
             int(row["total_errors"] or 0),
         )
-        for kind, column in (("eval", "eval_accuracy"), ("live", "live_accuracy")):
+        for kind, column in (("eval", "accuracy"), ("live", "live_accuracy")):
             out.add(
                 "edgefleet_model_accuracy",
                 "gauge",
                 "Accuracy in the latest telemetry window: on the bundle's eval data, or on labelled live traffic.",
                 {**labels, "kind": kind},
                 row[column],
+            )
+        for name in METRIC_NAMES:
+            out.add(
+                "edgefleet_model_quality",
+                "gauge",
+                "Quality on the bundle's eval data in the latest telemetry window, by metric "
+                "(accuracy: labels; agreement, fidelity: reference outputs).",
+                {**labels, "metric": name},
+                row.get(name),
             )
         out.add(
             "edgefleet_telemetry_last_timestamp_seconds",

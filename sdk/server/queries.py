@@ -9,7 +9,8 @@ from typing import Any, Optional
 
 from sqlalchemy import and_, case, func, select
 
-from edgefleet.sdk.fleet.rollout import ENDED_ROLLOUT, FINISHED_DEVICE
+from edgefleet.agent.core.codes import ENDED_ROLLOUT, FINISHED_DEVICE, DeviceStatus
+from edgefleet.agent.core.quality import METRIC_NAMES
 from edgefleet.sdk.store import (
     SeriesPoint,
     Store,
@@ -25,9 +26,9 @@ from edgefleet.sdk.store import (
 MAX_BUNDLE_ID = 2**31 - 1
 MAX_VERSION = 2**63 - 1
 
-# The rollout engine owns the status names; the API only groups them.
+# The contract (agent/core/codes.py) owns the status names; the API only groups them.
 FINISHED_DEVICE_STATUSES = frozenset(FINISHED_DEVICE)
-SUCCESS_DEVICE_STATUSES = frozenset({"deployed"})
+SUCCESS_DEVICE_STATUSES = frozenset({DeviceStatus.DEPLOYED})
 FINISHED_ROLLOUT_STATUSES = frozenset(ENDED_ROLLOUT)
 
 
@@ -43,7 +44,7 @@ def jsonable(value: Any) -> Any:
 
 
 def point_dict(point: SeriesPoint) -> dict[str, Any]:
-    """A series point as a JSON object."""
+    """A series point as a JSON object: latency, and quality under the vocabulary's names."""
     return jsonable(asdict(point))
 
 
@@ -138,7 +139,8 @@ def model_versions(store: Store, fleet: str, model_name: Optional[str] = None) -
             _weighted_mean(telemetry.c.p50_ms).label("p50_ms"),
             _weighted_mean(telemetry.c.p95_ms).label("p95_ms"),
             _weighted_mean(telemetry.c.p99_ms).label("p99_ms"),
-            func.avg(telemetry.c.eval_accuracy).label("eval_accuracy"),
+            # One mean per quality metric of the vocabulary; a version reports those its eval scores.
+            *(func.avg(telemetry.c[name]).label(name) for name in METRIC_NAMES),
             _weighted_mean(telemetry.c.live_accuracy).label("live_accuracy"),
         )
         .where((telemetry.c.fleet == fleet) & telemetry.c.model_name.is_not(None))
@@ -152,7 +154,7 @@ def model_versions(store: Store, fleet: str, model_name: Optional[str] = None) -
     out = []
     for row in rows:
         item = dict(row._mapping)
-        for field in ("p50_ms", "p95_ms", "p99_ms", "eval_accuracy", "live_accuracy"):
+        for field in ("p50_ms", "p95_ms", "p99_ms", *METRIC_NAMES, "live_accuracy"):
             item[field] = None if item[field] is None else float(item[field])
         item["count"] = int(item["count"] or 0)
         item["errors"] = int(item["errors"] or 0)

@@ -54,7 +54,9 @@ def _device_view(dev: dict[str, Any], latest: Optional[dict[str, Any]], missing:
                 "p50_ms",
                 "p95_ms",
                 "p99_ms",
-                "eval_accuracy",
+                "accuracy",
+                "agreement",
+                "fidelity",
                 "live_accuracy",
             )
         }

@@ -34,6 +34,24 @@ class RolloutRequest(BaseModel):
     timeout_s: Optional[float] = Field(
         None, gt=0, description="Seconds a device may take before it counts as timed out."
     )
+    min_accuracy: Optional[float] = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Abort below this eval-set or live accuracy (default: the bundle's floor).",
+    )
+    min_agreement: Optional[float] = Field(
+        None, ge=0, le=1, description="Abort below this agreement with the reference model's top-1."
+    )
+    min_fidelity: Optional[float] = Field(
+        None, ge=0, le=1, description="Abort below this fidelity (mean cosine to the reference outputs)."
+    )
+
+    def gates(self) -> dict[str, float]:
+        """The quality floors the request sets, by gate name."""
+        given = {"min_accuracy": self.min_accuracy, "min_agreement": self.min_agreement}
+        given["min_fidelity"] = self.min_fidelity
+        return {k: v for k, v in given.items() if v is not None}
 
     @field_validator("strategy")
     @classmethod
@@ -104,9 +122,10 @@ def start_rollout(body: RolloutRequest, ctx: ServerContext = Depends(get_ctx)) -
                 "GET /api/bundles"
             )
         paths.append(str(row["path"]))
-    rollout_id = ctx.actions.start_rollout(
-        paths, body.to, body.strategy, soak_s=body.soak_s, timeout_s=body.timeout_s
-    )
+    options: dict[str, Any] = {"soak_s": body.soak_s, "timeout_s": body.timeout_s}
+    if body.gates():
+        options["gates"] = body.gates()  # only when set: older FleetActions take no gates
+    rollout_id = ctx.actions.start_rollout(paths, body.to, body.strategy, **options)
     row = ctx.store.rollout(rollout_id)
     return queries.rollout_view(row) if row else {"id": rollout_id}
 

@@ -74,10 +74,7 @@ def verify_and_store(
             "uploads need the fleet's public key to verify bundles: start serve with "
             "--trusted-key PATH/fleet.pub (default ~/.edgefleet/keys/fleet.pub)"
         )
-    from edgefleet.agent.core.manifest import Manifest
-    from edgefleet.agent.core.trust import TrustStore
-    from edgefleet.agent.core.verify import verify_bundle_dir
-    from edgefleet.sdk.trust.bundle import unpack
+    from edgefleet.sdk.trust.bundle import unpack, verify_bundle
 
     bad = _verify_error_types()
     bundle_dir.mkdir(parents=True, exist_ok=True)
@@ -88,16 +85,7 @@ def verify_and_store(
             # A compressed tar can expand far beyond its upload size: cap what it may unpack to.
             unpack(tar_path, unpacked, max_bytes=max_unpacked_bytes)
             manifest_bytes = (unpacked / "manifest.json").read_bytes()
-            manifest = Manifest.from_bytes(manifest_bytes)
-            trust = TrustStore.from_public_keys([str(k) for k in trusted_keys], 1)
-            verified = verify_bundle_dir(
-                unpacked,
-                trust,
-                profile=manifest.target.profile,
-                device_id=None,
-                ledger=None,
-                max_model_bytes=max_unpacked_bytes,
-            )
+            verified = verify_bundle(unpacked, trusted_keys, max_bytes=max_unpacked_bytes)
         except FileNotFoundError as exc:
             raise Unprocessable(
                 f"the upload is not a bundle: {exc.filename or exc} is missing; pack a bundle folder with "

@@ -13,7 +13,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -32,6 +32,7 @@ from edgefleet.agent.core.manifest import (
     format_time,
 )
 from edgefleet.agent.core.verify import copy_bounded
+from edgefleet.sdk.errors import EdgefleetError
 from edgefleet.sdk.trust.keys import sign
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ BUNDLE_ERROR_CODES: dict[str, str] = {
 }
 
 
-class BundleError(Exception):
+class BundleError(EdgefleetError):
     """A bundle could not be made, packed or unpacked; `code` is stable, the message says what to do."""
 
     def __init__(self, code: str, reason: str) -> None:
@@ -353,15 +354,53 @@ def load_bundle(path: PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def verify_bundle(
+    bundle_dir: PathLike,
+    public_keys: Optional[Sequence[PathLike]] = None,
+    *,
+    max_bytes: Optional[int] = None,
+    check_expiry: bool = True,
+) -> Manifest:
+    """The host's one bundle check, on top of the device's `verify_bundle_dir`; returns the parsed Manifest.
+
+    With public keys: the signature by one of them and every file (none missing, none unlisted). Without:
+    every listed file against the manifest only (authenticity unknown). The host has no version ledger
+    or device id, so neither is checked; `check_expiry=False` only asks "is it authentic" (inspect).
+    `max_bytes` caps every file (default: the largest size the manifest declares). Raises VerifyError.
+    """
+    from edgefleet.agent.core.trust import TrustStore
+    from edgefleet.agent.core.verify import verify_bundle_dir, verify_file
+
+    root = Path(bundle_dir)
+    try:
+        manifest = Manifest.from_bytes((root / MANIFEST_FILE).read_bytes())
+    except FileNotFoundError:
+        raise VerifyError(
+            "file-missing", f"{root / MANIFEST_FILE} is missing: is {root} a bundle made by `edgefleet build`?"
+        ) from None
+    limit = max_bytes if max_bytes is not None else max([e.size for e in manifest.files.values()] + [1])
+    if not public_keys:
+        for rel, entry in sorted(manifest.files.items()):
+            verify_file(root / rel, entry, limit)
+        return manifest
+    trust = TrustStore.from_public_keys([str(k) for k in public_keys])
+    return verify_bundle_dir(
+        root,
+        trust,
+        profile=manifest.target.profile,
+        device_id=None,
+        ledger=None,
+        max_model_bytes=limit,
+        now=None if check_expiry else manifest.created_at,
+    )
+
+
 def inspect_bundle(bundle_dir: PathLike, public_keys: Optional[list[PathLike]] = None) -> dict[str, Any]:
     """Describe a bundle folder: manifest, file sizes, metrics and whether it verifies (against the keys, if given).
 
     `verified` is True, False (tampered: `code` and `reason` say how) or None when no key was given and
     only the files were checked against the manifest.
     """
-    from edgefleet.agent.core.trust import TrustStore
-    from edgefleet.agent.core.verify import verify_bundle_dir, verify_file
-
     root = Path(bundle_dir)
     manifest_bytes = (root / MANIFEST_FILE).read_bytes()
     result: dict[str, Any] = {
@@ -388,25 +427,9 @@ def inspect_bundle(bundle_dir: PathLike, public_keys: Optional[list[PathLike]] =
         else {"signatures": []}
     )
     result["signed_by"] = [s.get("keyid") for s in sigs.get("signatures", []) if isinstance(s, dict)]
-    biggest = max([e.size for e in manifest.files.values()] + [1])
     try:
-        if public_keys:
-            trust = TrustStore.from_public_keys(public_keys)
-            # The host has no clock skew, version ledger or device id to check, only authenticity.
-            verify_bundle_dir(
-                root,
-                trust,
-                profile=manifest.target.profile,
-                device_id=None,
-                ledger=None,
-                max_model_bytes=biggest,
-                now=manifest.created_at,
-            )
-            result["verified"] = True
-        else:
-            for rel, entry in sorted(manifest.files.items()):
-                verify_file(root / rel, entry, biggest)
-            result["verified"] = None
+        verify_bundle(root, public_keys, check_expiry=False)
+        result["verified"] = True if public_keys else None
     except VerifyError as exc:
         result.update(verified=False, code=exc.code, reason=exc.reason)
     result["expired"] = manifest.expires_at <= datetime.now(timezone.utc)

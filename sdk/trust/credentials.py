@@ -12,301 +12,53 @@ private keys, password files and the state file are written 0600.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import ipaddress
 import json
-import os
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.agent.core.fsutil import atomic_write_bytes, atomic_write_json
-from edgefleet.agent.core.protocol import TOPIC_ROOT, valid_name
+from edgefleet.agent.core.fsutil import atomic_write_json
+from edgefleet.agent.core.protocol import valid_name
+from edgefleet.sdk.trust.credential_files import STATE_FILE, Identity, Layout
+from edgefleet.sdk.trust.errors import CredentialsError
+from edgefleet.sdk.trust.mosquitto_auth import (
+    DEFAULT_HOST_NAME,
+    acl_text,
+    mosquitto_password_hash,
+    verify_mosquitto_password,
+)
+from edgefleet.sdk.trust.pki import (
+    CA_DAYS,
+    LEAF_DAYS,
+    cert_pem,
+    iso_time,
+    issue_cert,
+    key_pem,
+    make_ca,
+    make_crl,
+    private_dir,
+    utc_now,
+    write_public,
+    write_secret,
+)
 
 if TYPE_CHECKING:
     from cryptography import x509
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
 
-STATE_FILE = "credentials.json"
 STATE_VERSION = 1
 AUTH_MODES = ("cert", "password")
-DEFAULT_HOST_NAME = "edgefleet-host"
 DEFAULT_TLS_PORT = 8883
-CA_DAYS = 3650
-LEAF_DAYS = 1825
-# Mosquitto 2.0's `mosquitto_passwd` default: PBKDF2-SHA512, 101 rounds, 12-byte salt. The passwords we
-# generate carry 192 random bits, so slow hashing would add nothing but connect latency on the broker.
-PBKDF2_ROUNDS = 101
-PBKDF2_SALT_BYTES = 12
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9*](?:[A-Za-z0-9\-]{0,62})(?:\.[A-Za-z0-9\-]{1,63})*$")
 
 
-class CredentialsError(Exception):
-    """A credentials command could not run; the message names the problem and what to do."""
-
-
 # ---------------------------------------------------------------------------------------------------
-# Paths: one folder per fleet. The layout is documented in docs/credentials.md.
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where every file of a credentials folder lies."""
-
-    root: Path
-
-    @property
-    def state(self) -> Path:
-        """Identities, serials and revocations (no secrets)."""
-        return self.root / STATE_FILE
-
-    @property
-    def ca_cert(self) -> Path:
-        """The CA certificate every party trusts."""
-        return self.root / "ca" / "ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        """The CA private key (0600): only `credentials` commands use it."""
-        return self.root / "ca" / "ca.key"
-
-    @property
-    def crl(self) -> Path:
-        """The certificate revocation list Mosquitto reads (`crlfile`)."""
-        return self.broker_dir / "crl.pem"
-
-    @property
-    def broker_ca(self) -> Path:
-        """The broker's copy of the CA certificate (`cafile`), so `broker/` is complete on its own."""
-        return self.broker_dir / "ca.crt"
-
-    @property
-    def broker_dir(self) -> Path:
-        """Everything the broker reads, and nothing else: copy this folder onto the broker machine."""
-        return self.root / "broker"
-
-    @property
-    def server_cert(self) -> Path:
-        """The broker's TLS certificate."""
-        return self.broker_dir / "server.crt"
-
-    @property
-    def server_key(self) -> Path:
-        """The broker's TLS private key (0600)."""
-        return self.broker_dir / "server.key"
-
-    @property
-    def acl(self) -> Path:
-        """The Mosquitto ACL file."""
-        return self.broker_dir / "acl"
-
-    @property
-    def passwd(self) -> Path:
-        """The Mosquitto password file (password mode, 0600)."""
-        return self.broker_dir / "passwd"
-
-    @property
-    def conf(self) -> Path:
-        """Where `mosquitto-conf --write` puts the config by default."""
-        return self.broker_dir / "mosquitto.conf"
-
-    @property
-    def host_dir(self) -> Path:
-        """The host identity's folder (Fleet, `edgefleet deploy`, `edgefleet serve`)."""
-        return self.root / "host"
-
-    def device_dir(self, device_id: str) -> Path:
-        """One device's folder: copy it onto the device."""
-        return self.root / "devices" / device_id
-
-
-@dataclass(frozen=True)
-class Identity:
-    """The files one client (a device or the host) connects with."""
-
-    name: str
-    folder: Path
-    ca: Path
-    cert: Path | None
-    key: Path | None
-    password_file: Path | None
-
-    def as_dict(self) -> dict[str, str | None]:
-        """Paths as strings, for `--json`."""
-        return {
-            "name": self.name,
-            "folder": str(self.folder),
-            "tls_ca": str(self.ca),
-            "tls_cert": str(self.cert) if self.cert else None,
-            "tls_key": str(self.key) if self.key else None,
-            "password_file": str(self.password_file) if self.password_file else None,
-        }
-
-
-# ---------------------------------------------------------------------------------------------------
-# Small pieces: keys, certificates, password hashes, file writing.
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
-
-
-def _iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    """Write a private file: created 0600 (mkstemp) and renamed into place, never readable by others."""
-    atomic_write_bytes(path, data, mode=0o600)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    atomic_write_bytes(path, data, mode=0o644)
-
-
-def _private_dir(path: Path) -> None:
-    """A folder that holds private keys: 0700."""
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
-def _new_key() -> EllipticCurvePrivateKey:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _key_pem(key: EllipticCurvePrivateKey) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _name(common_name: str, fleet: str) -> x509.Name:
-    from cryptography import x509
-    from cryptography.x509.oid import NameOID
-
-    return x509.Name(
-        [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "edgefleet"),
-            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, fleet),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
-        ]
-    )
-
-
-def _make_ca(fleet: str, days: int) -> tuple[EllipticCurvePrivateKey, x509.Certificate]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
-    key = _new_key()
-    name = _name(f"edgefleet {fleet} CA", fleet)
-    start = _now() - timedelta(minutes=5)  # tolerate a device clock a little behind
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _issue(
-    ca_key: EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    common_name: str,
-    fleet: str,
-    *,
-    server_names: Sequence[str] = (),
-    days: int = LEAF_DAYS,
-) -> tuple[EllipticCurvePrivateKey, x509.Certificate]:
-    """A leaf certificate: a client one (CN = identity), or a server one with SANs when `server_names`."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID
-
-    key = _new_key()
-    start = _now() - timedelta(minutes=5)
-    # A leaf must not outlive its CA: OpenSSL would refuse the chain after the CA expires anyway.
-    end = min(start + timedelta(days=days), ca_cert.not_valid_after_utc)
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name, fleet))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-    )
-    if server_names:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([_san(n) for n in server_names]), critical=False
-        )
-    return key, builder.sign(ca_key, hashes.SHA256())
-
-
-def _san(name: str) -> x509.GeneralName:
-    from cryptography import x509
-
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)
+# Checks and locking (certificates: sdk/trust/pki.py; password hashes and the ACL: mosquitto_auth.py).
 
 
 def _check_broker_host(name: str) -> str:
@@ -323,57 +75,6 @@ def _check_broker_host(name: str) -> str:
     return name.lower()
 
 
-def _make_crl(
-    ca_key: EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    revoked: Iterable[tuple[int, datetime]],
-    number: int,
-) -> bytes:
-    """The CRL in PEM, valid until the CA expires.
-
-    OpenSSL refuses every client once a CRL's nextUpdate has passed, so it is set to the CA's own end
-    of validity: revocations still take effect as soon as the CRL is re-issued and the broker reloads it.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-
-    now = _now()
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca_cert.subject)
-        .last_update(now - timedelta(minutes=5))
-        .next_update(ca_cert.not_valid_after_utc)
-        .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-    )
-    for serial, when in sorted(revoked):
-        builder = builder.add_revoked_certificate(
-            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
-        )
-    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
-
-
-def mosquitto_password_hash(password: str, *, salt: bytes | None = None, rounds: int = PBKDF2_ROUNDS) -> str:
-    """The `$7$` entry Mosquitto 2.0 stores in its password file: PBKDF2-SHA512, base64 salt and hash."""
-    if rounds < 1:
-        raise CredentialsError("PBKDF2 rounds must be at least 1")
-    salt = salt if salt is not None else secrets.token_bytes(PBKDF2_SALT_BYTES)
-    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, rounds)
-    return f"$7${rounds}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def verify_mosquitto_password(entry: str, password: str) -> bool:
-    """Whether `password` matches a `$7$` password-file entry (the hash part, after `user:`)."""
-    parts = entry.split("$")
-    if len(parts) != 5 or parts[1] != "7" or not parts[2].isdigit():
-        return False
-    salt, digest = base64.b64decode(parts[3]), base64.b64decode(parts[4])
-    candidate = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, int(parts[2]))
-    return secrets.compare_digest(candidate, digest)
-
-
 @contextlib.contextmanager
 def _locked(root: Path) -> Iterator[None]:
     """Serialize commands on one folder (two `add-device` runs must not lose each other's serials)."""
@@ -388,39 +89,6 @@ def _locked(root: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-# ---------------------------------------------------------------------------------------------------
-# The ACL and the Mosquitto config.
-
-
-def acl_text(fleet: str, host_name: str = DEFAULT_HOST_NAME) -> str:
-    """The Mosquitto ACL: each device its own topics (via `%u`), the host identity the whole fleet."""
-    prefix = f"{TOPIC_ROOT}/{fleet}"
-    return (
-        f"# edgefleet ACL for fleet {fleet!r}, generated by `edgefleet credentials`.\n"
-        "# Mosquitto denies every topic not granted here. `pattern` lines apply to every client, with %u\n"
-        "# replaced by its username: the certificate CN (use_identity_as_username) or the login name.\n"
-        "#\n"
-        "# A device publishes only its own birth/Last Will, events and telemetry ...\n"
-        f"pattern write {prefix}/dev/%u/state\n"
-        f"pattern write {prefix}/dev/%u/evt\n"
-        f"pattern write {prefix}/dev/%u/telemetry\n"
-        "# ... and reads only its own commands, its own repair chunks and the broadcast artifacts.\n"
-        f"pattern read {prefix}/dev/%u/cmd\n"
-        f"pattern read {prefix}/dev/%u/chunk/#\n"
-        f"pattern read {prefix}/artifact/#\n"
-        "\n"
-        "# The host (rollouts, registry, ingest, dashboard) reads the whole fleet and sends commands,\n"
-        "# repair chunks and broadcast chunks (and, under host/, the registry's own sync messages); it\n"
-        "# never speaks for a device.\n"
-        f"user {host_name}\n"
-        f"topic read {prefix}/#\n"
-        f"topic write {prefix}/dev/+/cmd\n"
-        f"topic write {prefix}/dev/+/chunk/#\n"
-        f"topic write {prefix}/artifact/#\n"
-        f"topic write {prefix}/host/#\n"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -550,25 +218,27 @@ class Credentials:
             old_devices = path / "devices"
             if force and old_devices.is_dir() and any(old_devices.iterdir()):
                 # Their certificates chain to the CA being replaced: keep them aside, never delete them.
-                old_devices.rename(path / f"devices.replaced-{_now().strftime('%Y%m%dT%H%M%S')}")
+                old_devices.rename(path / f"devices.replaced-{utc_now().strftime('%Y%m%dT%H%M%S')}")
             for folder in (layout.ca_key.parent, layout.broker_dir, layout.host_dir):
-                _private_dir(folder)
+                private_dir(folder)
             (path / "devices").mkdir(exist_ok=True)
-            ca_key, ca_cert = _make_ca(fleet, ca_days)
-            _write_secret(layout.ca_key, _key_pem(ca_key))
-            _write_public(layout.ca_cert, _cert_pem(ca_cert))
-            _write_public(layout.broker_ca, _cert_pem(ca_cert))
-            server_key, server_cert = _issue(ca_key, ca_cert, primary, fleet, server_names=names, days=days)
-            _write_secret(layout.server_key, _key_pem(server_key))
-            _write_public(layout.server_cert, _cert_pem(server_cert))
+            ca_key, ca_cert = make_ca(fleet, ca_days)
+            write_secret(layout.ca_key, key_pem(ca_key))
+            write_public(layout.ca_cert, cert_pem(ca_cert))
+            write_public(layout.broker_ca, cert_pem(ca_cert))
+            server_key, server_cert = issue_cert(
+                ca_key, ca_cert, primary, fleet, server_names=names, days=days
+            )
+            write_secret(layout.server_key, key_pem(server_key))
+            write_public(layout.server_cert, cert_pem(server_cert))
             state: dict[str, Any] = {
                 "version": STATE_VERSION,
                 "fleet": fleet,
                 "auth": auth,
-                "created": _iso(_now()),
+                "created": iso_time(utc_now()),
                 "leaf_days": days,
                 "ca": {
-                    "not_after": _iso(ca_cert.not_valid_after_utc),
+                    "not_after": iso_time(ca_cert.not_valid_after_utc),
                     "subject": ca_cert.subject.rfc4514_string(),
                 },
                 "server": {
@@ -582,8 +252,8 @@ class Credentials:
             }
             creds = cls(path, state)
             creds._issue_identity(ca_key, ca_cert, host_name, layout.host_dir, "host", state["host"])
-            _write_public(layout.crl, _make_crl(ca_key, ca_cert, [], 1))
-            _write_public(layout.acl, acl_text(fleet, host_name).encode())
+            write_public(layout.crl, make_crl(ca_key, ca_cert, [], 1))
+            write_public(layout.acl, acl_text(fleet, host_name).encode())
             creds._write_passwd()
             creds._save()
         return creds
@@ -598,19 +268,19 @@ class Credentials:
         record: dict[str, Any],
     ) -> None:
         """Write one client's files into `folder` and its public facts into `record`."""
-        _private_dir(folder)
-        _write_public(folder / "ca.crt", _cert_pem(ca_cert))
-        record["issued"] = _iso(_now())
+        private_dir(folder)
+        write_public(folder / "ca.crt", cert_pem(ca_cert))
+        record["issued"] = iso_time(utc_now())
         if self.auth == "cert":
-            key, cert = _issue(ca_key, ca_cert, name, self.fleet, days=int(self.state["leaf_days"]))
-            _write_secret(folder / f"{stem}.key", _key_pem(key))
-            _write_public(folder / f"{stem}.crt", _cert_pem(cert))
+            key, cert = issue_cert(ca_key, ca_cert, name, self.fleet, days=int(self.state["leaf_days"]))
+            write_secret(folder / f"{stem}.key", key_pem(key))
+            write_public(folder / f"{stem}.crt", cert_pem(cert))
             record["serial"] = format(cert.serial_number, "x")
-            record["not_after"] = _iso(cert.not_valid_after_utc)
+            record["not_after"] = iso_time(cert.not_valid_after_utc)
             record.pop("password_hash", None)
         else:
             password = secrets.token_urlsafe(24)
-            _write_secret(folder / "password", (password + "\n").encode())
+            write_secret(folder / "password", (password + "\n").encode())
             # The hash (not the password) lives in the state so the passwd file can be rebuilt.
             record["password_hash"] = mosquitto_password_hash(password)
             record.pop("serial", None)
@@ -647,7 +317,7 @@ class Credentials:
         for device_id, record in sorted(self.state["devices"].items()):
             if record["status"] == "active":
                 lines.append(f"{device_id}:{record['password_hash']}")
-        _write_secret(self.layout.passwd, ("\n".join(lines) + "\n").encode())
+        write_secret(self.layout.passwd, ("\n".join(lines) + "\n").encode())
 
     def _write_crl(self, ca_key: EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> None:
         revoked = [
@@ -663,7 +333,7 @@ class Credentials:
             for s, w in self.state.get("revoked_serials", {}).items()
         ]
         self.state["crl_number"] = int(self.state.get("crl_number", 0)) + 1
-        _write_public(self.layout.crl, _make_crl(ca_key, ca_cert, revoked, self.state["crl_number"]))
+        write_public(self.layout.crl, make_crl(ca_key, ca_cert, revoked, self.state["crl_number"]))
 
     # -- devices --------------------------------------------------------------------------------------
 
@@ -735,7 +405,7 @@ class Credentials:
                         f"device {device_id!r} is already revoked (on {record['revoked']})"
                     )
             ca_key, ca_cert = self._load_ca()
-            now = _iso(_now())
+            now = iso_time(utc_now())
             for device_id in device_ids:
                 self.state["devices"][device_id].update(status="revoked", revoked=now)
             self._write_crl(ca_key, ca_cert)
@@ -763,7 +433,7 @@ class Credentials:
             lines += ['tls_cert = "client.crt"', 'tls_key = "client.key"']
         else:
             lines += [f'username = "{device_id}"', 'password_file = "password"']
-        _write_public(ident.folder / "agent.toml", ("\n".join(lines) + "\n").encode())
+        write_public(ident.folder / "agent.toml", ("\n".join(lines) + "\n").encode())
 
     # -- broker config --------------------------------------------------------------------------------
 
@@ -824,5 +494,20 @@ def _url_host(host: str) -> str:
 
 def default_dir() -> Path:
     """`$EDGEFLEET_HOME/credentials`, or `~/.edgefleet/credentials`."""
-    home = os.environ.get("EDGEFLEET_HOME") or str(Path.home() / ".edgefleet")
-    return Path(home) / "credentials"
+    from edgefleet.agent.core.paths import edgefleet_home
+
+    return edgefleet_home() / "credentials"
+
+
+__all__ = [
+    "AUTH_MODES",
+    "DEFAULT_HOST_NAME",
+    "Credentials",
+    "CredentialsError",
+    "Identity",
+    "Layout",
+    "acl_text",
+    "default_dir",
+    "mosquitto_password_hash",
+    "verify_mosquitto_password",
+]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 from edgefleet.agent.core.errors import VerifyError
 from edgefleet.agent.core.fsutil import atomic_write_bytes, atomic_write_json, read_json
 from edgefleet.agent.core.manifest import canonical_bytes
+from edgefleet.agent.core.paths import edgefleet_home
 from edgefleet.agent.core.trust import (
     ROOT_FILE,
     TrustStore,
@@ -24,6 +25,7 @@ from edgefleet.agent.core.trust import (
     make_root,
     public_key_pem,
 )
+from edgefleet.sdk.errors import EdgefleetError
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -34,18 +36,13 @@ PASSPHRASE_ENV = "EDGEFLEET_KEY_PASSPHRASE"
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-class KeysError(Exception):
+class KeysError(EdgefleetError):
     """A key could not be made, read or used; `code` is stable, the message says what to do."""
 
     def __init__(self, code: str, reason: str) -> None:
         self.code = code
         self.reason = reason
         super().__init__(f"[{code}] {reason}")
-
-
-def edgefleet_home() -> Path:
-    """`$EDGEFLEET_HOME`, or `~/.edgefleet`."""
-    return Path(os.environ.get("EDGEFLEET_HOME") or Path.home() / ".edgefleet")
 
 
 def default_key_dir() -> Path:
@@ -279,7 +276,7 @@ def fleet_states(
     import time
 
     from edgefleet.agent.core.errors import ProtocolError
-    from edgefleet.agent.core.protocol import TOPIC_ROOT, State, parse_device_message
+    from edgefleet.agent.core.protocol import State, Topics, parse_device_message
     from edgefleet.sdk.fleet.mqtt_url import connect
 
     rows: dict[str, dict[str, Any]] = {}
@@ -291,18 +288,18 @@ def fleet_states(
             message = parse_device_message(payload)
         except ProtocolError:
             return
-        parts = topic.split("/")
-        if not isinstance(message, State) or len(parts) < 6 or parts[4] != message.device:
+        if not isinstance(message, State) or Topics.device_of(topic) != message.device:
             return
         with lock:
             previous = rows.get(message.device, {})
-            info = message.info if message.online else previous
+            # An offline state (the Last Will) says nothing else: the last birth's facts stand.
+            known = message.online or not previous
             rows[message.device] = {
                 "device_id": message.device,
                 "online": message.online,
-                "profile": info.get("profile"),
-                "tags": [t for t in info.get("tags") or [] if isinstance(t, str)],
-                "root_version": info.get("root_version"),
+                "profile": message.profile if known else previous.get("profile"),
+                "tags": list(message.tags) if known else previous.get("tags", []),
+                "root_version": message.root_version if known else previous.get("root_version"),
             }
             last[0] = time.monotonic()
 
@@ -310,7 +307,7 @@ def fleet_states(
     try:
         start = time.monotonic()
         last[0] = start
-        conn.subscribe([(f"{TOPIC_ROOT}/{fleet}/dev/+/state", 1)])
+        conn.subscribe([(Topics.devices(fleet, "state"), 1)])
         while time.monotonic() - start < max_wait_s:
             time.sleep(0.05)
             with lock:

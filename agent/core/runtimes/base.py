@@ -57,13 +57,18 @@ class Runtime(ABC):
         """The model's outputs in order."""
 
     @property
+    def fixed_batch(self) -> Optional[int]:
+        """The batch size baked into the model (`run` splits other sizes into chunks of it), or None."""
+        return None
+
+    @property
     @abstractmethod
     def providers(self) -> List[str]:
         """What actually executes the model (execution providers or delegates), best first."""
 
     @abstractmethod
     def run(self, feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
-        """Run the model on named inputs (already of the right dtype); outputs in `outputs` order."""
+        """Run the model on inputs named as in `inputs`, of their dtypes; outputs in `outputs` order."""
 
     @abstractmethod
     def close(self) -> None:

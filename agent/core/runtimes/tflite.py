@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 from edgefleet.agent.core.errors import RuntimeLoadError
 from edgefleet.agent.core.runtimes.base import RUNTIMES, Runtime, TensorInfo
 
+# The TFLite converter's prefix for a signature's tensors ('serving_default_x:0').
+SIGNATURE_PREFIX = "serving_default_"
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -38,9 +41,52 @@ def _shape(detail: Mapping[str, Any]) -> Tuple[Optional[int], ...]:
     return tuple(int(d) if int(d) >= 0 else None for d in dims)
 
 
+def tensor_names(raw: Sequence[str]) -> List[str]:
+    """Tensor names as the model's author wrote them: 'serving_default_x:0' -> 'x'.
+
+    The TFLite converter prefixes signature inputs with `serving_default_` and suffixes tensor indices;
+    these short names are the ones the build writes into the manifest and eval.npz and the ones callers
+    use. When shortening would make two names equal (or empty), the raw names are kept.
+    """
+    short = []
+    for name in raw:
+        name = name.split(":", 1)[0]
+        if name.startswith(SIGNATURE_PREFIX):
+            name = name[len(SIGNATURE_PREFIX) :]
+        short.append(name)
+    return short if all(short) and len(set(short)) == len(short) else list(raw)
+
+
+class _Quant:
+    """Scale and zero point of an integer tensor of a fully quantized model."""
+
+    __slots__ = ("dtype", "scale", "zero")
+
+    def __init__(self, dtype: Any, scale: float, zero: int) -> None:
+        self.dtype = dtype
+        self.scale = scale
+        self.zero = zero
+
+
+def _quant(detail: Mapping[str, Any]) -> Optional[_Quant]:
+    """The tensor's quantization when it is an integer tensor with a scale (full-INT8 I/O), else None."""
+    import numpy as np
+
+    scale, zero = detail.get("quantization", (0.0, 0))
+    dtype = np.dtype(detail["dtype"])
+    if scale and np.issubdtype(dtype, np.integer):
+        return _Quant(dtype, float(scale), int(zero))
+    return None
+
+
 @RUNTIMES.register("tflite")
 class TfliteRuntime(Runtime):
-    """A TFLite Interpreter. It is not thread-safe, so runs are serialised by a lock."""
+    """A TFLite Interpreter. It is not thread-safe, so runs are serialised by a lock.
+
+    Callers see float32 for the integer input/output tensors of a fully quantized model: the runtime
+    quantizes float inputs with the tensor's scale and zero point and dequantizes outputs, so the same
+    eval.npz and the same requests work for every precision of a model.
+    """
 
     name = "tflite"
 
@@ -54,54 +100,89 @@ class TfliteRuntime(Runtime):
         self._in = list(self._interp.get_input_details())
         self._out = list(self._interp.get_output_details())
         self._shapes = {int(d["index"]): tuple(int(x) for x in d["shape"]) for d in self._in}
-        self._inputs = [TensorInfo(d["name"], d["dtype"].__name__, _shape(d)) for d in self._in]
-        self._outputs = [TensorInfo(d["name"], d["dtype"].__name__, _shape(d)) for d in self._out]
+        self._in_quant = [_quant(d) for d in self._in]
+        self._out_quant = [_quant(d) for d in self._out]
+        self._in_names = tensor_names([d["name"] for d in self._in])
+        out_names = tensor_names([d["name"] for d in self._out])
+        self._inputs = [
+            TensorInfo(n, "float32" if q else d["dtype"].__name__, _shape(d))
+            for n, d, q in zip(self._in_names, self._in, self._in_quant)
+        ]
+        self._outputs = [
+            TensorInfo(n, "float32" if q else d["dtype"].__name__, _shape(d))
+            for n, d, q in zip(out_names, self._out, self._out_quant)
+        ]
+        first = self._inputs[0].shape if self._inputs else ()
+        self._fixed_batch: Optional[int] = int(first[0]) if first and first[0] else None
 
     @property
     def inputs(self) -> List[TensorInfo]:
-        """The interpreter's inputs."""
+        """The interpreter's inputs (short names; float32 for quantized integer tensors)."""
         return list(self._inputs)
 
     @property
     def outputs(self) -> List[TensorInfo]:
-        """The interpreter's outputs."""
+        """The interpreter's outputs (short names; float32 for quantized integer tensors)."""
         return list(self._outputs)
+
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        """The batch size the converter baked in (litert-torch models have one), or None."""
+        return self._fixed_batch
 
     @property
     def providers(self) -> List[str]:
         """The package and the delegate the default resolver applies."""
         return [f"{self.package}:XNNPACK"]
 
-    def _invoke(self, feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+    def _invoke(self, arrays: Sequence[np.ndarray]) -> List[np.ndarray]:
+        import numpy as np
+
         interp = self._interp
-        for detail in self._in:
-            value = feeds[detail["name"]]
+        for detail, quant, value in zip(self._in, self._in_quant, arrays):
             index = int(detail["index"])
+            if quant is not None and value.dtype != quant.dtype:
+                info = np.iinfo(quant.dtype)
+                value = np.clip(np.round(value / quant.scale) + quant.zero, info.min, info.max)
+                value = value.astype(quant.dtype)
             if tuple(value.shape) != self._shapes[index]:
                 interp.resize_tensor_input(index, list(value.shape))
                 interp.allocate_tensors()
                 self._shapes[index] = tuple(value.shape)
-            interp.set_tensor(index, value)
+            interp.set_tensor(index, np.ascontiguousarray(value, dtype=detail["dtype"]))
         interp.invoke()
-        return [interp.get_tensor(d["index"]).copy() for d in self._out]
+        outputs = []
+        for detail, quant in zip(self._out, self._out_quant):
+            value = interp.get_tensor(detail["index"])
+            if quant is not None:
+                value = ((value.astype(np.float32) - quant.zero) * quant.scale).astype(np.float32)
+            else:
+                value = value.copy()
+            outputs.append(value)
+        return outputs
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
-        """Run once; a batch other than the converted one is split into rows when the model's batch is fixed at 1."""
+        """Run on any number of rows; a model with a fixed batch runs in chunks of it, the last one padded."""
         import numpy as np
 
         if self._interp is None:
             raise RuntimeLoadError("runtime-closed", f"{self.model_path.name} was unloaded")
-        first = self._in[0]
-        batch = int(feeds[first["name"]].shape[0]) if feeds[first["name"]].ndim else 1
-        fixed = self._inputs[0].shape[:1] == (1,)
+        arrays = [feeds[n] for n in self._in_names]
+        total = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
+        batch = self._fixed_batch
         with self._lock:
-            if not fixed or batch == 1:
-                return self._invoke(feeds)
-            # litert-torch fixes the batch at conversion; row by row keeps batched callers working.
-            rows: List[List[np.ndarray]] = []
-            for i in range(batch):
-                rows.append(self._invoke({k: v[i : i + 1] for k, v in feeds.items()}))
-        return [np.concatenate([r[j] for r in rows]) for j in range(len(self._out))]
+            if batch is None or total == batch:
+                return self._invoke(arrays)
+            # litert-torch fixes the batch at conversion: run chunks of that size, repeating the last
+            # row to fill the final chunk, and drop the padded rows' outputs.
+            chunks: List[List[np.ndarray]] = []
+            for start in range(0, total, batch):
+                part = [a[start : start + batch] for a in arrays]
+                count = int(part[0].shape[0])
+                if count < batch:
+                    part = [np.concatenate([p, np.repeat(p[-1:], batch - count, axis=0)]) for p in part]
+                chunks.append([o[:count] for o in self._invoke(part)])
+        return [np.concatenate([c[j] for c in chunks]) for j in range(len(self._out))]
 
     def close(self) -> None:
         """Drop the interpreter."""
@@ -109,5 +190,5 @@ class TfliteRuntime(Runtime):
             self._interp = None
 
     def tensor_details(self) -> Dict[str, Any]:
-        """Raw input/output details (quantisation parameters included), for diagnostics."""
+        """Raw input/output details (engine names, integer dtypes, quantisation parameters), for diagnostics."""
         return {"inputs": self._in, "outputs": self._out}

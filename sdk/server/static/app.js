@@ -60,9 +60,35 @@ function clock(ts) {
   return new Date(ts * 1000).toLocaleTimeString([], { hour12: false });
 }
 
-function accuracyOf(p) {
-  if (p.eval_accuracy !== null && p.eval_accuracy !== undefined) return p.eval_accuracy;
-  return p.live_accuracy === undefined ? null : p.live_accuracy;
+// The quality vocabulary (docs/quality.md): accuracy against labels, agreement and fidelity against the
+// reference model's outputs, then accuracy on live feedback. Each row or window carries those it scored.
+const QUALITY = [
+  { key: "accuracy", label: "accuracy", show: pct },
+  { key: "agreement", label: "agreement", show: pct },
+  { key: "fidelity", label: "fidelity", show: (v) => fmt(v, 4) },
+  { key: "live_accuracy", label: "live accuracy", show: pct },
+];
+
+// The first quality reading a row carries, by the vocabulary's name: {key, label, value, text}, or null.
+function qualityOf(p) {
+  for (const q of QUALITY) {
+    const v = p[q.key];
+    if (v !== null && v !== undefined) return Object.assign({}, q, { value: v, text: `${q.label} ${q.show(v)}` });
+  }
+  return null;
+}
+
+function qualityValue(p) {
+  const q = qualityOf(p);
+  return q === null ? null : q.value;
+}
+
+// A series labelled with the metric its points carry, so a chart never mixes names silently.
+function withMetric(series) {
+  return series.map((s) => {
+    const q = s.points.map(qualityOf).find((x) => x !== null);
+    return Object.assign({}, s, { label: q ? `${s.label} · ${q.label}` : s.label });
+  });
 }
 
 async function api(path, options = {}) {
@@ -173,7 +199,7 @@ async function loadDevices() {
       el("td", {}, d.agent_version || "–"),
       el("td", { class: "num p50" }, fmt(latest.p50_ms, 3)),
       el("td", { class: "num p95" }, fmt(latest.p95_ms, 3)),
-      el("td", { class: "num acc" }, pct(accuracyOf(latest))),
+      el("td", { class: "num quality" }, (qualityOf(latest) || { text: "–" }).text),
       el("td", { class: "num" }, latest.count === undefined || latest.count === null ? "–" : latest.count),
       el("td", { title: d.last_seen ? new Date(d.last_seen * 1000).toISOString() : "" }, ago(d.last_seen)),
     ));
@@ -310,11 +336,11 @@ async function loadCharts() {
     api(`/api/telemetry?group_by=device&${q}`),
     api(`/api/telemetry?group_by=version&${q}`),
   ]);
-  const accFmt = (v) => (100 * v).toFixed(1) + "%";
+  const qFmt = (v) => v.toFixed(3);
   lineChart(document.getElementById("chart-latency-device"), byDevice.series, (p) => p.p95_ms, { zero: true });
-  lineChart(document.getElementById("chart-accuracy-device"), byDevice.series, accuracyOf, { format: accFmt, yMax: 1 });
+  lineChart(document.getElementById("chart-quality-device"), withMetric(byDevice.series), qualityValue, { format: qFmt, yMax: 1 });
   lineChart(document.getElementById("chart-latency-version"), byVersion.series, (p) => p.p95_ms, { zero: true });
-  lineChart(document.getElementById("chart-accuracy-version"), byVersion.series, accuracyOf, { format: accFmt, yMax: 1 });
+  lineChart(document.getElementById("chart-quality-version"), withMetric(byVersion.series), qualityValue, { format: qFmt, yMax: 1 });
 }
 
 document.getElementById("window").addEventListener("change", () => schedule(["telemetry"]));
@@ -327,8 +353,24 @@ function fillSelect(select, values, chosen) {
   select.value = values.includes(chosen) ? chosen : values.includes(current) ? current : values[values.length - 1] || "";
 }
 
+// Every model version with its fleet-wide quality, one column per metric of the vocabulary.
+function renderVersions(models) {
+  const head = ["model", "version", "devices", "inferences", "p95 ms", ...QUALITY.map((q) => q.label)];
+  const table = el("table", { class: "versions-table" },
+    el("thead", {}, el("tr", {}, head.map((h, i) => el("th", { class: i > 1 ? "num" : "" }, h)))),
+    el("tbody", {}, models.map((m) => el("tr", { "data-version": `${m.model_name} v${m.model_version}` },
+      el("td", {}, m.model_name),
+      el("td", {}, `v${m.model_version}`),
+      el("td", { class: "num" }, m.devices),
+      el("td", { class: "num" }, m.count),
+      el("td", { class: "num" }, fmt(m.p95_ms, 3)),
+      QUALITY.map((q) => el("td", { class: `num ${q.key}` }, q.show(m[q.key])))))));
+  document.getElementById("versions").replaceChildren(models.length ? table : el("p", { class: "muted" }, "no telemetry yet"));
+}
+
 async function loadCompare() {
   state.models = await api("/api/models");
+  renderVersions(state.models);
   const names = [...new Set(state.models.map((m) => m.model_name))];
   const modelSel = document.getElementById("cmp-model");
   if (!names.length) return;
@@ -349,15 +391,14 @@ async function loadCompare() {
 
 function renderCompare(cmp) {
   const a = cmp.a.summary, b = cmp.b.summary;
-  // lower is better for latency, higher for accuracy; the better side of each row is highlighted.
+  // lower is better for latency, higher for every quality metric; the better side of each row is highlighted.
   const rows = [
     ["devices", "devices", (v) => v, null],
     ["inferences", "count", (v) => v, null],
     ["p50 ms", "p50_ms", (v) => fmt(v, 3), -1],
     ["p95 ms", "p95_ms", (v) => fmt(v, 3), -1],
     ["p99 ms", "p99_ms", (v) => fmt(v, 3), -1],
-    ["eval accuracy", "eval_accuracy", pct, 1],
-    ["live accuracy", "live_accuracy", pct, 1],
+    ...QUALITY.map((q) => [q.label, q.key, q.show, 1]),
   ];
   const cls = (mine, other, dir) => {
     if (dir === null || mine === null || other === null || mine === other) return "";
@@ -376,8 +417,8 @@ function renderCompare(cmp) {
     { label: `B v${b.model_version}`, points: cmp.b.points, color: PALETTE[1] },
   ];
   lineChart(document.getElementById("chart-compare-latency"), series, (p) => p.p95_ms, { zero: true });
-  lineChart(document.getElementById("chart-compare-accuracy"), series, accuracyOf,
-    { format: (v) => (100 * v).toFixed(1) + "%", yMax: 1 });
+  lineChart(document.getElementById("chart-compare-quality"), withMetric(series), qualityValue,
+    { format: (v) => v.toFixed(3), yMax: 1 });
 }
 
 for (const id of ["cmp-model", "cmp-a", "cmp-b"]) {

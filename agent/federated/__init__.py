@@ -1,0 +1,1 @@
+"""Federated fine-tuning of a model head on the device: aggregation, differential privacy and secure aggregation."""

@@ -1,0 +1,90 @@
+"""The agent's start-up checks: a writable state folder, a usable trust root, a loadable device profile.
+
+Each check raises `StartupError` carrying the process exit code (see `edgefleet.agent.exitcodes`), so
+the CLI and systemd can tell a bad key from a bad profile without reading the message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Tuple
+
+from edgefleet.agent.config import AgentConfig
+from edgefleet.agent.core.errors import AgentError, VerifyError
+from edgefleet.agent.exitcodes import ExitCode
+
+# Python modules that provide each runtime; finding one is enough (nothing is imported here).
+_RUNTIME_MODULES = {
+    "onnxruntime": ("onnxruntime",),
+    "onnx": ("onnxruntime",),
+    "tflite": ("ai_edge_litert", "tflite_runtime"),
+}
+
+
+class StartupError(AgentError):
+    """The agent cannot start; `exit_code` tells the CLI (and systemd) which problem it is."""
+
+    default_code = "startup-failed"
+
+    def __init__(self, exit_code: ExitCode, reason: str) -> None:
+        self.exit_code = exit_code
+        super().__init__(exit_code.name.lower().replace("_", "-"), reason)
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Create the state folder and prove it is writable."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe = state_dir / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(
+            ExitCode.STATE_DIR, f"state folder {state_dir} is not writable: {exc}; fix --state-dir"
+        ) from None
+
+
+def open_trust(config: AgentConfig, state_dir: Path) -> Tuple[Any, Any]:
+    """The trust store and version ledger of this device."""
+    from edgefleet.agent.core.ledger import VersionLedger
+    from edgefleet.agent.core.trust import TrustStore
+
+    try:
+        return TrustStore.open(state_dir, list(config.trusted_keys)), VersionLedger(state_dir)
+    except (VerifyError, OSError, ValueError) as exc:
+        raise StartupError(
+            ExitCode.TRUST,
+            f"no usable trusted key ({', '.join(config.trusted_keys)}): {exc}; "
+            "pass the fleet's .pub file with --trusted-key",
+        ) from None
+
+
+def load_profile(config: AgentConfig) -> Tuple[Any, int]:
+    """The device profile (emulated or real) and the inference threads it allows."""
+    name = config.emulate or config.profile
+    try:
+        from edgefleet.device_profiles import load_profile as load
+
+        profile = load(name)
+    except Exception as exc:  # the loader's own error types name the problem
+        raise StartupError(ExitCode.PROFILE, f"device profile {name!r} cannot be loaded: {exc}") from None
+    wanted = list(profile.runtime_names()) if hasattr(profile, "runtime_names") else []
+    if wanted and not any(runtime_installed(r) for r in wanted):
+        raise StartupError(
+            ExitCode.PROFILE,
+            f"profile {profile.name!r} runs models on {', '.join(wanted)}, and none is installed: "
+            "pip install 'edgefleet[agent]' (onnxruntime) or 'edgefleet[tflite]'",
+        )
+    threads = int(getattr(profile, "threads", 0) or getattr(profile, "cores", 1) or 1)
+    if config.emulate:
+        # Emulating a smaller device on this machine: never use more threads than it has cores.
+        threads = min(threads, int(profile.cores))
+    return profile, max(1, threads)
+
+
+def runtime_installed(name: str) -> bool:
+    """Whether a runtime's Python package is importable (found without importing it)."""
+    import importlib.util
+
+    modules = _RUNTIME_MODULES.get(name, (name,))
+    return any(importlib.util.find_spec(m) is not None for m in modules)

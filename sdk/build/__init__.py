@@ -1,0 +1,1 @@
+"""Building for a device profile: load the model, convert, compress, estimate, measure, pick, fill the manifest."""

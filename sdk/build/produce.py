@@ -1,0 +1,116 @@
+"""Produce candidate model files: torch variants, ONNX exports and TFLite conversions, each made once."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from edgefleet.sdk.build.model_io import (
+    Dataset,
+    LoadedModel,
+)
+from edgefleet.sdk.build.plan import CandidateSpec
+
+Progress = Optional[Callable[[str, float], None]]
+
+
+class Producer:
+    """Produces candidate files, caching torch variants and ONNX exports shared between candidates."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        calib: Dataset,
+        eval_ds: Dataset,
+        workdir: Path,
+        batch_size: int,
+        progress: Progress,
+    ) -> None:
+        from edgefleet.sdk.compress import CompressionContext
+
+        self.loaded = loaded
+        self.calib = calib
+        self.workdir = workdir
+        self.batch_size = batch_size
+        self.ctx = CompressionContext(
+            workdir=workdir / "steps",
+            calib=calib.inputs,
+            calib_labels=calib.labels,
+            eval_inputs=eval_ds.inputs,
+            eval_labels=eval_ds.labels,
+            progress=progress,
+        )
+        self._variants: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
+        self._onnx: dict[str, tuple[Path, list[dict[str, Any]]]] = {}
+        self.samples = {k: v[:8] for k, v in calib.inputs.items()}
+
+    def _variant(self, spec: CandidateSpec) -> tuple[Any, list[dict[str, Any]]]:
+        """The torch model after the spec's torch-stage steps (pruning), computed once per variant."""
+        from edgefleet.sdk.compress import COMPRESSORS
+
+        key = spec.variant
+        if key not in self._variants:
+            model = self.loaded.model
+            described: list[dict[str, Any]] = []
+            for step in spec.torch_steps:
+                plugin = COMPRESSORS.get(step.name)(**step.params)
+                model = plugin.apply(copy.deepcopy(model), self.ctx)
+                described.append(plugin.describe())
+            self._variants[key] = (model, described)
+        return self._variants[key]
+
+    def _onnx_of(self, spec: CandidateSpec) -> tuple[Path, list[dict[str, Any]]]:
+        """The fp32 ONNX file of the spec's torch variant (or the given ONNX file)."""
+        if self.loaded.stage == "onnx":
+            return Path(self.loaded.model), [{"step": "input", "params": {"format": "onnx"}}]
+        key = spec.variant
+        if key not in self._onnx:
+            from edgefleet.converters import CONVERTERS
+
+            model, described = self._variant(spec)
+            index = len(self._onnx)
+            converter = CONVERTERS.get("torch-onnx")()
+            result = converter.convert(model, self.workdir / f"variant{index}.onnx", self.samples)
+            self._onnx[key] = (
+                result.path,
+                [*described, {**converter.describe(), "parity": result.parity.to_dict(), **result.details}],
+            )
+        return self._onnx[key]
+
+    def produce(self, spec: CandidateSpec) -> tuple[Path, list[dict[str, Any]], Optional[int]]:
+        """Write the candidate's model file; returns (path, steps described, fixed batch)."""
+        from edgefleet.converters import CONVERTERS
+        from edgefleet.sdk.compress import COMPRESSORS
+
+        if self.loaded.stage == "tflite":
+            return Path(self.loaded.model), [{"step": "input", "params": {"format": "tflite"}}], None
+        if spec.format == "tflite":
+            model, described = self._variant(spec)
+            out = self.workdir / f"{spec.id}.tflite"
+            if spec.tflite_quant is not None:
+                plugin = COMPRESSORS.get(spec.tflite_quant.name)(
+                    batch_size=self.batch_size, **spec.tflite_quant.params
+                )
+                path = plugin.apply(model, self.ctx)
+                return Path(path), [*described, plugin.describe()], self.batch_size
+            converter = CONVERTERS.get("torch-tflite")(batch_size=self.batch_size)
+            result = converter.convert(model, out, self.samples)
+            return (
+                result.path,
+                [*described, {**converter.describe(), "parity": result.parity.to_dict()}],
+                result.fixed_batch,
+            )
+        path, described = self._onnx_of(spec)
+        steps = list(described)
+        for step in spec.onnx_steps:
+            if step.name in CONVERTERS:
+                converter = CONVERTERS.get(step.name)(**step.params)
+                result = converter.convert(path, self.workdir / f"{spec.id}.onnx", self.samples)
+                path = result.path
+                steps.append({**converter.describe(), "parity": result.parity.to_dict()})
+            else:
+                plugin = COMPRESSORS.get(step.name)(**step.params)
+                path = Path(plugin.apply(path, self.ctx))
+                steps.append(plugin.describe())
+        return path, steps, None
