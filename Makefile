@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.edgefleet-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test agent-py38 lint format clean
+.PHONY: install deps demo test agent-py38 lint format clean
 
 install: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/edgefleet demo
 
-test: install agent-py38
+test: deps install agent-py38
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# System packages the tests drive (Mosquitto, Chromium + driver), installed only when missing.
+deps:
+	scripts/ensure-system-deps.sh
 
 # The device agent runs on Python 3.8 (JetPack 5): vermin fails the build on any newer construct in the
 # agent or what it imports. tests/test_agent_oldest_deps.py then runs it on a real 3.8 with the oldest

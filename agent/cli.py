@@ -42,7 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROFILE",
         help="behave like PROFILE on this machine: threads capped at its cores",
     )
-    add("--broker", help="mqtt://host:port or mqtts://host:port (default mqtt://127.0.0.1:1883)")
+    add(
+        "--broker",
+        action="append",
+        metavar="URL",
+        help="mqtt://host:port or mqtts://host:port (default mqtt://127.0.0.1:1883); repeat it or "
+        "comma-separate several for failover: tried in order, back to the first when it answers again",
+    )
     add("--fleet", help="fleet name: topic prefix edgefleet/v1/FLEET (default 'default')")
     add(
         "--state-dir",
@@ -72,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--mqtt-version",
         dest="mqtt_version",
-        choices=["5", "3.1.1"],
-        help="MQTT protocol version (default 5)",
+        choices=["auto", "5", "3.1.1"],
+        help="MQTT protocol version (default auto: 5, then 3.1.1 when the broker refuses 5)",
     )
     add(
         "--tag",
@@ -122,7 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
         dest="connect_timeout_s",
         type=float,
         metavar="S",
-        help="exit 7 if no broker by then",
+        help="exit 7 if no broker accepted the connection within S seconds (default: retry forever)",
+    )
+    add(
+        "--failback",
+        dest="failback_s",
+        type=float,
+        metavar="S",
+        help="on a later --broker, check this often whether the first is back (default 60; 0: never)",
+    )
+    add("--train-data", dest="train_data", metavar="DIR", help="local training data: .npz files with x and y")
+    add(
+        "--keep-feedback",
+        dest="keep_feedback",
+        type=int,
+        metavar="N",
+        help="keep N labelled requests on disk",
     )
     add("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     add("--version", action="version", version=f"edgefleet-agent {__version__}")

@@ -19,7 +19,8 @@ if sys.version_info >= (3, 11):
 else:  # the device side still runs Python 3.9 / 3.10
     import tomli as tomllib
 
-MQTT_VERSIONS = ("5", "3.1.1")
+# "auto": MQTT 5, then 3.1.1 on a broker that refuses 5 (aedes, amqtt); see agent/mqtt_session.py.
+MQTT_VERSIONS = ("auto", "5", "3.1.1")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -35,7 +36,7 @@ class AgentConfig:
     state_dir: str = ""
     tags: Tuple[str, ...] = ()
     # MQTT session
-    mqtt_version: str = "5"
+    mqtt_version: str = "auto"
     keepalive_s: int = 30
     username: Optional[str] = None
     password: Optional[str] = None
@@ -47,6 +48,8 @@ class AgentConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 60.0
     connect_timeout_s: float = 0.0
+    # While on a fallback broker (not the first of `broker`), check this often whether the first is back.
+    failback_s: float = 60.0
     # Serving and reporting
     telemetry_interval_s: float = 10.0
     eval_interval_s: float = 0.0
@@ -62,6 +65,9 @@ class AgentConfig:
     bitmap_flush_chunks: int = 64
     bitmap_flush_s: float = 1.0
     log_level: str = "info"
+    # Federated fine-tuning: a folder of .npz files (x, y) and how many labelled requests to keep.
+    train_data: Optional[str] = None
+    keep_feedback: int = 0
 
     @property
     def state_path(self) -> Path:
@@ -69,20 +75,24 @@ class AgentConfig:
         return Path(self.state_dir)
 
     @property
+    def brokers(self) -> Tuple[str, ...]:
+        """The broker URLs in the order they are tried (`broker` holds them comma-separated)."""
+        return split_brokers(self.broker)
+
+    @property
     def broker_host(self) -> str:
-        """Host part of the broker URL."""
-        return str(urlsplit(self.broker).hostname)
+        """Host part of the first broker URL."""
+        return url_host(self.brokers[0])
 
     @property
     def broker_port(self) -> int:
-        """Port of the broker URL (1883 for mqtt://, 8883 for mqtts:// when none is given)."""
-        parts = urlsplit(self.broker)
-        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        """Port of the first broker URL (1883 for mqtt://, 8883 for mqtts:// when none is given)."""
+        return url_port(self.brokers[0])
 
     @property
     def use_tls(self) -> bool:
         """Whether the session runs over TLS (mqtts:// or any TLS file given)."""
-        return urlsplit(self.broker).scheme == "mqtts" or bool(self.tls_ca or self.tls_cert)
+        return urlsplit(self.brokers[0]).scheme == "mqtts" or bool(self.tls_ca or self.tls_cert)
 
     def resolved_password(self) -> Optional[str]:
         """The password, read from `password_file` when that is set (keeps secrets out of the config)."""
@@ -97,6 +107,22 @@ class AgentConfig:
             if out.get(secret):
                 out[secret] = "***"
         return out
+
+
+def split_brokers(value: str) -> Tuple[str, ...]:
+    """The URLs of a comma-separated broker list, blanks dropped."""
+    return tuple(u.strip() for u in value.split(",") if u.strip())
+
+
+def url_host(url: str) -> str:
+    """Host part of one broker URL."""
+    return str(urlsplit(url).hostname)
+
+
+def url_port(url: str) -> int:
+    """Port of one broker URL (1883 for mqtt://, 8883 for mqtts:// when none is given)."""
+    parts = urlsplit(url)
+    return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(AgentConfig)}
@@ -151,17 +177,26 @@ def _validate(cfg: AgentConfig) -> None:
         )
     if not valid_name(cfg.fleet):
         raise ConfigError(reason=f"field 'fleet' {cfg.fleet!r}: use 1-128 letters, digits, '.', '_' or '-'")
-    parts = urlsplit(cfg.broker)
-    try:
-        port_ok = parts.port is None or 0 < parts.port < 65536
-    except ValueError:
-        port_ok = False
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or not port_ok:
-        raise ConfigError(reason=f"field 'broker' {cfg.broker!r}: use mqtt://host:port or mqtts://host:port")
+    urls = cfg.brokers
+    if not urls:
+        raise ConfigError(reason="field 'broker' is empty: use mqtt://host:port or mqtts://host:port")
+    for url in urls:
+        parts = urlsplit(url)
+        try:
+            port_ok = parts.port is None or 0 < parts.port < 65536
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or not port_ok:
+            raise ConfigError(reason=f"field 'broker' {url!r}: use mqtt://host:port or mqtts://host:port")
+    if len({urlsplit(u).scheme for u in urls}) > 1:
+        # One paho client serves every URL, and its TLS settings are set once.
+        raise ConfigError(reason="field 'broker': the URLs mix mqtt:// and mqtts://; use one scheme for all")
     if not cfg.trusted_keys:
         raise ConfigError(reason="field 'trusted_keys' must name at least one .pub file (--trusted-key)")
     if cfg.mqtt_version not in MQTT_VERSIONS:
-        raise ConfigError(reason=f"field 'mqtt_version' {cfg.mqtt_version!r}: use '5' or '3.1.1'")
+        raise ConfigError(
+            reason=f"field 'mqtt_version' {cfg.mqtt_version!r}: use 'auto' (5, then 3.1.1), '5' or '3.1.1'"
+        )
     if cfg.log_level not in LOG_LEVELS:
         raise ConfigError(reason=f"field 'log_level' {cfg.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -195,7 +230,7 @@ def _validate(cfg: AgentConfig) -> None:
             raise ConfigError(reason=f"field {name!r} = {value} is out of range [{low}, {high}]")
     if cfg.reconnect_max_s < cfg.reconnect_min_s:
         raise ConfigError(reason="field 'reconnect_max_s' must be >= 'reconnect_min_s'")
-    for name in ("connect_timeout_s", "eval_interval_s"):
+    for name in ("connect_timeout_s", "eval_interval_s", "failback_s"):
         if getattr(cfg, name) < 0:
             raise ConfigError(reason=f"field {name!r} must be >= 0 (0 turns it off)")
     if not 0 <= cfg.http_port < 65536:
@@ -235,6 +270,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[Mapping[str, Any
     for key, value in (overrides or {}).items():
         if value is not None and value != ():
             values[key] = value
+    if isinstance(values.get("broker"), (list, tuple)):
+        # `broker = ["mqtt://a", "mqtt://b"]` in TOML, or `--broker` given several times.
+        values["broker"] = ",".join(str(u) for u in values["broker"])
     unknown = sorted(set(values) - set(_FIELDS))
     if unknown:
         raise ConfigError(reason=f"unknown field {unknown[0]!r}; known fields: {', '.join(sorted(_FIELDS))}")
@@ -265,4 +303,13 @@ def config_fields() -> List[Tuple[str, str, Any]]:
     return out
 
 
-__all__ = ["AgentConfig", "ConfigError", "config_fields", "load_config", "read_config_file"]
+__all__ = [
+    "AgentConfig",
+    "ConfigError",
+    "config_fields",
+    "load_config",
+    "read_config_file",
+    "split_brokers",
+    "url_host",
+    "url_port",
+]

@@ -27,6 +27,8 @@ from edgefleet.agent.core.protocol import (
     DeployCommand,
     Error,
     EvalCommand,
+    FedRoundCommand,
+    FedStepCommand,
     InferCommand,
     Progress,
     Result,
@@ -57,7 +59,7 @@ from edgefleet.agent.deployment import (
 )
 from edgefleet.agent.exitcodes import ExitCode
 from edgefleet.agent.mqtt_session import MqttSession, SeqCounter
-from edgefleet.agent.startup import StartupError, load_profile, open_trust, prepare_state_dir
+from edgefleet.agent.startup import StartupError, kill_point, load_profile, open_trust, prepare_state_dir
 from edgefleet.agent.support import ErrorLimiter, Inbox, jsonable, result_dict
 from edgefleet.agent.transfer import StagingArea
 
@@ -114,6 +116,8 @@ class Agent:
         self._next_eval = 0.0
         self._next_flush = 0.0
         self._last_eval: Dict[str, Any] = {}
+        # Federated rounds and the labelled-feedback buffer (agent/federated/client.py), set in start().
+        self.fed: Any = None
 
     @property
     def staging(self) -> Optional[StagingArea]:
@@ -161,10 +165,12 @@ class Agent:
     def _start_http(self) -> None:
         if not self.config.http_enabled:
             return
-        from edgefleet.agent.local_api import LocalApi
+        from edgefleet.agent.local_api import Limits, LocalApi
 
+        # Request bounds sized by the device's RAM (a 512 MB Pi Zero gets a quarter of the defaults).
+        limits = Limits.for_ram(getattr(self.profile, "ram_mb", None))
         try:
-            self.http = LocalApi(self, host="127.0.0.1", port=self.config.http_port)
+            self.http = LocalApi(self, host="127.0.0.1", port=self.config.http_port, limits=limits)
         except OSError as exc:
             raise StartupError(
                 ExitCode.CONFIG,
@@ -177,10 +183,15 @@ class Agent:
 
     def start(self) -> None:
         """Start everything; raises StartupError (with an exit code) when the agent cannot run."""
-        prepare_state_dir(self.state_dir)
+        removed = prepare_state_dir(self.state_dir)
+        if removed:
+            log.info("removed temp files left by a killed agent: %s", ", ".join(removed))
         self.trust, self.ledger = open_trust(self.config, self.state_dir)
         self.profile, self.threads = load_profile(self.config)
         self._start_serving()
+        from edgefleet.agent.federated.client import FederatedClient
+
+        self.fed = FederatedClient(self)
         self.staging = StagingArea(
             self.state_dir / "staging",
             flush_every=self.config.bitmap_flush_chunks,
@@ -195,6 +206,7 @@ class Agent:
             on_message=self._enqueue,
             birth=self.state_info,
             on_connect=self._on_connected,
+            ack_after=True,
         )
         self._resume_pending()
         self.session.start()
@@ -245,11 +257,16 @@ class Agent:
 
     def infer(self, inputs: Any, request_id: Optional[str] = None) -> Any:
         """Run one inference on the active model (see ModelServer.infer); never blocks on an install."""
-        return self.server.infer(inputs, request_id=request_id)
+        result = self.server.infer(inputs, request_id=request_id)
+        if self.fed is not None and self.fed.buffer is not None:
+            self.fed.buffer.remember(result.request_id, inputs)
+        return result
 
     def feedback(self, request_id: str, label: int) -> None:
-        """Record the true label of an earlier prediction (feeds live accuracy)."""
+        """Record the true label of an earlier prediction (feeds live accuracy; kept with keep_feedback)."""
         self.server.feedback(request_id, label)
+        if self.fed is not None and self.fed.buffer is not None:
+            self.fed.buffer.label(request_id, label)
 
     def status(self) -> Dict[str, Any]:
         """Install status, pending download and connection, for the local API and `status` commands."""
@@ -324,16 +341,21 @@ class Agent:
     # ------------------------------------------------------------------------------------------------
     # incoming messages
 
-    def _enqueue(self, topic: str, payload: bytes) -> None:
+    def _enqueue(self, topic: str, payload: bytes, ack: Optional[Callable[[], None]] = None) -> None:
         """Called on paho's thread: hand over to the worker (blocking here back-pressures the broker)."""
-        self._inbox.put(topic, payload)
+        self._inbox.put(topic, payload, ack)
 
     def _work(self) -> None:
         while not self._stop.is_set():
             item = self._inbox.get()
             if item is None:
                 break
-            self.handle_message(*item)
+            topic, payload, ack = item
+            self.handle_message(topic, payload)
+            # Acked only now: a deploy's deploy.json is durable by here, so a crash before this line
+            # leaves the command unacked and the broker delivers it again after the restart.
+            if ack is not None:
+                ack()
 
     def handle_message(self, topic: str, payload: bytes) -> None:
         """Handle one incoming message; every failure becomes an Error event, never an exception."""
@@ -359,6 +381,7 @@ class Agent:
 
     def _on_command(self, cmd: Command) -> None:
         if isinstance(cmd, DeployCommand):
+            kill_point("deploy-received")
             self._drive(self.machine.deploy, cmd, time.monotonic())
         elif isinstance(cmd, RollbackCommand):
             handlers.rollback(self, cmd)
@@ -378,6 +401,10 @@ class Agent:
             handlers.infer(self, cmd)
         elif isinstance(cmd, RotateRootCommand):
             handlers.rotate_root(self, cmd)
+        elif isinstance(cmd, FedRoundCommand) and self.fed is not None:
+            self.fed.on_round(cmd)
+        elif isinstance(cmd, FedStepCommand) and self.fed is not None:
+            self.fed.on_step(cmd)
 
     # -- deploy: the state machine decides, the wiring performs ---------------------------------------
 

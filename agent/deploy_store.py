@@ -8,15 +8,27 @@ or a restart resends it). `DeployMachine` asks for every write as an action, out
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from edgefleet.agent.core.fsutil import atomic_write_json, read_json
 from edgefleet.agent.core.protocol import DeployCommand
+from edgefleet.agent.startup import KILL_POINT_ENV, kill_point
 
 PENDING_FILE = "deploy.json"
 OUTCOME_FILE = "last_outcome.json"
+
+
+def _die_mid_write(path: Path, record: Mapping[str, Any]) -> None:
+    """Test hook: leave the temp file atomic_write_json would have made, unsynced, and SIGKILL this process."""
+    import tempfile
+
+    fd, _ = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(record, handle)
+    kill_point("deploy-recording")
 
 
 class DeployFiles:
@@ -52,7 +64,10 @@ class DeployFiles:
 
     def save_pending(self, cmd: DeployCommand) -> None:
         """Persist the command of the deploy now downloading."""
-        atomic_write_json(self.pending_path, {"command": base64.b64encode(cmd.to_wire()).decode("ascii")})
+        record = {"command": base64.b64encode(cmd.to_wire()).decode("ascii")}
+        if os.environ.get(KILL_POINT_ENV) == "deploy-recording":
+            _die_mid_write(self.pending_path, record)
+        atomic_write_json(self.pending_path, record)
 
     def save_outcome(self, deploy: str, event: Mapping[str, Any]) -> None:
         """Persist a deploy's outcome event."""

@@ -18,6 +18,7 @@ class ExitCode(enum.IntEnum):
     BROKER_AUTH = 6
     BROKER_UNREACHABLE = 7
     PROFILE = 8
+    BROKER_PROTOCOL = 9
     INTERRUPTED = 130
 
 
@@ -32,10 +33,12 @@ HELP: Dict[ExitCode, str] = {
     "permissions.",
     ExitCode.BROKER_AUTH: "the broker refused the credentials or client certificate: fix username/password "
     "or TLS files.",
-    ExitCode.BROKER_UNREACHABLE: "the broker could not be reached within --connect-timeout (only when that "
-    "is set; by default the agent retries forever with backoff).",
+    ExitCode.BROKER_UNREACHABLE: "no broker of --broker could be reached within --connect-timeout (only when "
+    "that is set; by default the agent retries forever with backoff).",
     ExitCode.PROFILE: "the device profile is unknown or none of its runtimes is installed: install the "
     "runtime (pip install 'edgefleet[agent]') or pick another --profile.",
+    ExitCode.BROKER_PROTOCOL: "the broker refused the MQTT protocol version (--mqtt-version; the default "
+    "auto tries 5, then 3.1.1): use a broker that speaks MQTT 3.1.1 or 5, or another --mqtt-version.",
     ExitCode.INTERRUPTED: "interrupted by Ctrl-C before a clean start.",
 }
 

@@ -6,8 +6,12 @@ the CLI and systemd can tell a bad key from a bad profile without reading the me
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import time
 from pathlib import Path
-from typing import Any, Tuple
+from typing import Any, List, Tuple
 
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.core.errors import AgentError, VerifyError
@@ -31,8 +35,14 @@ class StartupError(AgentError):
         super().__init__(exit_code.name.lower().replace("_", "-"), reason)
 
 
-def prepare_state_dir(state_dir: Path) -> None:
-    """Create the state folder and prove it is writable."""
+# Temp files of agent/core/fsutil.atomic_write_bytes (`.NAME.RANDOM.tmp`) that a kill left behind.
+_ATOMIC_TMP = re.compile(r"^\.[^/]+\.[A-Za-z0-9_]+\.tmp$")
+# Test hook: the agent SIGKILLs itself at the point this variable names (see `kill_point`).
+KILL_POINT_ENV = "EDGEFLEET_TEST_KILL_AT"
+
+
+def prepare_state_dir(state_dir: Path) -> List[str]:
+    """Create the state folder, prove it is writable, remove temp files a kill left; return their names."""
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         probe = state_dir / ".write-test"
@@ -42,6 +52,35 @@ def prepare_state_dir(state_dir: Path) -> None:
         raise StartupError(
             ExitCode.STATE_DIR, f"state folder {state_dir} is not writable: {exc}; fix --state-dir"
         ) from None
+    return remove_stale_temp_files(state_dir)
+
+
+def remove_stale_temp_files(state_dir: Path) -> List[str]:
+    """Delete half-written atomic-write temp files (e.g. `.deploy.json.x1y2.tmp`) in the state folder.
+
+    Only one agent runs per state folder and this runs before it writes anything, so every such file is
+    a leftover of a process killed mid-write; its target still holds the old, complete content.
+    """
+    removed: List[str] = []
+    for entry in os.scandir(state_dir):
+        if entry.is_file(follow_symlinks=False) and _ATOMIC_TMP.match(entry.name):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(entry.name)
+    return sorted(removed)
+
+
+def kill_point(name: str, delay_s: float = 0.3) -> None:
+    """Test hook: SIGKILL this process here when $EDGEFLEET_TEST_KILL_AT is `name` (never set in production).
+
+    The short wait first lets paho's thread send whatever it would have sent by then (e.g. a PUBACK), so
+    a test sees what a real crash at this point leaves behind.
+    """
+    if os.environ.get(KILL_POINT_ENV) == name:
+        time.sleep(delay_s)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def open_trust(config: AgentConfig, state_dir: Path) -> Tuple[Any, Any]:

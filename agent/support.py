@@ -14,14 +14,14 @@ class Inbox:
     """Messages from paho's thread to the worker, bounded in payload bytes (a full inbox back-pressures the broker)."""
 
     def __init__(self, limit_bytes: int, stop: threading.Event) -> None:
-        self._queue: queue.Queue[Optional[Tuple[str, bytes]]] = queue.Queue(maxsize=10000)
+        self._queue: queue.Queue[Optional[Tuple[str, bytes, Any]]] = queue.Queue(maxsize=10000)
         self._bytes = 0
         self._limit = limit_bytes
         self._space = threading.Condition()
         self._stop = stop
 
-    def put(self, topic: str, payload: bytes) -> None:
-        """Queue one message; waits while the inbox is full (dropped once the agent stops)."""
+    def put(self, topic: str, payload: bytes, ack: Any = None) -> None:
+        """Queue one message (and its PUBACK, if any); waits while the inbox is full (dropped once the agent stops)."""
         with self._space:
             # One message always fits, so a payload larger than the limit cannot wedge the queue.
             while self._bytes and self._bytes + len(payload) > self._limit:
@@ -29,9 +29,9 @@ class Inbox:
                     return
                 self._space.wait(0.5)
             self._bytes += len(payload)
-        self._queue.put((topic, payload))
+        self._queue.put((topic, payload, ack))
 
-    def get(self) -> Optional[Tuple[str, bytes]]:
+    def get(self) -> Optional[Tuple[str, bytes, Any]]:
         """The next message, or None once closed."""
         item = self._queue.get()
         if item is not None:

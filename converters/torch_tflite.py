@@ -13,7 +13,7 @@ import numpy as np
 from edgefleet.converters.base import CONVERTERS, ConversionError, ConversionResult, Converter, short_reason
 from edgefleet.converters.parity import ParityTolerance, check_parity, compare_many
 from edgefleet.converters.runners import named_feeds, open_runner
-from edgefleet.converters.torch_onnx import as_module, torch_outputs
+from edgefleet.converters.torch_onnx import as_module, exported_batch, torch_outputs
 
 
 def quiet_litert() -> contextlib.AbstractContextManager[Any]:
@@ -44,9 +44,15 @@ class TorchToTflite(Converter):
 
         if not sample_inputs:
             raise ConversionError("torch → TFLite needs at least one sample input")
-        module = as_module(model)
+        if type(model).__name__ == "RecursiveScriptModule":
+            raise ConversionError(
+                "litert-torch cannot convert a TorchScript model to TFLite; give the model as .pt2 "
+                "(torch.export.save(torch.export.export(model, (x,)), 'model.pt2')) or as an nn.Module"
+            )
+        module = as_module(model)  # an ExportedProgram converts through ep.module()
         total = len(next(iter(sample_inputs.values())))
-        batch = int(self.options.get("batch_size") or total)
+        # A static-batch .pt2 only runs at its own batch, so that is the TFLite model's batch too.
+        batch = int(exported_batch(model) or self.options.get("batch_size") or total)
         if batch < 1:
             raise ConversionError(f"batch_size must be ≥ 1, got {batch}")
         example = tuple(
@@ -55,7 +61,7 @@ class TorchToTflite(Converter):
         out_path = Path(out_path)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         quant_config: Optional[Any] = self.options.get("quant_config")
-        reference = torch_outputs(module, sample_inputs)
+        reference = torch_outputs(model, sample_inputs)
         tmp = out_path.with_name(f".{out_path.name}.tmp")
         try:
             import litert_torch

@@ -106,6 +106,17 @@ class Mosquitto:
         self.start()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_edgefleet_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """$EDGEFLEET_HOME in pytest's temp folder for the whole run (agents and CLIs started by tests inherit it),
+    so nothing a test does lands in the real ~/.edgefleet (e.g. a rollout's deltas). A test may still set
+    its own; HOME itself stays, as tools find their caches (models, browsers) through it."""
+    home = tmp_path_factory.mktemp("edgefleet-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGEFLEET_HOME", str(home))
+        yield home
+
+
 @pytest.fixture
 def fleet_name() -> str:
     """A fleet name (topic prefix) of this test alone, so retained messages of earlier runs never leak in."""

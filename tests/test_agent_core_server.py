@@ -164,24 +164,43 @@ def test_many_swaps_under_load_fail_no_request(tmp_path: Path) -> None:
     srv.activate(srv.load(paths[0], name="t", version=1, slot="a"))
     stop = threading.Event()
     errors: list[BaseException] = []
-    versions: set[int] = set()
+    workers = 4
+    # Versions each worker got answers from; the next swap waits until every worker has been answered
+    # by the current version, so each swap happens under load from all of them (not left to the scheduler).
+    seen: list[set[int]] = [set() for _ in range(workers)]
+    cond = threading.Condition()
 
-    def hammer() -> None:
+    def hammer(me: int) -> None:
         x = np.zeros((1, 8), np.float32)
         while not stop.is_set():
             try:
-                versions.add(srv.infer(x).model_version)
+                version = srv.infer(x).model_version
             except BaseException as exc:  # any failure is the bug under test
                 errors.append(exc)
+                continue
+            if version not in seen[me]:
+                with cond:
+                    seen[me].add(version)
+                    cond.notify_all()
 
-    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    def every_worker_saw(version: int) -> bool:
+        return all(version in s for s in seen) or bool(errors)
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(workers)]
     for t in threads:
         t.start()
-    for v in range(2, 12):
-        srv.activate(srv.load(paths[v % 2], name="t", version=v, slot="ab"[v % 2]))
-    stop.set()
-    for t in threads:
-        t.join(5)
+    try:
+        with cond:
+            assert cond.wait_for(lambda: every_worker_saw(1), timeout=30), seen
+        for v in range(2, 12):
+            srv.activate(srv.load(paths[v % 2], name="t", version=v, slot="ab"[v % 2]))
+            with cond:
+                assert cond.wait_for(lambda v=v: every_worker_saw(v), timeout=30), (v, seen)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(5)
     assert errors == []
     assert srv.active is not None and srv.active.version == 11
-    assert len(versions) >= 2
+    # every worker was answered by every one of the 11 versions, none failed across the 10 swaps
+    assert all(s == set(range(1, 12)) for s in seen), seen

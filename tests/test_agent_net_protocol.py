@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgefleet.agent.core.commands import MIN_CHUNK_BYTES
 from edgefleet.agent.core.errors import ProtocolError
 from edgefleet.agent.core.events import DEVICE_ENVELOPE
 from edgefleet.agent.core.protocol import (
@@ -54,7 +55,8 @@ json_values = st.recursive(
 @st.composite
 def file_transfers(draw: st.DrawFn) -> FileTransfer:
     size = draw(st.integers(0, 10_000))
-    chunk = draw(st.integers(1, 4096))
+    # Files over MIN_CHUNK_BYTES must be cut into chunks of at least that size (agent/core/commands.py).
+    chunk = draw(st.integers(MIN_CHUNK_BYTES if size > MIN_CHUNK_BYTES else 1, 4096))
     chunks = -(-size // chunk)
     digests = (
         tuple(hashlib.sha256(str(i).encode()).hexdigest() for i in range(chunks))

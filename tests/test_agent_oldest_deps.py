@@ -3,9 +3,10 @@
 One venv per set of pins, cached under .edgefleet-cache/ (gitignored), holds exactly the floors of the base
 install and the `agent` and `tflite` extras (read from pyproject.toml, so raising a floor retests at the new
 one), plus pytest. Each run installs a wheel of the working tree into it, then checks: every agent module
-imports on 3.8; the agent test files that need no host SDK pass there; a TFLite model runs there; a real
-agent process from that venv receives a bundle the host builds and pushes through a real Mosquitto,
-installs it and answers local HTTP inferences; and installing the `host` extra is refused on 3.8.
+imports on 3.8; the agent test files that need no host SDK pass there; a TFLite model runs there; every
+ONNX candidate a host build produces loads in its onnxruntime and gives the host's numbers; a real agent
+process from that venv receives the bundle the host built, pushed through a real Mosquitto, installs it
+and answers local HTTP inferences; and installing the `host` extra is refused on 3.8.
 
 When Python 3.8 is absent the tests are skipped with the reason: they never fall back to another
 interpreter (`EDGEFLEET_PY38=/path/to/python3.8` points them at another one).
@@ -121,14 +122,13 @@ def _cached_venv(pins: dict[str, str]) -> Path:
     key = hashlib.sha256(f"{PY38.resolve()}\n{constraints}{TEST_TOOLS}".encode()).hexdigest()[:16]
     root = CACHE / key
     stamp = root / ".complete"
-    if stamp.exists():
+    if stamp.exists() and (root / "constraints.txt").is_file():
         return root
-    if CACHE.exists():  # older pin sets
+    if CACHE.exists():  # older pin sets, or a half-built venv
         shutil.rmtree(CACHE)
-    CACHE.mkdir(parents=True)
-    (CACHE / "constraints.txt").write_text(constraints)
     _ok(_run([str(PY38), "-m", "venv", str(root)], 120), "python3.8 -m venv")
-    pip = [str(root / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(CACHE / "constraints.txt")]
+    (root / "constraints.txt").write_text(constraints)
+    pip = [str(root / "bin" / "python"), "-m", "pip", "install", "-q", "-c", str(root / "constraints.txt")]
     _ok(_run([*pip, *pins, *TEST_TOOLS], 900), "installing the oldest pins")
     stamp.write_text(constraints)
     return root
@@ -151,7 +151,8 @@ def oldest(tmp_path_factory: pytest.TempPathFactory) -> OldestVenv:
     version = _interpreter_version(PY38)
     if version != WANTED:
         pytest.skip(
-            f"needs Python {WANTED[0]}.{WANTED[1]} at {PY38} (found: {version or 'nothing'}); set "
+            f"needs Python {WANTED[0]}.{WANTED[1]} at {PY38} (found: "
+            f"{'.'.join(map(str, version)) if version else 'nothing'}); set "
             "EDGEFLEET_PY38 or `pyenv install 3.8.18`. Not run on another interpreter."
         )
     pins = oldest_pins()
@@ -171,7 +172,7 @@ def oldest(tmp_path_factory: pytest.TempPathFactory) -> OldestVenv:
         "installing the wheel",
     )
     # The declared requirements resolve with the pins already there: nothing may be upgraded or added.
-    constraints = str(CACHE / "constraints.txt")
+    constraints = str(root / "constraints.txt")
     extras = ",".join(AGENT_EXTRAS)
     _ok(
         _run([*pip, "install", "-q", "-c", constraints, f"{wheel}[{extras}]"], 600),

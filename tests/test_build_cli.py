@@ -90,7 +90,7 @@ def test_build_json_writes_bundle(files: dict[str, Path]) -> None:
 @needs_profiles
 def test_build_prints_table(files: dict[str, Path]) -> None:
     code, output = _run(
-        str(files["model"]), "--profile", "rpi4b", "--eval", str(files["eval"]), "--only", "onnx-fp16",
+        str(files["model"]), "--profile", "rpi4b", "--eval", str(files["eval"]), "--only", "onnx-fp32-opt",
         "--key", str(files["key"]),
     )  # fmt: skip
     assert code == 0, output
@@ -129,7 +129,7 @@ def test_plugin_that_cannot_import_is_listed_unavailable(
     out = files["root"] / "bundle-unavailable"
     # act
     code, output = _run(
-        str(files["model"]), "--profile", "rpi4b", "--eval", str(files["eval"]), "--only", "onnx-fp16",
+        str(files["model"]), "--profile", "rpi4b", "--eval", str(files["eval"]), "--only", "onnx-fp32-opt",
         "--key", str(files["key"]), "-o", str(out),
     )  # fmt: skip
     # assert: printed under the table and recorded in report.json, each with its reason

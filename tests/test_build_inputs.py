@@ -77,8 +77,19 @@ def test_pickled_module_is_refused(tmp_path: Path) -> None:
 def test_exported_program_loads_with_input_specs(tmp_path: Path) -> None:
     path = tmp_path / "net.pt2"
     torch.export.save(torch.export.export(small_net(), (torch.zeros(2, 1, 8, 8),)), str(path))
+    dynamic = tmp_path / "dynamic.pt2"
+    torch.export.save(
+        torch.export.export(
+            small_net(), (torch.zeros(2, 1, 8, 8),), dynamic_shapes=({0: torch.export.Dim("batch")},)
+        ),
+        str(dynamic),
+    )
     loaded = load_model(path)
     assert loaded.stage == "torch"
+    assert (loaded.kind, loaded.static_batch) == ("exported", 2)
+    assert loaded.inputs[0].shape == (2, 1, 8, 8)
+    loaded = load_model(dynamic)
+    assert (loaded.kind, loaded.static_batch) == ("exported", None)
     assert loaded.inputs[0].shape == (None, 1, 8, 8)
 
 

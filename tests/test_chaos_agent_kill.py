@@ -9,7 +9,8 @@ at has a manifest signed by the device's root and files matching it, and it is v
 that version's exact model bytes (never a mix). The agent restarts, must report its state and answer an
 inference over its local HTTP API with k or k+1, and the rollout must still end with k+1 serving and
 the version ledger at k+1 (the agent resumes from its persisted deploy, or the host's re-sent command
-starts it again). External kills only: the agent has no fault-injection hooks.
+starts it again). External kills only here (the agent's one test hook, $EDGEFLEET_TEST_KILL_AT, is
+used by tests/test_hardening_deploy_ack.py).
 
 Seed: `EDGEFLEET_CHAOS_SEED` (default: random, printed); kills: `EDGEFLEET_CHAOS_KILLS` (default 32).
 """

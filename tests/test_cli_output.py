@@ -152,20 +152,22 @@ def test_fleet_tables_piped_are_plain_text(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_build_piped_prints_plain_results_and_keeps_library_noise_in_the_log(tmp_path: Path) -> None:
-    # prepare: a TorchScript model and an eval set; the TFLite candidate imports litert-torch (TensorFlow)
+    # prepare: an ExportedProgram and an eval set; the TFLite candidate imports litert-torch (TensorFlow)
     torch = pytest.importorskip("torch")
     pytest.importorskip("litert_torch")
     from edgefleet.sdk.trust.keys import init_keys
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
-    torch.jit.save(torch.jit.trace(net, torch.zeros(1, 1, 4, 4)), str(tmp_path / "net.pt"))
-    np.savez(tmp_path / "eval.npz", x=np.random.default_rng(0).random((32, 1, 4, 4), dtype=np.float32))
+    net = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    batch = torch.export.Dim("batch")
+    program = torch.export.export(net, (torch.zeros(2, 16),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "net.pt2"))
+    np.savez(tmp_path / "eval.npz", x=np.random.default_rng(0).random((32, 16), dtype=np.float32))
     key = init_keys(tmp_path / "keys").private_path
 
     # act
     out = _piped(
-        "build", "net.pt", "--profile", "rpi4b", "--eval", "eval.npz", "-o", "bundle", "--key", str(key),
+        "build", "net.pt2", "--profile", "rpi4b", "--eval", "eval.npz", "-o", "bundle", "--key", str(key),
         "--only", "tflite-fp32", cwd=tmp_path, timeout=600,
     )  # fmt: skip
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -31,6 +32,31 @@ CHROMIUM_ARGS = [
 ]
 TAR = {"Content-Type": "application/x-tar"}
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+# The tracked screenshot is rewritten only when asked (`EDGEFLEET_UPDATE_SCREENSHOT=1 pytest ...`); a
+# normal run writes it into the test's tmp_path, so running the tests leaves the checkout clean.
+UPDATE_SCREENSHOT = "EDGEFLEET_UPDATE_SCREENSHOT"
+
+
+def screenshot(page: Any, tmp_path: Path) -> Path:
+    """Take the full-page screenshot: into docs/ when $EDGEFLEET_UPDATE_SCREENSHOT=1, else into tmp_path."""
+    target = (
+        DOCS / "dashboard.png" if os.environ.get(UPDATE_SCREENSHOT) == "1" else tmp_path / "dashboard.png"
+    )
+    target.parent.mkdir(exist_ok=True)
+    page.screenshot(path=str(target), full_page=True)
+    assert target.stat().st_size > 0
+    return target
+
+
+@pytest.fixture(autouse=True)
+def docs_untouched() -> Iterator[None]:
+    """Fail a test that rewrote the tracked docs/dashboard.png without being asked to."""
+    tracked = DOCS / "dashboard.png"
+    before = tracked.read_bytes() if tracked.exists() else None
+    yield
+    if os.environ.get(UPDATE_SCREENSHOT) != "1":
+        after = tracked.read_bytes() if tracked.exists() else None
+        assert after == before, "the test rewrote docs/dashboard.png; write screenshots into tmp_path"
 
 
 def wait_text(page: Any, selector: str, text: str, timeout_ms: int = 15000) -> None:
@@ -95,7 +121,10 @@ def setup(
 
 
 def test_dashboard_live(
-    browser: Any, setup: tuple[ServerThread, Store, StoreActions, dict[str, Any]], fleet_name: str
+    browser: Any,
+    setup: tuple[ServerThread, Store, StoreActions, dict[str, Any]],
+    fleet_name: str,
+    tmp_path: Path,
 ) -> None:
     srv, store, actions, filled = setup
     running_id = filled["rollouts"][1]
@@ -182,8 +211,7 @@ def test_dashboard_live(
 
     assert page.evaluate("window.__noReload") == 42
     assert errors == []
-    DOCS.mkdir(exist_ok=True)
-    page.screenshot(path=str(DOCS / "dashboard.png"), full_page=True)
+    screenshot(page, tmp_path)
 
 
 def test_dashboard_asks_for_the_token(browser: Any, tmp_path: Path, fleet_name: str) -> None:
@@ -297,8 +325,7 @@ def test_dashboard_against_a_live_fleet(
                 )
                 assert page.evaluate("window.__noReload") == 7
                 assert errors == []
-                DOCS.mkdir(exist_ok=True)
-                page.screenshot(path=str(DOCS / "dashboard.png"), full_page=True)
+                screenshot(page, tmp_path)
     finally:
         fleet.close()
         store.close()

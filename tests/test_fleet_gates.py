@@ -1,5 +1,6 @@
 """The rollout's quality gates by the vocabulary's names: `min_accuracy`, `min_agreement`, `min_fidelity` as
-Fleet.deploy keyword arguments, `edgefleet deploy` flags and REST fields, down to the rules the engine reads."""
+Fleet.deploy keyword arguments, `edgefleet deploy` flags and REST fields, down to the rules the engine reads,
+and a rollout that a real agent's agreement telemetry aborts."""
 
 from __future__ import annotations
 
@@ -106,8 +107,8 @@ def test_the_adapter_hands_gates_to_fleet_deploy() -> None:
 
 
 def test_fleet_deploy_kwargs_become_the_stored_rules(
-    tmp_path: Path, mosquitto, fleet_name: str, bundle: Path
-) -> None:  # type: ignore[no-untyped-def]
+    tmp_path: Path, mosquitto: Any, fleet_name: str, bundle: Path
+) -> None:
     # prepare: a known (offline) device of the bundle's profile; nothing will answer, the rollout times out
     fleet = Fleet(mosquitto.url, store=f"sqlite:///{tmp_path / 'f.db'}", fleet=fleet_name, trusted_keys=[])
     fleet.store.upsert_device(fleet_name, "cam-1", online=False, profile=PROFILE)
@@ -151,3 +152,68 @@ def test_deploy_flags_name_every_gate_and_refuse_nonsense(tmp_path: Path) -> Non
     assert bad.exit_code == 2 and "--min-agreement 2.0 must be in [0, 1]" in bad.output
     with pytest.raises(StrategyError, match="unknown quality gate min_cosine"):
         rules_with(AbortRules(), {"min_cosine": 0.9})
+
+
+@pytest.mark.broker
+def test_a_rollout_aborts_when_agreement_on_the_device_is_below_the_floor(
+    tmp_path: Path, mosquitto: Any, fleet_name: str
+) -> None:
+    # prepare: a reference-eval bundle whose model agrees with its reference (another model) on few rows;
+    # the device's own health floor lets it install, the rollout's min_agreement does not
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgefleet.sdk.trust.bundle import create_bundle
+    from edgefleet.sdk.trust.keys import init_keys, load_private_key
+    from tests.agent_net_support import CLASSES, IN_FEATURES, eval_set, export_tiny_onnx, make_bundle
+    from tests.fleet_support import agents, wait_online
+
+    keys = init_keys(tmp_path / "keys")
+    model, other = (
+        export_tiny_onnx(tmp_path / "m.onnx", seed=0),
+        export_tiny_onnx(tmp_path / "o.onnx", seed=3),
+    )
+    x = np.random.default_rng(2).standard_normal((64, IN_FEATURES)).astype(np.float32)
+    reference = ort.InferenceSession(str(other), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    mine = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    agreement = float((mine.argmax(1) == reference.argmax(1)).mean())
+    assert agreement < 0.9, "the two seeds must disagree for this test"
+    np.savez(tmp_path / "eval.npz", x=x, reference=reference)
+    bundle = create_bundle(
+        tmp_path / "bundle",
+        model_path=model,
+        eval_npz_path=tmp_path / "eval.npz",
+        manifest_fields={
+            "name": "tiny",
+            "version": 2,
+            "target": {"profile": PROFILE, "device_ids": []},
+            "model": {"format": "onnx", "runtime": "onnxruntime"},
+            "inputs": [{"name": "x", "dtype": "float32", "shape": [None, IN_FEATURES]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [None, CLASSES]}],
+            "eval": {"kind": "reference", "metric": "agreement"},
+            "health": {"metric": "agreement", "min_quality": 0.0, "max_p95_ms": 1000.0, "timeout_s": 60},
+        },
+        private_key=load_private_key(keys.private_path),
+    )
+    base = make_bundle(
+        tmp_path / "v1", tmp_path / "keys", model, eval_set(model, tmp_path / "e1.npz"), version=1
+    )
+    fleet = Fleet(mosquitto.url, store=f"sqlite:///{tmp_path / 'f.db'}", fleet=fleet_name, trusted_keys=[])
+    try:
+        with agents(
+            tmp_path, mosquitto.url, fleet_name, keys.public_path, ["cam-1"], "--eval-interval", "0.5"
+        ):
+            wait_online(fleet.store, fleet_name, fleet.options, ["cam-1"])
+            first = fleet.deploy(base, "cam-1", timeout_s=60)  # v1, so a rollback has a model to return to
+            assert first.status == "succeeded"
+            # act: the floor sits above what the device measures
+            handle = fleet.deploy(bundle, "cam-1", soak_s=20, timeout_s=60, min_agreement=0.9)
+            row = fleet.rollout(handle.id)
+    finally:
+        fleet.close()
+    # assert: the telemetry gate named the metric by its name and rolled the device back
+    assert row["status"] == "aborted", row
+    assert "agreement" in str(row["reason"]) and "minimum 0.9" in str(row["reason"]), row["reason"]
+    assert [(d["device_id"], d["status"]) for d in row["devices"]] == [("cam-1", "rolled-back")], row[
+        "devices"
+    ]

@@ -62,11 +62,17 @@ def test_a_bundle_whose_file_changed_is_refused(bundle: Path, tmp_path: Path) ->
 
 
 def test_bad_chunk_sizes_are_refused(bundle: Path) -> None:
-    with pytest.raises(BundleRefused, match="chunk size"):
+    # a chunk size the agents would refuse (tiny chunks blow up their per-chunk bookkeeping) never leaves
+    with pytest.raises(BundleRefused, match="below the 64 bytes agents accept"):
         BundleTransfer(bundle, chunk_size=0)
-    with pytest.raises(BundleRefused, match="chunk size"):
-        choose_chunk_size(None, 0)
+    with pytest.raises(BundleRefused, match="below the 64 bytes agents accept"):
+        BundleTransfer(bundle, chunk_size=63)
+    with pytest.raises(BundleRefused, match="--chunk-size 64 or more"):
+        choose_chunk_size(None, 8)
     assert choose_chunk_size(65536, 256) == 256
+    # what the sender cuts at the minimum parses on a device
+    cmd = parse_command(BundleTransfer(bundle, chunk_size=64).deploy_command("d", "dev-1").to_wire())
+    assert isinstance(cmd, DeployCommand) and {f.chunk_size for f in cmd.files} == {64}
 
 
 def test_bad_broker_url_and_no_targets(bundle: Path, tmp_path: Path) -> None:

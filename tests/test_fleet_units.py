@@ -6,7 +6,7 @@ import pytest
 
 from edgefleet.agent.core.codes import FAILED_DEVICE, DeviceStatus
 from edgefleet.agent.core.manifest import HealthPolicy
-from edgefleet.agent.core.protocol import Latency, Quality, Requests, Telemetry
+from edgefleet.agent.core.protocol import Latency, Progress, Quality, Requests, Telemetry
 from edgefleet.sdk.fleet.errors import BrokerUnavailable, BundleRefused, SelectorError, StrategyError
 from edgefleet.sdk.fleet.ingest import flatten_telemetry
 from edgefleet.sdk.fleet.mqtt_url import MqttOptions
@@ -264,3 +264,14 @@ def test_broker_options_refuse_bad_urls_and_half_tls(tmp_path) -> None:  # type:
         MqttOptions("mqtts://h", tls_ca=str(tmp_path / "missing.pem"))
     with pytest.raises(BrokerUnavailable, match="username"):
         MqttOptions("mqtt://h", password="p")
+
+
+def test_the_download_step_says_how_many_chunks_the_device_holds() -> None:
+    # the engine skips the broadcast for a device that already holds every chunk (a resumed download)
+    def progress(**detail: object) -> Progress:
+        return Progress(device="cam-1", seq=1, ts=1.0, deploy="r-1", step="download", detail=dict(detail))
+
+    assert progress(have=5, chunks=5).chunk_counts() == (5, 5)
+    assert progress(have=0, chunks=7, name="m").chunk_counts() == (0, 7)
+    assert progress().chunk_counts() == (None, None)
+    assert progress(have=True, chunks="7").chunk_counts() == (None, None)

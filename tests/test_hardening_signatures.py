@@ -62,7 +62,11 @@ def test_forged_signature_with_the_fleet_key_id_is_a_bad_signature(tmp_path: Pat
     # act
     with pytest.raises(VerifyError) as info:
         verify_bundle_dir(
-            bundle, trust, profile=PROFILE, device_id=None, ledger=VersionLedger(tmp_path / "state"),
+            bundle,
+            trust,
+            profile=PROFILE,
+            device_id=None,
+            ledger=VersionLedger(tmp_path / "state"),
             max_model_bytes=1 << 20,
         )
     # assert

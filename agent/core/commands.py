@@ -78,11 +78,32 @@ def _digest_list(obj: Mapping[str, Any], key: str, name: str, chunks: int) -> Tu
     return tuple(raw)
 
 
+# Bounds on how a file is cut: every chunk costs the device per-chunk bookkeeping (bitmap bits, missing
+# ranges, a message), so a tiny chunk size on a large file (chunk_size 1 drove an agent from 91 MB to
+# 949 MB) is refused when the command is parsed. 65,536 chunks of the host's 256 KiB default is 16 GiB.
+MIN_CHUNK_BYTES = 64
+MAX_CHUNK_BYTES = 64 << 20
+MAX_CHUNKS_PER_FILE = 1 << 16
+
+
 def _chunking(obj: Mapping[str, Any], name: str) -> Tuple[int, int, int]:
-    """(size, chunk_size, chunks), checked to agree."""
+    """(size, chunk_size, chunks), checked to agree and to stay within the chunk bounds."""
     size = get_int(obj, "size")
-    chunk_size = get_int(obj, "chunk_size", minimum=1, maximum=1 << 30)
+    chunk_size = get_int(obj, "chunk_size", minimum=1, maximum=MAX_CHUNK_BYTES)
     chunks = get_int(obj, "chunks", maximum=1 << 31)
+    # A file no larger than the minimum may be cut any way: at most MIN_CHUNK_BYTES chunks.
+    if chunk_size < MIN_CHUNK_BYTES and size > MIN_CHUNK_BYTES:
+        raise ProtocolError(
+            Code.BAD_FIELD,
+            f"file {name!r}: chunk_size {chunk_size} is below the minimum of {MIN_CHUNK_BYTES} bytes; "
+            "deploy with a larger --chunk-size",
+        )
+    if chunks > MAX_CHUNKS_PER_FILE:
+        raise ProtocolError(
+            Code.BAD_FIELD,
+            f"file {name!r}: {chunks} chunks is over the limit of {MAX_CHUNKS_PER_FILE} per file; "
+            "deploy with a larger --chunk-size",
+        )
     expected = -(-size // chunk_size)
     if chunks != expected:
         raise ProtocolError(

@@ -130,6 +130,12 @@ class Progress(DeviceMessage):
     def _fields(self) -> Dict[str, Any]:
         return {"deploy": self.deploy, "step": self.step, "detail": self.detail}
 
+    def chunk_counts(self) -> Tuple[Optional[int], Optional[int]]:
+        """(chunks the device already holds, chunks in all) from a `download` step's detail; None if absent."""
+        counts = [self.detail.get(k) for k in ("have", "chunks")]
+        have, total = (v if isinstance(v, int) and not isinstance(v, bool) else None for v in counts)
+        return have, total
+
     @classmethod
     def _parse(cls, obj: Mapping[str, Any], base: Dict[str, Any]) -> Progress:
         return cls(

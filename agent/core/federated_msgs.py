@@ -42,6 +42,7 @@ class FedCode:
     UPDATE_TOO_LARGE = "update-too-large"
     UPDATE_STALE = "update-stale"
     UPDATE_DUPLICATE = "update-duplicate"
+    SECAGG_FAILED = "secagg-failed"
 
 
 @wire_class
@@ -155,9 +156,86 @@ class FedAck(DeviceMessage):
         )
 
 
+# Secure aggregation (SecAgg+) stages: host → device names what it carries, device → host what it answers.
+SECAGG_TO_DEVICE = ("keys", "shares", "unmask")
+SECAGG_TO_HOST = ("advertise", "shares", "masked", "unmasked")
+
+
+@wire_class
+@dataclass(frozen=True)
+class FedStepCommand(Command):
+    """One secure-aggregation stage of a round, host → device: the peers' keys, the shares, the unmask request.
+
+    Unsigned on purpose: the round plan that set the round up is signed, and the SecAgg messages are
+    checked by the protocol itself (encrypted and bound to the round); a bad one only fails the round.
+    """
+
+    TYPE: ClassVar[str] = "fed-step"
+    KEYS: ClassVar[FrozenSet[str]] = frozenset({"id", "task", "round", "stage", "payload"})
+    task: str = ""
+    round: int = 0
+    stage: str = ""
+    payload: bytes = b""
+
+    def _fields(self) -> Dict[str, Any]:
+        return {"task": self.task, "round": self.round, "stage": self.stage, "payload": b64(self.payload)}
+
+    @classmethod
+    def _parse(cls, obj: Mapping[str, Any], base: Dict[str, Any]) -> FedStepCommand:
+        return cls(
+            **base,
+            task=get_str(obj, "task", max_len=128),
+            round=get_int(obj, "round", maximum=1 << 30),
+            stage=get_str(obj, "stage", max_len=32),
+            payload=get_b64(obj, "payload"),
+        )
+
+
+@wire_class
+@dataclass(frozen=True)
+class FedStep(DeviceMessage):
+    """One secure-aggregation stage of a round, device → host: keys, encrypted shares, masked input, unmasking."""
+
+    TYPE: ClassVar[str] = "fed-step"
+    KEYS: ClassVar[FrozenSet[str]] = frozenset({"task", "round", "stage", "payload"})
+    task: str = ""
+    round: int = 0
+    stage: str = ""
+    payload: bytes = b""
+
+    def _fields(self) -> Dict[str, Any]:
+        return {"task": self.task, "round": self.round, "stage": self.stage, "payload": b64(self.payload)}
+
+    @classmethod
+    def _parse(cls, obj: Mapping[str, Any], base: Dict[str, Any]) -> FedStep:
+        payload = get_b64(obj, "payload")
+        if len(payload) > MAX_UPDATE_BYTES:
+            raise ProtocolError(
+                Code.PAYLOAD_TOO_LARGE, f"a secure-aggregation message holds at most {MAX_UPDATE_BYTES} bytes"
+            )
+        return cls(
+            **base,
+            task=get_str(obj, "task", max_len=128),
+            round=get_int(obj, "round", maximum=1 << 30),
+            stage=get_str(obj, "stage", max_len=32),
+            payload=payload,
+        )
+
+
 # Known to parse_command / parse_device_message (importing this module, as protocol.py does, registers them).
 COMMANDS[FedRoundCommand.TYPE] = FedRoundCommand
-for _cls in (FedUpdate, FedAck):
+COMMANDS[FedStepCommand.TYPE] = FedStepCommand
+for _cls in (FedUpdate, FedAck, FedStep):
     DEVICE_MESSAGES[_cls.TYPE] = _cls
 
-__all__ = ["MAX_UPDATE_BYTES", "FedAck", "FedCode", "FedRoundCommand", "FedUpdate"]
+__all__ = [
+    "MAX_UPDATE_BYTES",
+    "SECAGG_TO_DEVICE",
+    "SECAGG_TO_HOST",
+    "FedAck",
+    "FedCode",
+    "FedRoundCommand",
+    "FedStep",
+    "FedStepCommand",
+    "FedUpdate",
+]

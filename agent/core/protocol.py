@@ -57,7 +57,7 @@ from edgefleet.agent.core.events import (
     parse_device_message,
     will_payload,
 )
-from edgefleet.agent.core.federated_msgs import FedAck, FedRoundCommand, FedUpdate
+from edgefleet.agent.core.federated_msgs import FedAck, FedRoundCommand, FedStep, FedStepCommand, FedUpdate
 from edgefleet.agent.core.parts import Latency, ModelRef, Requests, SystemMetrics
 from edgefleet.agent.core.quality import Quality
 from edgefleet.agent.core.topics import TOPIC_ROOT, TopicKind, TopicParts, Topics
@@ -102,6 +102,8 @@ __all__ = [
     "EvalCommand",
     "FedAck",
     "FedRoundCommand",
+    "FedStep",
+    "FedStepCommand",
     "FedUpdate",
     "FileTransfer",
     "InferCommand",

@@ -119,7 +119,10 @@ def parse_signatures(doc: Union[bytes, Mapping[str, Any]]) -> List[Dict[str, str
             or not isinstance(entry.get("sig"), str)
         ):
             raise VerifyError("signatures-invalid", 'each signature needs string "keyid" and "sig" fields')
-        out.append({"keyid": entry["keyid"], "sig": entry["sig"]})
+        kept = {"keyid": entry["keyid"], "sig": entry["sig"]}
+        if isinstance(entry.get("sha256"), str):
+            kept["sha256"] = entry["sha256"]  # what the signer says it signed (diagnostics only)
+        out.append(kept)
     return out
 
 

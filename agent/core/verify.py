@@ -24,7 +24,7 @@ from edgefleet.agent.core.manifest import (
     Manifest,
     canonical_bytes,
 )
-from edgefleet.agent.core.trust import MAX_SIGNATURES_BYTES, TrustStore
+from edgefleet.agent.core.trust import MAX_SIGNATURES_BYTES, TrustStore, parse_signatures
 
 CHUNK = 1024 * 1024
 
@@ -37,7 +37,7 @@ ERROR_CODES: Dict[str, str] = {
     "signatures-invalid": "signature.json is malformed or over 64 KiB",
     "unsigned": "the bundle carries no signature",
     "manifest-edited": "a trusted key's signature does not match manifest.json: it was edited after signing",
-    "bad-signature": "a trusted key's signature does not match the signed bytes (TrustStore.verify_signatures)",
+    "bad-signature": "a signature labelled with a trusted key's id is forged or damaged (not made by that key)",
     "untrusted-key": "signed only by keys this device does not trust (arbitrary software)",
     "threshold-not-met": "fewer valid signatures by distinct trusted keys than the root requires",
     "manifest-expired": "the manifest's expiry has passed (indefinite freeze); build and sign a fresh bundle",
@@ -65,6 +65,34 @@ def _fail(code: str, reason: str) -> VerifyError:
     return VerifyError(code, reason)
 
 
+def _signature_failure(
+    manifest_bytes: bytes, signatures_doc: Union[bytes, Mapping[str, Any]], exc: VerifyError
+) -> VerifyError:
+    """`manifest-edited` when a signature names other bytes than these; `bad-signature` otherwise.
+
+    Ed25519 cannot say why a signature fails, so the signer's `sha256` of what it signed decides: a digest
+    that differs means the manifest changed after signing; a matching or missing one means the signature
+    itself is forged or corrupt (e.g. made by another key but labelled with the fleet key's id). The
+    digest is unsigned: it only picks the code of a refusal, never whether to refuse.
+    """
+    digest = hashlib.sha256(manifest_bytes).hexdigest()
+    try:
+        entries = parse_signatures(signatures_doc)
+    except VerifyError:
+        entries = []
+    if any(e.get("sha256") not in (None, digest) for e in entries):
+        return _fail(
+            "manifest-edited",
+            f"manifest.json was changed after it was signed ({exc.reason}); re-sign it with "
+            "`edgefleet build` or use the original bundle",
+        )
+    return _fail(
+        "bad-signature",
+        f"{exc.reason}; the signature is forged or damaged (or manifest.json was edited after signing); "
+        "use the original bundle or sign it again with the fleet key",
+    )
+
+
 def verify_manifest(
     manifest_bytes: bytes,
     signatures_doc: Union[bytes, Mapping[str, Any]],
@@ -90,11 +118,7 @@ def verify_manifest(
         trust.verify_signatures(manifest_bytes, signatures_doc)
     except VerifyError as exc:
         if exc.code == "bad-signature":
-            raise _fail(
-                "manifest-edited",
-                f"manifest.json was changed after it was signed ({exc.reason}); re-sign it with "
-                "`edgefleet build` or use the original bundle",
-            ) from None
+            raise _signature_failure(manifest_bytes, signatures_doc, exc) from None
         raise
     manifest = Manifest.from_bytes(manifest_bytes)
     if canonical_bytes(json.loads(manifest_bytes.decode("utf-8"))) != manifest_bytes:

@@ -63,7 +63,9 @@ def fedavg(updates: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarra
     if len(updates) == 0:
         raise ValueError("fedavg needs at least one update; wait for min-clients before aggregating")
     if len(updates) != len(weights):
-        raise ValueError(f"fedavg got {len(updates)} updates but {len(weights)} weights; pass one weight each")
+        raise ValueError(
+            f"fedavg got {len(updates)} updates but {len(weights)} weights; pass one weight each"
+        )
     w = np.asarray(weights, dtype=np.float64)
     if not bool(np.all(np.isfinite(w))) or bool(np.any(w <= 0)):
         raise ValueError("fedavg weights must be positive finite sample counts")

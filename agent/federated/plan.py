@@ -30,6 +30,8 @@ RANGES: Dict[str, Tuple[float, float]] = {
     "noise": (0.0, 1e3),
     "update_clip": (1e-6, 1e6),
     "max_samples": (1, 1_000_000),
+    "min_samples": (1, 1_000_000),
+    "noise_share": (0, 1_000_000),
 }
 MAX_HEAD_PARAMS = 4_000_000
 # A plan may not be valid for longer than this (seconds from now): a replayed old plan is dead soon.
@@ -64,7 +66,14 @@ class RoundPlan:
     noise: float = 0.0
     update_clip: Optional[float] = None
     max_samples: int = 100_000
+    # With DP the host calibrated the noise for devices holding at least this many examples.
+    min_samples: int = 1
     seed: int = 0
+    # Device-level DP under secure aggregation: this device adds its share of the noise, sized for a sum of
+    # at least this many devices (0: the host adds the noise, or there is none).
+    noise_share: int = 0
+    # Secure aggregation: the SecAggSetup of the round (agent/federated/secagg.py), or None.
+    secagg: Optional[Dict[str, Any]] = None
 
     def to_obj(self) -> Dict[str, Any]:
         """The plan as the JSON object the host signs."""
@@ -90,7 +99,10 @@ class RoundPlan:
             "noise": self.noise,
             "update_clip": self.update_clip,
             "max_samples": self.max_samples,
+            "min_samples": self.min_samples,
             "seed": self.seed,
+            "secagg": self.secagg,
+            "noise_share": self.noise_share,
         }
 
     def to_bytes(self) -> bytes:
@@ -111,7 +123,9 @@ def _num(obj: Mapping[str, Any], key: str, optional: bool = False) -> Optional[f
         raise PlanError(FedCode.PLAN_INVALID, f"plan field {key!r} must be a number")
     low, high = RANGES.get(key, (float("-inf"), float("inf")))
     if not low <= float(value) <= high:
-        raise PlanError(FedCode.PLAN_OUT_OF_RANGE, f"plan field {key!r} = {value} is outside [{low:g}, {high:g}]")
+        raise PlanError(
+            FedCode.PLAN_OUT_OF_RANGE, f"plan field {key!r} = {value} is outside [{low:g}, {high:g}]"
+        )
     return float(value)
 
 
@@ -141,9 +155,13 @@ def parse_plan(data: bytes, *, device_id: str, now: Optional[float] = None) -> R
     if not isinstance(obj, dict) or obj.get("kind") != PLAN_KIND:
         raise PlanError(FedCode.PLAN_INVALID, f"the round plan must be a JSON object of kind {PLAN_KIND!r}")
     if obj.get("v") != PLAN_VERSION:
-        raise PlanError(FedCode.PLAN_INVALID, f"round plan v{obj.get('v')!r} is not v{PLAN_VERSION}: upgrade the agent")
+        raise PlanError(
+            FedCode.PLAN_INVALID, f"round plan v{obj.get('v')!r} is not v{PLAN_VERSION}: upgrade the agent"
+        )
     if obj.get("device") != device_id:
-        raise PlanError(FedCode.PLAN_WRONG_DEVICE, f"the plan is for device {obj.get('device')!r}, not {device_id!r}")
+        raise PlanError(
+            FedCode.PLAN_WRONG_DEVICE, f"the plan is for device {obj.get('device')!r}, not {device_id!r}"
+        )
     moment = time.time() if now is None else now
     expires = _num(obj, "expires")
     assert expires is not None
@@ -158,12 +176,16 @@ def parse_plan(data: bytes, *, device_id: str, now: Optional[float] = None) -> R
     if not isinstance(head, dict):
         raise PlanError(FedCode.PLAN_INVALID, "plan field 'head' must hold 'weight' and 'bias'")
     try:
-        weight = np.array(decode_array(head.get("weight"), max_bytes=MAX_HEAD_PARAMS * 4), dtype=np.float32)
-        bias = np.array(decode_array(head.get("bias"), max_bytes=MAX_HEAD_PARAMS * 4), dtype=np.float32)
+        weight = np.array(
+            decode_array(head.get("weight") or {}, max_bytes=MAX_HEAD_PARAMS * 4), dtype=np.float32
+        )
+        bias = np.array(decode_array(head.get("bias") or {}, max_bytes=MAX_HEAD_PARAMS * 4), dtype=np.float32)
     except AgentError as exc:
         raise PlanError(FedCode.PLAN_INVALID, f"plan head: {exc.reason}") from None
     if weight.ndim != 2 or bias.shape != (weight.shape[1],) or not np.isfinite(weight).all():
-        raise PlanError(FedCode.PLAN_INVALID, "plan head must be a finite (features, classes) weight and (classes,) bias")
+        raise PlanError(
+            FedCode.PLAN_INVALID, "plan head must be a finite (features, classes) weight and (classes,) bias"
+        )
     if weight.size + bias.size > MAX_HEAD_PARAMS:
         raise PlanError(FedCode.PLAN_OUT_OF_RANGE, f"the head has more than {MAX_HEAD_PARAMS} numbers")
     seed = obj.get("seed", 0)
@@ -172,7 +194,13 @@ def parse_plan(data: bytes, *, device_id: str, now: Optional[float] = None) -> R
     round_no = obj.get("round")
     if isinstance(round_no, bool) or not isinstance(round_no, int) or not 0 <= round_no < 1 << 30:
         raise PlanError(FedCode.PLAN_INVALID, "plan field 'round' must be a non-negative integer")
+    secagg = obj.get("secagg")
+    if secagg is not None and not isinstance(secagg, dict):
+        raise PlanError(
+            FedCode.PLAN_INVALID, "plan field 'secagg' must be the round's secure-aggregation setup"
+        )
     return RoundPlan(
+        secagg=secagg,
         task=_text(obj, "task"),
         round=round_no,
         device=device_id,
@@ -191,6 +219,8 @@ def parse_plan(data: bytes, *, device_id: str, now: Optional[float] = None) -> R
         noise=float(_num(obj, "noise", optional=True) or 0.0),
         update_clip=_num(obj, "update_clip", optional=True),
         max_samples=_whole(obj, "max_samples", 100_000),
+        min_samples=_whole(obj, "min_samples", 1),
+        noise_share=_whole(obj, "noise_share", 0),
         seed=seed,
     )
 

@@ -5,8 +5,9 @@ by the registered converters and compression plug-ins, then measured side by sid
 accuracy on labelled eval data (or fidelity to the fp32 outputs when there are no labels), host latency
 p50/p95 at the profile's batch size and thread count, and the profile's estimated target latency. The
 chosen candidate is the one with the lowest `latency/latency_fp32 + size/size_fp32` among those within
-the accuracy budget, the profile's size and latency budgets, and no slower than fp32 on this host.
-A candidate that fails is reported with its reason and the search goes on.
+the accuracy budget, the profile's size and latency budgets, and no slower than fp32 on this host
+beyond the measured noise (a speed inside the noise band is a tie, scored as equal, so the smaller
+model wins). A candidate that fails is reported with its reason and the search goes on.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from edgefleet.sdk.build.bundle_out import write_bundle
 from edgefleet.sdk.build.candidate import BuildResult, Candidate
 from edgefleet.sdk.build.choose import choose, estimate_target_ms, make_report
 from edgefleet.sdk.build.errors import BuildError, DataError
-from edgefleet.sdk.build.inputs import as_loaded, check_torch_accepts, synthetic_inputs, torch_inputs
+from edgefleet.sdk.build.inputs import (
+    as_loaded,
+    check_only,
+    check_same_rows,
+    check_source_early,
+    check_torch_accepts,
+    synthetic_inputs,
+    torch_inputs,
+)
 from edgefleet.sdk.build.measure import (
     evaluate,
     measure_latency,
@@ -31,15 +40,19 @@ from edgefleet.sdk.build.measure import (
     run_model,
 )
 from edgefleet.sdk.build.model_io import (
+    SOURCE_LABELS,
     DataLike,
     Dataset,
+    check_model_file,
     fit_to_inputs,
     load_dataset,
+    source_kind,
 )
-from edgefleet.sdk.build.plan import PlanOptions, Step, plan_candidates
+from edgefleet.sdk.build.plan import EXPORTERS, PT2_EXPORT, PlanOptions, Step, plan_candidates, source_limits
 from edgefleet.sdk.build.plugins import Unavailable, load_plugins
 from edgefleet.sdk.build.produce import Producer
 from edgefleet.sdk.build.profile import resolve_profile, runtime_names
+from edgefleet.sdk.build.release import release_version
 
 Progress = Optional[Callable[[str, float], None]]
 MAX_EVAL_SAMPLES = 2000
@@ -62,26 +75,48 @@ def build(
     overwrite: bool = False,
     workdir: Union[str, Path, None] = None,
     name: str = "model",
+    version: Optional[int] = None,
+    exporter: Optional[str] = None,
 ) -> BuildResult:
     """Build `model` for `profile`; with `out`, write the signed bundle and report.json into that folder.
 
+    `model`: an nn.Module, a torch.export ExportedProgram, or the path of a .pt2 (torch.export, dynamic
+    or static batch), TorchScript .pt, .onnx or .tflite file (docs/build.md: what each can become).
     `calib`/`eval`: an .npz path (`x`, optional `y`), an array, `(x, y)` or a dict of named inputs.
     `max_accuracy_drop` is in accuracy (0.01 = one point) with labels, else in fidelity to fp32
     (docs/quality.md); it is also the devices' health floor (the fp32 value less this).
     `private_key`: an Ed25519 key or the path of a PEM file; None uses the fleet key (`edgefleet keys init`).
-    `name` is the bundle's model name in the manifest.
+    `name` is the bundle's model name in the manifest, `version` its release number (default: the
+    build time). `exporter`: "auto", "dynamo" or "torchscript" for torch → ONNX (default: dynamo for
+    an ExportedProgram, falling back to its module; torchscript otherwise).
     """
+    # Everything a user can mistype is checked before the heavy imports (torch takes seconds).
     if not 0 <= max_accuracy_drop < 1:
         raise BuildError(f"--max-accuracy-drop must be in [0, 1) (0.01 = one point), got {max_accuracy_drop}")
-    unavailable = load_plugins()
+    if exporter is not None and exporter not in EXPORTERS:
+        raise BuildError(f"--exporter {exporter!r} is not one of {', '.join(EXPORTERS)}")
+    if version is not None or out is not None:
+        version = release_version(version)
+    prof = resolve_profile(profile)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise BuildError(
             f"output folder {out_dir} exists and is not empty; choose a new folder or pass --force"
         )
-    loaded = as_loaded(model)
+    if isinstance(model, (str, Path)):
+        check_model_file(Path(model))
+        check_source_early(source_kind(Path(model)), runtime_names(prof), plan, prof)
     calib_ds = load_dataset(calib, "calibration")
     eval_ds = load_dataset(eval, "eval")
+    check_same_rows(calib_ds, eval_ds)
+
+    unavailable = load_plugins()
+    loaded = as_loaded(model)
+    if exporter == "dynamo" and loaded.kind == "torchscript":
+        raise BuildError(
+            "--exporter dynamo cannot export a TorchScript file; use --exporter torchscript, or save the "
+            f"model as .pt2: {PT2_EXPORT}"
+        )
     if calib_ds is None and eval_ds is None:
         if input_shape is None:
             raise DataError(
@@ -95,7 +130,11 @@ def build(
     if calib_ds is None or eval_ds is None:
         raise DataError("no calibration or eval data could be read")
     if loaded.stage == "torch":
-        calib_ds, eval_ds = torch_inputs(calib_ds), torch_inputs(eval_ds)
+        if loaded.inputs:  # a .pt2 knows its input names and shapes: a mismatch is named without running it
+            calib_ds = fit_to_inputs(calib_ds, loaded.inputs, "calibration")
+            eval_ds = fit_to_inputs(eval_ds, loaded.inputs, "eval")
+        else:
+            calib_ds, eval_ds = torch_inputs(calib_ds), torch_inputs(eval_ds)
         check_torch_accepts(loaded.model, calib_ds, "calibration")
         check_torch_accepts(loaded.model, eval_ds, "eval")
     else:
@@ -106,32 +145,48 @@ def build(
         None if eval_ds.labels is None else eval_ds.labels[:MAX_EVAL_SAMPLES],
     )
 
-    # The profile is resolved after the model and data, so their errors come first and do not depend on it.
-    prof = resolve_profile(profile)
-    batch = int(getattr(prof, "batch_size", 1) or 1)
+    # A static-batch .pt2 only runs at its own batch: every candidate is made and timed at it.
+    batch = int(loaded.static_batch or getattr(prof, "batch_size", 1) or 1)
     use_threads = int(threads or min(int(getattr(prof, "threads", 1) or 1), os.cpu_count() or 1))
     max_mb = getattr(prof, "max_model_mb", None)
     max_bytes = int(max_mb * 1024 * 1024) if max_mb else None
     p95_budget = getattr(prof, "p95_latency_ms", None)
+    runtimes = runtime_names(prof)
+    limits = [
+        Unavailable(what, "source", why)
+        for what, why in source_limits(loaded.kind, loaded.stage, runtimes, plan)
+    ]
+    if loaded.static_batch is not None:
+        limits.append(
+            Unavailable(
+                f"batch {loaded.static_batch}",
+                "source",
+                f"this .pt2 was exported with a static batch of {loaded.static_batch}: it is built, measured and "
+                f"run on devices in chunks of {loaded.static_batch} rows; for any batch re-export it: {PT2_EXPORT}",
+            )
+        )
     specs = plan_candidates(
         loaded.stage,
-        runtimes=runtime_names(prof),
+        runtimes=runtimes,
         precisions=list(getattr(prof, "precisions", ["fp32"])),
         has_calib=True,
         options=plan,
+        source=loaded.kind,
     )
+    check_only(plan, specs, loaded, runtimes, prof)
     if not specs:
         raise BuildError(
-            f"profile {prof.name!r} runs {runtime_names(prof)}, and nothing in this installation converts a "
-            f"{loaded.stage} model to those; give a torch model (for TFLite) or an ONNX file (for onnxruntime)"
-            + "".join(f"\n  {u}" for u in unavailable)
+            f"profile {prof.name!r} runs {runtimes}, and nothing in this installation converts "
+            f"{SOURCE_LABELS.get(loaded.kind, loaded.kind)} to those; give a torch model (.pt2 or nn.Module, for "
+            "TFLite) or an ONNX file (for onnxruntime)" + "".join(f"\n  {u}" for u in [*limits, *unavailable])
         )
+    unavailable = [*limits, *unavailable]
 
     own_tmp = tempfile.TemporaryDirectory(prefix="edgefleet-build-") if workdir is None else None
     work = Path(own_tmp.name) if own_tmp is not None else Path(workdir)  # type: ignore[arg-type]
     work.mkdir(parents=True, exist_ok=True)
     try:
-        producer = Producer(loaded, calib_ds, eval_ds, work, batch, progress)
+        producer = Producer(loaded, calib_ds, eval_ds, work, batch, progress, exporter)
         candidates: list[Candidate] = []
         reference: Optional[list[np.ndarray]] = None
         baseline: Optional[Candidate] = None
@@ -142,7 +197,7 @@ def build(
             start = time.perf_counter()
             try:
                 path, steps, fixed = producer.produce(spec)
-                cand.path, cand.steps, cand.fixed_batch = path, steps, fixed
+                cand.path, cand.steps, cand.fixed_batch = path, steps, fixed or loaded.static_batch
                 cand.size_bytes = path.stat().st_size
                 outputs = run_model(path, eval_ds.inputs, threads=use_threads)
                 if reference is None:
@@ -163,6 +218,7 @@ def build(
                         runs=latency_runs,
                     )
                     cand.speedup = base_stats.p50_ms / cand.latency.p50_ms
+                    cand.speedup_noise = cand.latency.ratio_noise
                 cand.estimate_ms = estimate_target_ms(path, prof, batch, spec.precision)
             except Exception as exc:  # any plug-in failure is reported and the search goes on
                 cand.status = "failed"
@@ -183,7 +239,7 @@ def build(
             progress("measured every candidate", 1.0)
         if baseline is None:
             raise BuildError("the plan has no fp32 baseline candidate to compare with")
-        chosen, reason = choose(candidates, baseline, max_accuracy_drop, max_bytes, p95_budget)
+        chosen, reason = choose(candidates, baseline, max_accuracy_drop, max_bytes, p95_budget, plan.only)
         report = make_report(
             prof,
             baseline,
@@ -199,10 +255,11 @@ def build(
             batch,
             unavailable,
         )
+        report["name"], report["version"] = name, version
         bundle_dir = None
         if out_dir is not None:
             bundle_dir = write_bundle(
-                out_dir, chosen, prof, eval_ds, reference, report, private_key, name, work
+                out_dir, chosen, prof, eval_ds, reference, report, private_key, name, work, version
             )
         return BuildResult(prof.name, baseline, candidates, chosen, reason, report, bundle_dir, unavailable)
     finally:

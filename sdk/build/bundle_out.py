@@ -55,6 +55,7 @@ def write_bundle(
     private_key: Any,
     name: str,
     work: Path,
+    version: Optional[int] = None,
 ) -> Path:
     """Sign and write the bundle; `create_bundle` stages it beside `out_dir` and renames it into place."""
     from edgefleet.converters.runners import open_runner
@@ -95,6 +96,8 @@ def write_bundle(
         max_accuracy_drop=float(report["budget"]["max_accuracy_drop"]),
         max_p95_ms=getattr(prof, "p95_latency_ms", None),
     )
+    if version is not None:
+        fields["version"] = int(version)  # one release number for every profile's bundle (--version)
     try:
         return create_bundle(
             out_dir,

@@ -32,6 +32,14 @@ class Candidate:
     seconds: float = 0.0
     score: Optional[float] = None
     speedup: Optional[float] = None  # fp32 p50 / this p50, timed in alternation with the fp32 baseline
+    speedup_noise: Optional[float] = None  # relative half-width of the band around `speedup`
+
+    @property
+    def speed_tie(self) -> bool:
+        """Whether this candidate's speed equals fp32's within the measured noise."""
+        if self.speedup is None:
+            return False
+        return abs(self.speedup - 1.0) <= (self.speedup_noise or 0.0)
 
     @property
     def id(self) -> str:
@@ -57,6 +65,7 @@ class Candidate:
             ),
             "estimated_target_latency_ms": self.estimate_ms,
             "speedup_vs_fp32": self.speedup,
+            "speedup_noise": self.speedup_noise,
             "fixed_batch": self.fixed_batch,
             "status": self.status,
             "reason": self.reason,

@@ -46,10 +46,10 @@ def budget_reasons(
         reasons.append(
             f"estimated target latency {cand.estimate_ms:.2f} ms > profile p95 budget {p95_budget:.2f} ms"
         )
-    if cand is not baseline and cand.speedup is not None and cand.speedup < 1.0:
+    if cand is not baseline and cand.speedup is not None and cand.speedup < 1.0 and not cand.speed_tie:
         reasons.append(
-            f"slower than fp32 on this host ({cand.speedup:.2f}× its speed at batch "
-            f"{cand.latency.batch_size if cand.latency else '?'}, timed side by side)"
+            f"slower than fp32 on this host ({cand.speedup:.2f}× its speed ±{cand.speedup_noise or 0.0:.2f} "
+            f"noise at batch {cand.latency.batch_size if cand.latency else '?'}, timed side by side)"
         )
     return reasons
 
@@ -60,8 +60,13 @@ def choose(
     max_drop: float,
     max_bytes: Optional[int],
     p95: Optional[float],
+    only: Sequence[str] = (),
 ) -> tuple[Candidate, str]:
-    """Mark every measured candidate ok/over-budget, then pick the lowest latency+size score."""
+    """Mark every measured candidate ok/over-budget, then pick the lowest latency+size score.
+
+    With `only` (`--only`), the pick is among those ids; the baseline, measured for comparison, is
+    picked only when none of them fits (the reason says so).
+    """
     if baseline.quality is None or baseline.latency is None or not baseline.size_bytes:
         raise BuildError(f"the fp32 baseline ({baseline.id}) was not measured: {baseline.reason}")
     base_value = baseline.quality.value
@@ -74,8 +79,10 @@ def choose(
             cand.accuracy_drop = 1.0 - cand.quality.value
         reasons = budget_reasons(cand, baseline, max_drop, max_bytes, p95)
         if cand.speedup and cand.size_bytes:
-            # Latency ratio from the side-by-side timing, size ratio from the files: equal weights.
-            cand.score = 1.0 / cand.speedup + cand.size_bytes / baseline.size_bytes
+            # Latency ratio from the side-by-side timing, size ratio from the files: equal weights. A
+            # speed inside the noise band of fp32's is a tie, so only size separates such candidates.
+            speed = 1.0 if cand.speed_tie else cand.speedup
+            cand.score = 1.0 / speed + cand.size_bytes / baseline.size_bytes
         if reasons:
             cand.status, cand.reason = "over-budget", "; ".join(reasons)
         else:
@@ -95,14 +102,22 @@ def choose(
             "Raise --max-accuracy-drop, choose a bigger profile, or give more calibration data.",
             [c.to_dict() for c in ranked],
         )
-    chosen = min(ok, key=lambda c: (c.score or 0.0, c.accuracy_drop or 0.0))
+    note = ""
+    if only:
+        listed = [c for c in ok if c.id in only]
+        if listed:
+            ok = listed
+        else:
+            note = f"; none of --only {', '.join(only)} fits, so the fp32 baseline is the pick"
+    chosen = min(ok, key=lambda c: (c.score or 0.0, c.size_bytes or 0, c.accuracy_drop or 0.0))
     p50 = chosen.latency.p50_ms if chosen.latency else float("nan")
     size = chosen.size_bytes or 0
     reason = (
         f"lowest latency+size score among {len(ok)} candidates within budget: p50 {p50:.3f} ms "
-        f"({chosen.speedup or 1.0:.2f}× fp32's speed side by side), size {size / baseline.size_bytes:.2f}× "
+        f"({chosen.speedup or 1.0:.2f}× fp32's speed side by side"
+        f"{', a tie within the noise' if chosen.speed_tie and chosen is not baseline else ''}), size {size / baseline.size_bytes:.2f}× "
         f"fp32, {'accuracy' if chosen.quality and chosen.quality.metric == 'accuracy' else 'fidelity'} drop "
-        f"{chosen.accuracy_drop or 0.0:.4f} ≤ {max_drop}"
+        f"{chosen.accuracy_drop or 0.0:.4f} ≤ {max_drop}{note}"
     )
     return chosen, reason
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
-from edgefleet.sdk.build.errors import DataError, ModelLoadError
+from edgefleet.sdk.build.errors import BuildError, DataError, ModelLoadError
 from edgefleet.sdk.build.model_io import (
     Dataset,
     LoadedModel,
+    exported_source,
     load_model,
 )
 
@@ -24,9 +26,11 @@ def as_loaded(model: Any) -> LoadedModel:
     except ImportError as exc:
         raise ModelLoadError("building from a Python model object needs torch installed") from exc
     if isinstance(model, torch.export.ExportedProgram):
-        return LoadedModel(stage="torch", model=model.module())
+        return exported_source(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        return LoadedModel(stage="torch", model=model.eval(), kind="torchscript")
     if isinstance(model, torch.nn.Module):
-        return LoadedModel(stage="torch", model=model.eval())
+        return LoadedModel(stage="torch", model=model.eval(), kind="module")
     raise ModelLoadError(
         f"cannot build from a {type(model).__name__}; pass a torch nn.Module, an ExportedProgram, or the path "
         "of a .pt/.pt2/.onnx/.tflite file"
@@ -75,3 +79,79 @@ def synthetic_inputs(input_shape: list[tuple[int, ...]], stage: str, specs: list
     for name, shape in zip(names, input_shape):
         arrays[name] = rng.random((count, *shape[1:]), dtype=np.float32)
     return Dataset(arrays)
+
+
+def check_same_rows(calib: Optional[Dataset], eval_ds: Optional[Dataset]) -> None:
+    """Calibration and eval data must name the same inputs with the same row shapes (numpy only, fast)."""
+    if calib is None or eval_ds is None:
+        return
+    if sorted(calib.inputs) != sorted(eval_ds.inputs):
+        raise DataError(
+            f"the calibration data has arrays {sorted(calib.inputs)} and the eval data {sorted(eval_ds.inputs)}; "
+            "save the same input names in both .npz files"
+        )
+    for key, array in calib.inputs.items():
+        other = eval_ds.inputs[key]
+        if array.shape[1:] != other.shape[1:]:
+            raise DataError(
+                f"input {key!r} has rows of shape {array.shape[1:]} in the calibration data but "
+                f"{other.shape[1:]} in the eval data; both must match the model's input (batch first)"
+            )
+
+
+def check_only(plan: Any, specs: list[Any], loaded: LoadedModel, runtimes: list[str], prof: Any) -> None:
+    """Refuse `--only` ids this source or profile cannot give, before any work, saying which source can."""
+    if not plan.only:
+        return
+    from edgefleet.sdk.build.plan import plan_candidates, source_limits
+
+    have = {s.id for s in specs}
+    missing = [cid for cid in plan.only if cid not in have]
+    if not missing:
+        return
+    everything = plan_candidates(
+        "torch",
+        runtimes=runtimes,
+        precisions=list(getattr(prof, "precisions", ["fp32"])),
+        has_calib=True,
+        options=replace(plan, only=()),
+        source="module",
+    )
+    possible = {s.id for s in everything}
+    limits = source_limits(loaded.kind, loaded.stage, runtimes, replace(plan, only=()))
+    if any(cid in have for cid in plan.only) and not any(
+        cid.startswith(what.rstrip("*")) for cid in missing for what, _ in limits
+    ):
+        return  # a list shared between profiles: ids another profile has are skipped here
+    lines = []
+    for cid in missing:
+        why = [reason for what, reason in limits if cid.startswith(what.rstrip("*"))]
+        if why:
+            lines.append(f"--only {cid}: {why[0]}")
+        elif cid in possible:
+            lines.append(f"--only {cid}: not possible from this source ({loaded.kind})")
+        else:
+            lines.append(
+                f"--only {cid}: no such candidate for profile {prof.name!r}; its candidates are "
+                f"{', '.join(sorted(have | possible))}"
+            )
+    raise BuildError("\n".join(lines))
+
+
+def check_source_early(kind: str, runtimes: list[str], plan: Any, prof: Any) -> None:
+    """Before torch loads: refuse `--only` ids and profiles this kind of source cannot give at all."""
+    from edgefleet.sdk.build.plan import source_limits
+
+    stage = kind if kind in ("onnx", "tflite") else "torch"
+    limits = source_limits(kind, stage, runtimes, replace(plan, only=()))
+    for cid in plan.only:
+        for what, why in limits:
+            if cid.startswith(what.rstrip("*")):
+                raise BuildError(f"--only {cid}: {why}")
+    reasons = dict(limits)
+    if runtimes == ["tflite"] and "tflite-*" in reasons:
+        raise BuildError(f"profile {prof.name!r} runs only TFLite, and {reasons['tflite-*']}")
+    if "tflite" not in runtimes and "onnx-*" in reasons:
+        raise BuildError(
+            f"profile {prof.name!r} runs {', '.join(runtimes)}, not TFLite, and {reasons['onnx-*']}"
+        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +12,15 @@ import numpy as np
 from edgefleet.agent.core.quality import Quality, measure
 from edgefleet.converters.runners import ModelRunner, named_feeds, open_runner
 
-__all__ = ["LatencyStats", "Quality", "evaluate", "measure_latency", "measure_side_by_side", "run_model"]
+__all__ = [
+    "LatencyStats",
+    "Quality",
+    "evaluate",
+    "measure_latency",
+    "measure_side_by_side",
+    "ratio_noise",
+    "run_model",
+]
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,8 @@ class LatencyStats:
     runs: int
     batch_size: int
     threads: int
+    # Relative half-width of the band around the speed ratio to the model timed alongside (side by side).
+    ratio_noise: Optional[float] = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -113,10 +123,30 @@ def measure_side_by_side(
             start = time.perf_counter()
             runner.run(feed)
             times[i].append((time.perf_counter() - start) * 1000.0)
+    cand = _stats(times[1], pair[1].fixed_batch or batch_size, threads)
     return (
         _stats(times[0], pair[0].fixed_batch or batch_size, threads),
-        _stats(times[1], pair[1].fixed_batch or batch_size, threads),
+        replace(cand, ratio_noise=ratio_noise(times[0], times[1])),
     )
+
+
+# Host timings repeat to within a few percent at best (caches, frequency, the order of the pair);
+# a smaller band would call differences real that the next build reverses.
+MIN_RATIO_NOISE = 0.03
+
+
+def ratio_noise(reference_ms: list[float], candidate_ms: list[float]) -> float:
+    """Relative half-width of a ~95 % band around the median speed ratio of paired, alternating runs.
+
+    The median's notch (1.58 · IQR / √n, McGill et al. 1978) on the log of each pair's ratio, never
+    below MIN_RATIO_NOISE: two models whose speeds differ by less are a tie.
+    """
+    pairs = min(len(reference_ms), len(candidate_ms))
+    if pairs < 2:
+        return 1.0
+    logs = np.log(np.asarray(reference_ms[:pairs]) / np.asarray(candidate_ms[:pairs]))
+    q75, q25 = np.percentile(logs, [75, 25])
+    return max(MIN_RATIO_NOISE, float(np.expm1(1.58 * (q75 - q25) / np.sqrt(pairs))))
 
 
 def _stats(times: list[float], batch: int, threads: int) -> LatencyStats:

@@ -24,14 +24,41 @@ class LoadedModel:
     """A model ready for the plan: a torch module (stage "torch") or the path of an ONNX/TFLite file."""
 
     stage: str  # "torch", "onnx" or "tflite"
-    model: Any
+    model: Any  # an nn.Module, a torch.export ExportedProgram, a TorchScript module, or a file path
     inputs: list[TensorSpec] = field(default_factory=list)
     source: Optional[Path] = None
+    kind: str = ""  # "module", "exported", "torchscript", "onnx" or "tflite" (SOURCE_KINDS)
+    static_batch: Optional[int] = None  # the batch a .pt2 was exported with when it is not dynamic
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            self.kind = "module" if self.stage == "torch" else self.stage
+
+
+# What each source can become; docs/build.md and the README's "Build" table say the same.
+SOURCE_KINDS = ("module", "exported", "torchscript", "onnx", "tflite")
+SOURCE_LABELS = {
+    "module": "a Python nn.Module",
+    "exported": "a torch.export .pt2",
+    "torchscript": "a TorchScript file",
+    "onnx": "an .onnx file",
+    "tflite": "a .tflite file",
+}
 
 
 def load_model(path: Union[str, Path]) -> LoadedModel:
     """Open a model file by suffix, with an error naming the problem for missing/corrupt/truncated files."""
     path = Path(path)
+    suffix = check_model_file(path)
+    if suffix == ".onnx":
+        return _load_onnx(path)
+    if suffix == ".tflite":
+        return _load_tflite(path)
+    return _load_torch(path)
+
+
+def check_model_file(path: Path) -> str:
+    """The file's lower-case suffix once it exists, is a non-empty file of a known format (no heavy imports)."""
     if not path.exists():
         raise ModelLoadError(f"model file {path} does not exist; check the path")
     if not path.is_file():
@@ -41,16 +68,29 @@ def load_model(path: Union[str, Path]) -> LoadedModel:
     if path.stat().st_size == 0:
         raise ModelLoadError(f"model file {path} is empty; re-export the model")
     suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        return _load_onnx(path)
-    if suffix == ".tflite":
-        return _load_tflite(path)
-    if suffix in TORCH_SUFFIXES:
-        return _load_torch(path)
+    if suffix in (".onnx", ".tflite", *TORCH_SUFFIXES):
+        return suffix
     raise ModelLoadError(
         f"cannot tell the format of {path.name} from its suffix {suffix!r}; use .pt/.pt2 (TorchScript or "
         "torch.export ExportedProgram), .onnx or .tflite"
     )
+
+
+def source_kind(path: Path) -> str:
+    """The source kind of a model file from its suffix and archive listing, without importing torch."""
+    suffix = path.suffix.lower()
+    if suffix in (".onnx", ".tflite"):
+        return suffix[1:]
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return "unknown"
+    if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
+        return "exported"
+    if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+        return "torchscript"
+    return "unknown"
 
 
 def _load_onnx(path: Path) -> LoadedModel:
@@ -100,18 +140,30 @@ def _load_torch(path: Path) -> LoadedModel:
     if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
         try:
             program = torch.export.load(str(path))
-            return LoadedModel(
-                stage="torch", model=program.module(), inputs=_program_inputs(program), source=path
-            )
+            return exported_source(program, path)
         except Exception as exc:  # torch.export raises many types for damaged archives
             errors.append(f"as ExportedProgram: {_first_line(exc)}")
     try:
         module = torch.jit.load(str(path), map_location="cpu").eval()
-        return LoadedModel(stage="torch", model=module, source=path)
+        return LoadedModel(stage="torch", model=module, source=path, kind="torchscript")
     except Exception as exc:  # RuntimeError for damaged or non-TorchScript archives
         errors.append(f"as TorchScript: {_first_line(exc)}")
     raise ModelLoadError(
         f"cannot load {path.name} ({'; '.join(errors)}); the file may be corrupt or truncated"
+    )
+
+
+def exported_source(program: Any, path: Optional[Path] = None) -> LoadedModel:
+    """A torch.export ExportedProgram as the build's source; converters export from the program itself."""
+    from edgefleet.converters.torch_onnx import exported_batch
+
+    return LoadedModel(
+        stage="torch",
+        model=program,
+        inputs=_program_inputs(program),
+        source=path,
+        kind="exported",
+        static_batch=exported_batch(program),
     )
 
 
@@ -125,9 +177,9 @@ def _program_inputs(program: Any) -> list[TensorSpec]:
         value = node.meta.get("val") if node is not None else None
         if value is None or not hasattr(value, "shape"):
             continue
-        shape = tuple(int(d) if isinstance(d, int) else None for d in value.shape)
+        shape = tuple(int(d) if type(d) is int else None for d in value.shape)
         dtype = str(value.dtype).replace("torch.", "")
-        specs.append(TensorSpec(name=spec.arg.name, dtype=dtype, shape=(None, *shape[1:])))
+        specs.append(TensorSpec(name=spec.arg.name, dtype=dtype, shape=shape))
     return specs
 
 

@@ -8,6 +8,21 @@ from typing import Any, Optional
 from edgefleet.sdk.compress.base import COMPRESSORS
 
 DEFAULT_PRUNE_LEVELS = (0.3, 0.5)
+# torch → ONNX exporters the build can be told to use (`--exporter`); converters/torch_onnx.py runs them.
+EXPORTERS = ("auto", "dynamo", "torchscript")
+# The one-line re-export that turns a model into a .pt2 with a dynamic batch (messages quote it).
+PT2_EXPORT = (
+    "torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},)), "
+    "'model.pt2')"
+)
+PRUNE_NEEDS_MODULE = (
+    "pruned and distilled candidates need the model as a Python nn.Module (edgefleet.sdk.build.build(model, "
+    "...)): torch-pruning narrows nn.Conv2d/nn.Linear layers, and {source} holds a graph without them"
+)
+TFLITE_NEEDS = (
+    "litert-torch cannot convert {source} to TFLite; give the model as .pt2 ({export}) or as an nn.Module "
+    "through the Python API"
+)
 STATIC_CALIBRATIONS = ("minmax", "entropy", "percentile")
 
 
@@ -86,12 +101,19 @@ def plan_candidates(
     precisions: list[str],
     has_calib: bool,
     options: PlanOptions = PlanOptions(),
+    source: str = "module",
 ) -> list[CandidateSpec]:
-    """Every candidate worth producing for a model at `stage` on a device with these runtimes/precisions."""
+    """Every candidate worth producing for a model at `stage` on a device with these runtimes/precisions.
+
+    `source` (model_io.SOURCE_KINDS) limits what a torch-stage model can become: only an nn.Module is
+    pruned, and a TorchScript file never becomes TFLite (source_limits says why, before any work).
+    """
     precision_set = {p.lower() for p in precisions}
     specs: list[CandidateSpec] = []
     if stage == "tflite":
         # A .tflite file cannot be re-quantized without its source; it is measured as given.
+        if "tflite" not in runtimes:
+            return []
         return [CandidateSpec("tflite-as-given", "tflite", "fp32", "tflite", baseline=True)]
     if "onnxruntime" in runtimes:
         specs.append(CandidateSpec("onnx-fp32", "onnx", "fp32", "onnxruntime", baseline=True))
@@ -103,7 +125,14 @@ def plan_candidates(
                     "onnx-int8-mixed", "onnx", "int8-mixed", "onnxruntime", onnx_steps=(Step("mixed-int8"),)
                 )
             )
-    if stage == "torch" and "onnxruntime" in runtimes and has_calib and "prune-channels" in COMPRESSORS:
+    prunable = source == "module"
+    if (
+        stage == "torch"
+        and prunable
+        and "onnxruntime" in runtimes
+        and has_calib
+        and "prune-channels" in COMPRESSORS
+    ):
         for level in options.prune_levels:
             prune = Step("prune-channels", {"amount": level, "finetune_epochs": options.finetune_epochs})
             tag = f"pruned{round(level * 100)}-"
@@ -128,7 +157,8 @@ def plan_candidates(
                         onnx_steps=(Step("ort-static-int8", {"calibration": "minmax", "per_channel": True}),),
                     )
                 )
-    if stage == "torch" and "tflite" in runtimes and options.tflite and _has("litert_torch"):
+    to_tflite = source != "torchscript"
+    if stage == "torch" and to_tflite and "tflite" in runtimes and options.tflite and _has("litert_torch"):
         specs.append(
             CandidateSpec("tflite-fp32", "tflite", "fp32", "tflite", baseline="onnxruntime" not in runtimes)
         )
@@ -150,3 +180,31 @@ def plan_candidates(
         keep = set(options.only)
         specs = [s for s in specs if s.id in keep or s.baseline]
     return specs
+
+
+def source_limits(
+    source: str, stage: str, runtimes: list[str], options: PlanOptions = PlanOptions()
+) -> list[tuple[str, str]]:
+    """(what, why) for every kind of candidate this profile would get but this source cannot give."""
+    from edgefleet.sdk.build.model_io import SOURCE_LABELS
+
+    label = SOURCE_LABELS.get(source, source)
+    out: list[tuple[str, str]] = []
+    if (
+        "tflite" in runtimes
+        and options.tflite
+        and stage in ("torch", "onnx")
+        and source in ("torchscript", "onnx")
+    ):
+        out.append(("tflite-*", TFLITE_NEEDS.format(source=label, export=PT2_EXPORT)))
+    if stage == "tflite" and "onnxruntime" in runtimes:
+        out.append(
+            (
+                "onnx-*",
+                f"{label} cannot become ONNX (nothing converts TFLite back); give the model as .pt2 "
+                f"({PT2_EXPORT}), as .onnx, or as an nn.Module through the Python API",
+            )
+        )
+    if stage == "torch" and source != "module" and options.prune_levels and "onnxruntime" in runtimes:
+        out.append(("pruned*", PRUNE_NEEDS_MODULE.format(source=label)))
+    return out

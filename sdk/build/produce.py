@@ -13,6 +13,8 @@ from edgefleet.sdk.build.model_io import (
 from edgefleet.sdk.build.plan import CandidateSpec
 
 Progress = Optional[Callable[[str, float], None]]
+# ONNX compression steps that feed the graph calibration batches of their `batch_size` parameter.
+BATCHED_ONNX_STEPS = ("ort-static-int8", "mixed-int8")
 
 
 class Producer:
@@ -26,6 +28,7 @@ class Producer:
         workdir: Path,
         batch_size: int,
         progress: Progress,
+        exporter: Optional[str] = None,
     ) -> None:
         from edgefleet.sdk.compress import CompressionContext
 
@@ -33,6 +36,7 @@ class Producer:
         self.calib = calib
         self.workdir = workdir
         self.batch_size = batch_size
+        self.exporter = exporter  # None: the converter's default for the source (converters/torch_onnx.py)
         self.ctx = CompressionContext(
             workdir=workdir / "steps",
             calib=calib.inputs,
@@ -70,7 +74,8 @@ class Producer:
 
             model, described = self._variant(spec)
             index = len(self._onnx)
-            converter = CONVERTERS.get("torch-onnx")()
+            options: dict[str, Any] = {"exporter": self.exporter} if self.exporter else {}
+            converter = CONVERTERS.get("torch-onnx")(**options)
             result = converter.convert(model, self.workdir / f"variant{index}.onnx", self.samples)
             self._onnx[key] = (
                 result.path,
@@ -110,7 +115,11 @@ class Producer:
                 path = result.path
                 steps.append({**converter.describe(), "parity": result.parity.to_dict()})
             else:
-                plugin = COMPRESSORS.get(step.name)(**step.params)
+                params = dict(step.params)
+                if self.loaded.static_batch is not None and step.name in BATCHED_ONNX_STEPS:
+                    # A static-batch graph takes exactly its batch: calibrate it in batches of that size.
+                    params["batch_size"] = self.loaded.static_batch
+                plugin = COMPRESSORS.get(step.name)(**params)
                 path = Path(plugin.apply(path, self.ctx))
                 steps.append(plugin.describe())
         return path, steps, None

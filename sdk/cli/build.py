@@ -19,6 +19,14 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _speed(cand: dict[str, Any]) -> str:
+    """Speed relative to fp32 with its noise band ("1.02±0.03"); inside the band it is a tie."""
+    speed, noise = cand.get("speedup_vs_fp32"), cand.get("speedup_noise")
+    if speed is None:
+        return "—"
+    return f"{speed:.2f}±{noise:.2f}" if noise else f"{speed:.2f}"
+
+
 def candidates_table(report: dict[str, Any]) -> Table:
     """A rich table of every candidate in a build report, the chosen one marked."""
     from rich.table import Table
@@ -60,7 +68,7 @@ def candidates_table(report: dict[str, Any]) -> Table:
             _fmt(cand.get("accuracy_drop"), "+.4f"),
             _fmt(latency.get("p50"), ".3f"),
             _fmt(latency.get("p95"), ".3f"),
-            _fmt(cand.get("speedup_vs_fp32"), ".2f"),
+            _speed(cand),
             _fmt(cand.get("estimated_target_latency_ms"), ".2f"),
             status if status == "ok" else f"{status}: {cand['reason']}",
             style=style,
@@ -74,13 +82,27 @@ def register(app: typer.Typer) -> None:
     @app.command("build")
     def build_command(
         model: Path = typer.Argument(
-            ..., help="TorchScript / ExportedProgram (.pt, .pt2), .onnx or .tflite file."
+            ..., help="torch.export .pt2 (dynamic or static batch), TorchScript .pt, .onnx or .tflite file."
         ),
-        profile: str = typer.Option(
-            ..., "--profile", "-p", help="Device profile name or the path of a profile TOML."
+        profile: list[str] = typer.Option(
+            ...,
+            "--profile",
+            "-p",
+            help="Device profile name or the path of a profile TOML; repeat it for a release: OUT/<profile>/ each.",
         ),
         out: Optional[Path] = typer.Option(
             None, "--out", "-o", help="Bundle folder to write (report.json goes inside)."
+        ),
+        version: Optional[int] = typer.Option(
+            None,
+            "--version",
+            help="Release number in the manifest (default: the build time); one for all profiles.",
+        ),
+        exporter: Optional[str] = typer.Option(
+            None,
+            "--exporter",
+            help="torch → ONNX exporter: auto (both, keep the faster), dynamo or torchscript "
+            "(default: dynamo for .pt2 with a fallback, torchscript for TorchScript).",
         ),
         calib: Optional[Path] = typer.Option(
             None, "--calib", help=".npz with 'x' (and optional 'y') for calibration."
@@ -118,9 +140,9 @@ def register(app: typer.Typer) -> None:
         """Build MODEL for a device profile: convert, compress, measure every candidate, pick, and bundle."""
         from rich.console import Console
 
-        from edgefleet.sdk.build.builder import PlanOptions, build
         from edgefleet.sdk.build.errors import BudgetError, BuildError
         from edgefleet.sdk.build.model_io import parse_input_shape
+        from edgefleet.sdk.build.plan import PlanOptions
 
         console = Console(stderr=as_json)
         plan = PlanOptions(
@@ -129,25 +151,35 @@ def register(app: typer.Typer) -> None:
             only=tuple(s.strip() for s in only.split(",") if s.strip()) if only else (),
         )
         log_path = build_log_path(out)
+        options: dict[str, Any] = {
+            "calib": calib,
+            "eval": eval_data,
+            "max_accuracy_drop": max_accuracy_drop,
+            "plan": plan,
+            "threads": threads,
+            "private_key": key,
+            "name": name or _safe_name(model.stem),
+            "exporter": exporter,
+        }
         try:
             shapes = parse_input_shape(input_shape) if input_shape else None
+            options["input_shape"] = shapes
+            if len(profile) > 1:
+                if out is None:
+                    raise BuildError("several --profile build a release into OUT/<profile>/; pass --out OUT")
+                _build_release(console, model, profile, out, version, force, options, log_path, as_json)
+                return
             with library_output_to(log_path):  # torch / TensorFlow / torchao warnings: into the log
                 result = _run_with_progress(
                     console,
-                    lambda progress: build(
+                    lambda progress: _build()(
                         model,
-                        profile,
-                        calib=calib,
-                        eval=eval_data,
-                        max_accuracy_drop=max_accuracy_drop,
+                        profile[0],
                         out=out,
-                        input_shape=shapes,
-                        plan=plan,
-                        threads=threads,
-                        private_key=key,
                         progress=progress,
                         overwrite=force,
-                        name=name or _safe_name(model.stem),
+                        version=version,
+                        **options,
                     ),
                     quiet=as_json,
                 )
@@ -180,6 +212,57 @@ def register(app: typer.Typer) -> None:
         if result.bundle_dir is not None:
             console.print(f"bundle written to {result.bundle_dir} (report.json inside)", highlight=False)
         report_build_log(console, log_path)
+
+
+def _build() -> Any:
+    """`build` itself, imported only once the arguments are known to be usable (it loads numpy and more)."""
+    from edgefleet.sdk.build.builder import build
+
+    return build
+
+
+def _build_release(
+    console: Any,
+    model: Path,
+    profiles: list[str],
+    out: Path,
+    version: Optional[int],
+    force: bool,
+    options: dict[str, Any],
+    log_path: Any,
+    as_json: bool,
+) -> None:
+    """Build one release for several profiles into OUT/<profile>/ and print one table per profile."""
+    from edgefleet.sdk.build.release import build_release
+
+    with library_output_to(log_path):
+        results = _run_with_progress(
+            console,
+            lambda progress: build_release(
+                model, profiles, out, version=version, overwrite=force, progress=progress, **options
+            ),
+            quiet=as_json,
+        )
+    if as_json:
+        report_build_log(console, log_path)
+        typer.echo(
+            json.dumps({p: {**r.report, "bundle": str(r.bundle_dir)} for p, r in results.items()}, indent=2)
+        )
+        return
+    for pname, result in results.items():
+        print_table(candidates_table(result.report), console)
+        console.print(
+            f"[bold]{pname}:[/] {result.chosen.id} — {result.reason}", highlight=False, soft_wrap=True
+        )
+    first = next(iter(results.values()))
+    version_text = first.report.get("version")
+    console.print(
+        f"release {options['name']}{f' version {version_text}' if version_text else ''} written to {out}/"
+        f"<profile>/ for {', '.join(results)}; `edgefleet deploy {out}` gives each device its profile's bundle",
+        highlight=False,
+        soft_wrap=True,
+    )
+    report_build_log(console, log_path)
 
 
 def _safe_name(stem: str) -> str:

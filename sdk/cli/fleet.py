@@ -12,6 +12,7 @@ import typer
 from edgefleet.agent.core.codes import ENDED_ROLLOUT, FAILED_DEVICE, DeviceStatus, RolloutStatus
 from edgefleet.agent.core.parts import SystemMetrics
 from edgefleet.agent.core.quality import METRIC_NAMES
+from edgefleet.sdk.cli.env import BROKER_PASSWORD, read_old_names
 from edgefleet.sdk.cli.errors import fail as _err
 from edgefleet.sdk.cli.output import print_table
 
@@ -33,7 +34,13 @@ _BROKER = typer.Option(
 _DB = typer.Option(None, "--db", envvar="EDGEFLEET_DB", help="Store URL: sqlite:///PATH or postgresql://...")
 _FLEET = typer.Option("default", "--fleet", help="Fleet name (topic prefix edgefleet/v1/NAME).")
 _USER = typer.Option(None, "--username", help="Broker username.")
-_PASSWORD = typer.Option(None, "--password", envvar="EDGEFLEET_BROKER_PASSWORD", help="Broker password.")
+_PASSWORD = typer.Option(
+    None,
+    "--password",
+    envvar=BROKER_PASSWORD,
+    callback=read_old_names(BROKER_PASSWORD),
+    help="Broker password.",
+)
 _CA = typer.Option(None, "--tls-ca", help="CA certificate (PEM) that signed the broker's certificate.")
 _CERT = typer.Option(None, "--tls-cert", help="Client certificate (PEM), with --tls-key.")
 _KEY = typer.Option(None, "--tls-key", help="Client private key (PEM).")

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from edgefleet.sdk.cli.env import BROKER_PASSWORD, read_old_names
 from edgefleet.sdk.cli.errors import fail as _fail
 
 
@@ -165,7 +166,11 @@ def register(app: typer.Typer) -> None:
         fleet: str = typer.Option("default", "--fleet", help="Fleet name (topic prefix edgefleet/v1/NAME)."),
         username: Optional[str] = typer.Option(None, "--username", help="Broker username."),
         password: Optional[str] = typer.Option(
-            None, "--password", envvar="EDGEFLEET_BROKER_PASSWORD", help="Broker password."
+            None,
+            "--password",
+            envvar=BROKER_PASSWORD,
+            callback=read_old_names(BROKER_PASSWORD),
+            help="Broker password.",
         ),
         tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate (PEM) of the broker."),
         tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="Client certificate (PEM)."),

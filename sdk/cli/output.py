@@ -30,12 +30,16 @@ GAP = "  "
 def _plain(renderable: Any) -> str:
     """The text of one cell, header, title or caption, without markup, on one line."""
     from rich.console import Console
+    from rich.errors import MarkupError
     from rich.text import Text
 
     if renderable is None:
         return ""
     if isinstance(renderable, str):
-        text = Text.from_markup(renderable).plain
+        try:
+            text = Text.from_markup(renderable).plain  # as rich reads a str cell
+        except MarkupError:  # a stray closing tag: show the text as it is
+            text = renderable
     elif isinstance(renderable, Text):
         text = renderable.plain
     else:  # any other renderable: render it wide, without colour, and keep its text

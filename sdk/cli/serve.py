@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 import typer
 
+from edgefleet.sdk.cli.env import BROKER_PASSWORD, read_old_names
 from edgefleet.sdk.cli.errors import err_console
 
 
@@ -49,7 +50,10 @@ def register(app: typer.Typer) -> None:
         fleet: str = typer.Option("default", help="Fleet name (topic prefix edgefleet/v1/NAME)."),
         username: Optional[str] = typer.Option(None, help="Broker username."),
         password: Optional[str] = typer.Option(
-            None, envvar="EDGEFLEET_MQTT_PASSWORD", help="Broker password (prefer the env variable)."
+            None,
+            envvar=BROKER_PASSWORD,
+            callback=read_old_names(BROKER_PASSWORD),
+            help="Broker password (prefer the env variable).",
         ),
         tls_ca: Optional[str] = typer.Option(None, help="CA file to verify the broker's TLS certificate."),
         tls_cert: Optional[str] = typer.Option(None, help="Client certificate for TLS (with --tls-key)."),

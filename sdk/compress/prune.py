@@ -276,6 +276,13 @@ class _PruneStepBase(CompressionStep):
     def apply(self, model: Any, ctx: CompressionContext) -> Any:
         """A pruned (and optionally fine-tuned) copy of `model`; the original stays as it was."""
         amount = float(self.params.get("amount", 0.5))
+        if not prunable_layers(model):
+            # TorchScript and torch.export graphs call conv/linear as operators, not as layer modules.
+            raise CompressionError(
+                f"{self.name} needs the model as a Python nn.Module with nn.Conv2d/nn.Linear layers; a "
+                f"{type(model).__name__} (TorchScript or torch.export graph) has none to prune: pass the "
+                "nn.Module to edgefleet.sdk.build.build(model, ...)"
+            )
         pruned = copy.deepcopy(model).eval()
         ctx.report(f"{self.name} {amount:.0%}", 0.0)
         self.stats = self._prune(pruned, ctx, amount)

@@ -25,10 +25,6 @@ from edgefleet.sdk.fleet.strategy import AbortRules, parse_strategy, rules_with
 from edgefleet.sdk.store import Store
 
 
-def _home() -> Path:
-    return edgefleet_home()
-
-
 @dataclass
 class RolloutHandle:
     """A rollout started or resumed by this process; `wait()` blocks until it ends."""
@@ -91,7 +87,7 @@ class Fleet:
         self.store = store if isinstance(store, Store) else Store(store)
         self.fleet = fleet
         if trusted_keys is None:
-            default = _home() / "keys" / "fleet.pub"
+            default = edgefleet_home() / "keys" / "fleet.pub"
             trusted_keys = [default] if default.is_file() else []
         self.trusted_keys = list(trusted_keys)
         self._ingest: Ingest | None = None
@@ -138,7 +134,9 @@ class Fleet:
         """
         strat = parse_strategy(strategy)
         selector = parse_selector(to)
-        by_profile = load_bundles(bundles, trusted_keys=self.trusted_keys, unpack_root=_home() / "bundles")
+        by_profile = load_bundles(
+            bundles, trusted_keys=self.trusted_keys, unpack_root=edgefleet_home() / "bundles"
+        )
         if refresh:
             self.refresh()
         rows = {d["device_id"]: d for d in self.store.devices(self.fleet)}
@@ -236,7 +234,7 @@ class Fleet:
             "ready_timeout_s": ready_timeout_s,
             "chunk_size": chunk_size,
             "delta": delta,
-            "delta_dir": str(_home() / "deltas"),
+            "delta_dir": str(edgefleet_home() / "deltas"),
             "rules": the_rules.to_dict(),
             "wave": -1,
             "waves": len(plan["waves"]),
@@ -270,7 +268,7 @@ class Fleet:
                     continue
                 bundles = known.setdefault(brow["name"], self.store.bundles(str(brow["name"])))
                 try:
-                    plan_patch(row, brow, bundles, _home() / "deltas")
+                    plan_patch(row, brow, bundles, edgefleet_home() / "deltas")
                 except (OSError, ValueError):
                     continue  # the engine falls back to the full file
 
@@ -441,6 +439,21 @@ class Fleet:
             self._ingest.start()
             self.resume_all()
         return self._ingest
+
+    def federate(self, bundle: str | Path, to: str, out: str | Path, **options: Any) -> dict[str, Any]:
+        """Federated fine-tuning of `bundle`'s head on the devices `to` selects → a new signed bundle in `out`.
+
+        `options`: the FederateSettings fields (rounds, clients_per_round, local_epochs, lr, min_clients,
+        round_timeout_s, dp_epsilon, dp_delta, dp_noise, dp_clip, ...) and key, head, eval_path, deploy,
+        on_round; see edgefleet.sdk.federated.run.federate. Returns the report (OUT/report.json).
+        """
+        from dataclasses import fields
+
+        from edgefleet.sdk.federated.run import FederateSettings, federate
+
+        names = {f.name for f in fields(FederateSettings)}
+        settings = FederateSettings(**{k: options.pop(k) for k in list(options) if k in names})
+        return federate(self, bundle, to, out, settings, **options)
 
     def close(self) -> None:
         """Stop ingest and release the store if this Fleet opened it (running rollouts are left to resume)."""

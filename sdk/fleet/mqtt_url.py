@@ -1,7 +1,9 @@
 """Host-side MQTT connections: broker URL, TLS and auth options, and a connected paho client.
 
 Every host component (registry refresh, ingest, rollout engine, benches) connects through `connect`, so
-TLS, username/password and client certificates behave the same everywhere.
+TLS, username/password and client certificates behave the same everywhere. A broker URL may list several
+brokers, comma-separated: `connect` takes the first that accepts, and after a lost link paho reconnects
+to the first again, then to each next one in turn while they fail.
 """
 
 from __future__ import annotations
@@ -30,9 +32,14 @@ def default_broker_url() -> str:
     return os.environ.get("EDGEFLEET_BROKER") or DEFAULT_BROKER
 
 
+def split_urls(url: str) -> tuple[str, ...]:
+    """The URLs of a comma-separated broker list, blanks dropped."""
+    return tuple(u.strip() for u in url.split(",") if u.strip())
+
+
 @dataclass(frozen=True)
 class MqttOptions:
-    """Where the broker is and how to authenticate: URL, username/password, CA, client certificate."""
+    """Where the broker is and how to authenticate: URL(s), username/password, CA, client certificate."""
 
     url: str = DEFAULT_BROKER
     username: str | None = None
@@ -48,15 +55,23 @@ class MqttOptions:
     def __post_init__(self) -> None:
         if self.mqtt_version not in ("5", "3.1.1"):
             raise BrokerUnavailable(f"MQTT version {self.mqtt_version!r}: use 5 or 3.1.1")
-        parts = urlsplit(self.url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        if not self.urls:
+            raise BrokerUnavailable("the broker URL is empty: write mqtt://HOST:PORT or mqtts://HOST:PORT")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+                raise BrokerUnavailable(
+                    f"broker URL {url!r} is not usable: write mqtt://HOST:PORT or mqtts://HOST:PORT"
+                )
+            try:
+                parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+            except ValueError:
+                raise BrokerUnavailable(f"broker URL {url!r} has an invalid port") from None
+        if len({urlsplit(u).scheme for u in self.urls}) > 1:
+            # One paho client reconnects to every URL of the list with the same TLS settings.
             raise BrokerUnavailable(
-                f"broker URL {self.url!r} is not usable: write mqtt://HOST:PORT or mqtts://HOST:PORT"
+                f"the broker URLs {self.url!r} mix mqtt:// and mqtts://: use one scheme for all"
             )
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a port that is not a number
-        except ValueError:
-            raise BrokerUnavailable(f"broker URL {self.url!r} has an invalid port") from None
         if bool(self.tls_cert) != bool(self.tls_key):
             raise BrokerUnavailable("--tls-cert and --tls-key go together: give both or neither")
         for label, path in (
@@ -70,20 +85,30 @@ class MqttOptions:
             raise BrokerUnavailable("a broker password needs a username: pass --username too")
 
     @property
+    def urls(self) -> tuple[str, ...]:
+        """The broker URLs in the order they are tried."""
+        return split_urls(self.url)
+
+    @property
     def host(self) -> str:
-        """Host part of the URL."""
-        return str(urlsplit(self.url).hostname)
+        """Host part of the (first) URL."""
+        return _host_port(self.urls[0])[0]
 
     @property
     def port(self) -> int:
-        """Port of the URL (1883 for mqtt://, 8883 for mqtts:// when none is given)."""
-        parts = urlsplit(self.url)
-        return int(parts.port or (8883 if parts.scheme == "mqtts" else 1883))
+        """Port of the (first) URL (1883 for mqtt://, 8883 for mqtts:// when none is given)."""
+        return _host_port(self.urls[0])[1]
 
     @property
     def tls(self) -> bool:
         """Whether the connection uses TLS."""
-        return urlsplit(self.url).scheme == "mqtts" or bool(self.tls_ca or self.tls_cert)
+        return urlsplit(self.urls[0]).scheme == "mqtts" or bool(self.tls_ca or self.tls_cert)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """Host and port of one broker URL (1883 for mqtt://, 8883 for mqtts:// when none is given)."""
+    parts = urlsplit(url)
+    return str(parts.hostname), int(parts.port or (8883 if parts.scheme == "mqtts" else 1883))
 
 
 @dataclass
@@ -149,7 +174,10 @@ def connect(
     on_connect: Callable[[], None] | None = None,
     max_inflight: int = 64,
 ) -> Connection:
-    """Connect with MQTT 5, or 3.1.1 when the broker refuses 5 (amqtt, older brokers); see `_connect_once`."""
+    """Connect to the first broker of the URL list that accepts, each with MQTT 5, or 3.1.1 when it refuses 5.
+
+    A lost link is taken up by paho's reconnect loop: back to the first URL, then each next one in turn.
+    """
     kwargs: dict[str, Any] = dict(
         on_message=on_message,
         client_id=client_id,
@@ -157,7 +185,22 @@ def connect(
         session_expiry_s=session_expiry_s,
         on_connect=on_connect,
         max_inflight=max_inflight,
+        urls=options.urls,
     )
+    failures: list[str] = []
+    for url in options.urls:
+        try:
+            return _connect_either(replace(options, url=url), kwargs)
+        except BrokerUnavailable as exc:
+            if len(options.urls) == 1:
+                raise
+            log.info("broker %s: %s; trying the next", url, exc)
+            failures.append(str(exc))
+    raise BrokerUnavailable(f"no broker of {options.url} accepted the connection: " + " | ".join(failures))
+
+
+def _connect_either(options: MqttOptions, kwargs: dict[str, Any]) -> Connection:
+    """Connect to one broker with MQTT 5, or 3.1.1 when the broker refuses 5 (amqtt, aedes, older ones)."""
     try:
         return _connect_once(options, **kwargs)
     except BrokerUnavailable as exc:
@@ -170,6 +213,14 @@ def connect(
     return _connect_once(replace(options, mqtt_version="3.1.1"), **kwargs)
 
 
+def _aim(client: Any, url: str) -> None:
+    """Point paho's next reconnect at `url` (only while no connection is open)."""
+    # paho's `host`/`port` setters refuse while its state is "connected" or "connecting", which it still is
+    # inside on_disconnect and on_connect_fail; its reconnect() reads these two fields.
+    client._host, client._port = _host_port(url)
+    log.info("reconnecting to the broker at %s", url)
+
+
 def _connect_once(
     options: MqttOptions,
     *,
@@ -179,6 +230,7 @@ def _connect_once(
     session_expiry_s: int = 3600,
     on_connect: Callable[[], None] | None = None,
     max_inflight: int = 64,
+    urls: tuple[str, ...] = (),
 ) -> Connection:
     """Connect with the options' MQTT version (QoS 1, reconnect with backoff); `persistent` keeps the session.
 
@@ -243,7 +295,17 @@ def _connect_once(
             # Closed before any CONNACK: say so now instead of waiting out the timeout.
             refused.put(f"closed before answering: {rc}; an MQTT 3.1.1-only broker? (protocol version)")
             answered.set()
+        if conn.connected.is_set() and len(urls) > 1:
+            # paho reconnects by itself: to the first broker of the list first, as the agent does.
+            _aim(c, urls[0])
         conn.connected.clear()
+
+    def _on_connect_fail(c: Any, u: Any) -> None:
+        # paho's reconnect to the current broker failed: the next try goes to the next of the list.
+        if len(urls) > 1 and answered.is_set():
+            here = (c._host, c._port)
+            index = next((i for i, x in enumerate(urls) if _host_port(x) == here), -1)
+            _aim(c, urls[(index + 1) % len(urls)])
 
     def _on_subscribe(c: Any, u: Any, mid: int, codes: Any, props: Any) -> None:
         with userdata["lock"]:
@@ -255,6 +317,7 @@ def _connect_once(
 
     client.on_connect = _on_connect
     client.on_disconnect = _on_disconnect
+    client.on_connect_fail = _on_connect_fail
     client.on_subscribe = _on_subscribe
     if on_message is not None:
         handler = on_message

@@ -323,7 +323,7 @@ class RolloutEngine:
             if message.step == InstallStep.DOWNLOAD:
                 dev.ready = True
                 self._mark(f"wave{dev.wave}_last_ready")
-                have, chunks = message.detail.get("have"), message.detail.get("chunks")
+                have, chunks = message.chunk_counts()
                 dev.have_all = have is not None and have == chunks
                 self._set_device(dev, DeviceStatus.DOWNLOADING)
                 if self._broadcast_due is not None and not self._waiting_for_ready():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.core.commands import DeltaSpec, DeployCommand, FileTransfer
+from edgefleet.agent.core.commands import MIN_CHUNK_BYTES, DeltaSpec, DeployCommand, FileTransfer
 from edgefleet.agent.core.errors import VerifyError
 from edgefleet.agent.core.manifest import Manifest
 from edgefleet.agent.core.topics import Topics
@@ -37,11 +37,15 @@ _EMPTY_SHA = hashlib.sha256(b"").hexdigest()
 def choose_chunk_size(max_packet_size: int | None, requested: int | None = None) -> int:
     """The chunk size: the requested one (default 256 KiB) capped under the broker's packet limit.
 
-    A requested size may be small (tests cut a tiny model into many chunks); the broker's cap must
-    leave at least MIN_CHUNK_SIZE, or a big model would travel in tens of thousands of messages.
+    A requested size may be small (down to the agents' MIN_CHUNK_BYTES: tests cut a tiny model into many
+    chunks); the broker's cap must leave at least MIN_CHUNK_SIZE, or a big model would travel in tens of
+    thousands of messages.
     """
-    if requested is not None and requested < 1:
-        raise BundleRefused(f"chunk size {requested} must be at least 1 byte")
+    if requested is not None and requested < MIN_CHUNK_BYTES:
+        raise BundleRefused(
+            f"chunk size {requested} is below the {MIN_CHUNK_BYTES} bytes agents accept; use --chunk-size "
+            f"{MIN_CHUNK_BYTES} or more (default {DEFAULT_CHUNK_SIZE})"
+        )
     size = requested or DEFAULT_CHUNK_SIZE
     if max_packet_size:
         cap = max_packet_size - PACKET_OVERHEAD
@@ -170,8 +174,11 @@ class BundleTransfer:
     """One bundle folder cut into chunks: its deploy commands (full or with delta patches) and its blobs."""
 
     def __init__(self, bundle_dir: str | Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
-        if chunk_size < 1:
-            raise BundleRefused(f"chunk size {chunk_size} must be at least 1 byte")
+        if chunk_size < MIN_CHUNK_BYTES:
+            raise BundleRefused(
+                f"chunk size {chunk_size} is below the {MIN_CHUNK_BYTES} bytes agents accept; cut the bundle "
+                f"in chunks of {MIN_CHUNK_BYTES} bytes or more"
+            )
         self.bundle_dir = Path(bundle_dir)
         self.chunk_size = chunk_size
         manifest_path = self.bundle_dir / "manifest.json"

@@ -167,6 +167,9 @@ def create_app(
     guard = [Depends(_auth_dependency(token))]
     for router in (routes_fleet.router, routes_bundles.router, routes_rollouts.router, routes_live.router):
         app.include_router(router, dependencies=guard)
+    from edgefleet.sdk.server import routes_federated
+
+    app.include_router(routes_federated.router, dependencies=guard)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:

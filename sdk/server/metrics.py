@@ -177,6 +177,9 @@ def collect(store: Store, fleet: str, actions_enabled: bool) -> str:
             row["ts"],
         )
     _rollout_metrics(out, queries.rollouts_with_devices(store, fleet, limit=20), fleet)
+    from edgefleet.sdk.server.routes_federated import add_metrics
+
+    add_metrics(out, store, fleet)
     return out.render()
 
 

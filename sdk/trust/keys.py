@@ -7,6 +7,7 @@ devices verify the same signatures with PyNaCl.
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -136,8 +137,13 @@ def load_private_key(path: Optional[PathLike] = None, passphrase: Optional[str] 
 
 
 def sign(data: bytes, key: Ed25519PrivateKey) -> dict[str, str]:
-    """Sign bytes; returns one entry of a signature document: {"keyid", "sig" (base64)}."""
-    return {"keyid": key_id(public_raw(key)), "sig": base64.b64encode(key.sign(data)).decode("ascii")}
+    """Sign bytes; returns one entry of a signature document: {"keyid", "sig" (base64), "sha256"}."""
+    # sha256 of the signed bytes: lets a verifier tell bytes edited after signing from a forged signature.
+    return {
+        "keyid": key_id(public_raw(key)),
+        "sig": base64.b64encode(key.sign(data)).decode("ascii"),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def load_host_root(directory: Optional[PathLike] = None) -> dict[str, Any]:
