@@ -43,6 +43,8 @@ lint: install
 	mkdir -p .mypy-src/edgefleet
 	for d in sdk agent converters device_profiles; do ln -sfn ../../$$d .mypy-src/edgefleet/$$d; done
 	MYPYPATH=.mypy-src $(BIN)/mypy -p edgefleet.sdk -p edgefleet.agent -p edgefleet.converters -p edgefleet.device_profiles
+	# The layers of docs/architecture.md as contracts (pyproject.toml [tool.importlinter]).
+	PYTHONPATH=.mypy-src $(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix sdk agent converters device_profiles tests bench examples

@@ -103,6 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between eval runs (0: off)",
     )
     add(
+        "--shadow-share",
+        dest="shadow_share",
+        type=float,
+        metavar="F",
+        help="after a switch, share of requests also run on the replaced model to measure agreement (0: off)",
+    )
+    add(
+        "--shadow-cpu",
+        dest="shadow_cpu",
+        type=float,
+        metavar="F",
+        help="CPU share the shadow worker may use (default 0.25)",
+    )
+    add(
+        "--shadow-window",
+        dest="shadow_s",
+        type=float,
+        metavar="S",
+        help="seconds the shadow window lasts after a switch (0: off)",
+    )
+    add(
         "--http-port",
         dest="http_port",
         type=int,

@@ -53,6 +53,11 @@ class AgentConfig:
     # Serving and reporting
     telemetry_interval_s: float = 10.0
     eval_interval_s: float = 0.0
+    # Shadow evaluation after a switch (agent/shadow.py): share of requests also run on the replaced
+    # model, the CPU share its worker may use, and for how long (0 turns it off).
+    shadow_share: float = 0.2
+    shadow_cpu: float = 0.25
+    shadow_s: float = 900.0
     http_enabled: bool = True
     http_port: int = 8765
     mqtt_infer: bool = False
@@ -68,6 +73,9 @@ class AgentConfig:
     # Federated fine-tuning: a folder of .npz files (x, y) and how many labelled requests to keep.
     train_data: Optional[str] = None
     keep_feedback: int = 0
+    # Refuse commands without the fleet's online-key signature (agent/core/command_auth.py); off only
+    # for fleets whose host does not sign yet. Signed commands are always checked.
+    require_signed_commands: bool = False
 
     @property
     def state_path(self) -> Path:
@@ -230,7 +238,12 @@ def _validate(cfg: AgentConfig) -> None:
             raise ConfigError(reason=f"field {name!r} = {value} is out of range [{low}, {high}]")
     if cfg.reconnect_max_s < cfg.reconnect_min_s:
         raise ConfigError(reason="field 'reconnect_max_s' must be >= 'reconnect_min_s'")
-    for name in ("connect_timeout_s", "eval_interval_s", "failback_s"):
+    for name in ("shadow_share", "shadow_cpu"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(
+                reason=f"field {name!r} = {getattr(cfg, name)} must be a share in [0, 1] (0: off)"
+            )
+    for name in ("connect_timeout_s", "eval_interval_s", "failback_s", "shadow_s"):
         if getattr(cfg, name) < 0:
             raise ConfigError(reason=f"field {name!r} must be >= 0 (0 turns it off)")
     if not 0 <= cfg.http_port < 65536:

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 from edgefleet.agent import __version__, handlers
 from edgefleet.agent.config import AgentConfig
 from edgefleet.agent.core.codes import InstallStep
+from edgefleet.agent.core.command_auth import COUNTER_FILE, CommandGuard
 from edgefleet.agent.core.errors import AgentError, InstallError, ProtocolError, TransferError, VerifyError
 from edgefleet.agent.core.fsutil import atomic_write_json
 from edgefleet.agent.core.protocol import (
@@ -59,6 +60,7 @@ from edgefleet.agent.deployment import (
 )
 from edgefleet.agent.exitcodes import ExitCode
 from edgefleet.agent.mqtt_session import MqttSession, SeqCounter
+from edgefleet.agent.shadow import ShadowRunner
 from edgefleet.agent.startup import StartupError, kill_point, load_profile, open_trust, prepare_state_dir
 from edgefleet.agent.support import ErrorLimiter, Inbox, jsonable, result_dict
 from edgefleet.agent.transfer import StagingArea
@@ -118,6 +120,8 @@ class Agent:
         self._last_eval: Dict[str, Any] = {}
         # Federated rounds and the labelled-feedback buffer (agent/federated/client.py), set in start().
         self.fed: Any = None
+        # Shadow evaluation after a switch: the replaced model beside the new one (agent/shadow.py).
+        self.shadow = ShadowRunner(config.shadow_share, config.shadow_cpu, config.shadow_s)
 
     @property
     def staging(self) -> Optional[StagingArea]:
@@ -228,6 +232,7 @@ class Agent:
             return
         self._stop.set()
         self._inbox.close()
+        self.shadow.stop()
         if self.session is not None:
             self.session.stop()
         for thread in self._workers:
@@ -371,7 +376,15 @@ class Agent:
 
     def _dispatch(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.cmd:
+            # Online-key signature, address, expiry and counter first (agent/core/command_auth.py).
+            checked = self._command_guard().accept(payload)
             self._on_command(parse_command(payload, max_bytes=self.config.max_message_bytes))
+            self._command_guard().commit(checked)
+            return
+        if topic.endswith("/hashes/v1"):
+            # A file's retained hash index (Topics.hashes): the per-chunk digests the command left out.
+            sha = topic.split("/")[-3]
+            self._drive(self.machine.hashes, sha, payload)
             return
         where = self.topics.parse_chunk_topic(topic)
         if where is None:
@@ -379,11 +392,24 @@ class Agent:
         repair = topic.startswith(self.topics.device + "/")
         self._drive(self.machine.chunk, where[0], where[1], payload, repair=repair, now=time.monotonic())
 
+    def _command_guard(self) -> CommandGuard:
+        """The command check over the live trust store (its root delegates the online key)."""
+        if getattr(self, "_guard", None) is None:
+            self._guard = CommandGuard(
+                self.config.device_id,
+                {},
+                self.state_dir / COUNTER_FILE,
+                allow_unsigned=not self.config.require_signed_commands,
+                root=self.trust,
+            )
+        return self._guard
+
     def _on_command(self, cmd: Command) -> None:
         if isinstance(cmd, DeployCommand):
             kill_point("deploy-received")
             self._drive(self.machine.deploy, cmd, time.monotonic())
         elif isinstance(cmd, RollbackCommand):
+            self.shadow.stop()
             handlers.rollback(self, cmd)
         elif isinstance(cmd, StatusCommand):
             self._publish_state()
@@ -435,10 +461,13 @@ class Agent:
                 self._send(action.cls, **action.fields)
             elif isinstance(action, Subscribe):
                 if self.session is not None:
+                    # The file's retained hash index first, so it is in before the first chunk.
+                    self.session.subscribe(Topics.hashes(self.config.fleet, action.sha256))
                     self.session.subscribe(self.topics.artifact_filter(action.sha256))
             elif isinstance(action, Unsubscribe):
                 if self.session is not None:
                     self.session.unsubscribe(self.topics.artifact_filter(action.sha256))
+                    self.session.unsubscribe(Topics.hashes(self.config.fleet, action.sha256))
             elif isinstance(action, Report):
                 self._error(action.code, action.reason, action.ref)
             elif isinstance(action, SaveOutcome):
@@ -469,6 +498,7 @@ class Agent:
     def _install(self, job: Install) -> None:
         """The install thread: run the installer, then hand its outcome back to the machine."""
         cmd = job.command
+        self.shadow.stop()  # the install writes into the slot the shadow model was loaded from
         try:
             result = self.installer.install(cmd.manifest, cmd.signatures, job.staged)
         except InstallError as exc:
@@ -486,6 +516,10 @@ class Agent:
             self._last_eval = {**health, "at": round(time.time(), 3), "source": "install"}
             name, version = str(info.get("name", job.name)), int(info.get("version", job.version))
             self._drive(self.machine.installed, cmd.id, name, version, health)
+            try:
+                self.shadow.start(self.installer, self.server)
+            except Exception:
+                log.exception("shadow evaluation not started")
             self._next_eval = (
                 time.monotonic() + self.config.eval_interval_s if self.config.eval_interval_s else 0.0
             )
@@ -529,7 +563,7 @@ class Agent:
         from edgefleet.agent.telemetry import system_part, telemetry_fields
 
         server = self.server
-        return telemetry_fields(
+        fields = telemetry_fields(
             None if server is None else server.window_stats(reset=True),
             None if server is None else server.active,
             system_part(self.state_dir),
@@ -538,6 +572,8 @@ class Agent:
             emulated=self.config.emulate,
             profile=getattr(self.profile, "name", self.config.profile),
         )
+        fields["quality"] = tuple(fields["quality"]) + self.shadow.readings()
+        return fields
 
     def _publish_telemetry(self) -> None:
         if self.session is None:

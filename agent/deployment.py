@@ -289,6 +289,28 @@ class DeployMachine:
         actions: List[Action] = [Unsubscribe(sha256)] if transfer.complete else []
         return actions + self._maybe_complete(pending, now)
 
+    def hashes(self, sha256: str, payload: bytes) -> List[Action]:
+        """The retained hash index of a file being received: its per-chunk digests from now on.
+
+        The deploy command names the index by its sha256 (`FileTransfer.hashes_sha256`) instead of
+        carrying the lists; one that does not match, or that arrives for no transfer, is ignored (the
+        signed whole-file sha256 still decides), so a stale retained index harms nothing.
+        """
+        pending = self.pending
+        transfer = pending.transfers.get(sha256) if pending is not None else None
+        if (
+            transfer is None
+            or not payload
+            or transfer.spec.hashes_sha256 is None
+            or transfer.spec.chunk_sha256
+        ):
+            return []
+        try:
+            transfer.spec = transfer.spec.with_hashes(payload)
+        except ProtocolError as exc:
+            log.info("ignoring the hash index of %s…: %s", sha256[:12], exc.reason)
+        return []
+
     def tick(self, now: float, *, connected: bool = True) -> List[Action]:
         """The clock moved: end a download that stalled too long, or ask for the chunks still missing."""
         pending = self.pending

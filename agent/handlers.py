@@ -82,7 +82,8 @@ def rollback(agent: Agent, cmd: RollbackCommand) -> None:
     if agent._install_thread is not None and agent._install_thread.is_alive():
         raise ProtocolError(Code.BUSY, "an install is running; send the rollback after it ends")
     try:
-        result = agent.installer.rollback()
+        # `abandon`: a first install rolled back is dropped (the installer stops serving it).
+        result = agent.installer.rollback(cmd.abandon) if cmd.abandon else agent.installer.rollback()
     except InstallError as exc:
         agent._error(exc.code, f"rollback failed at step {exc.step!r}: {exc.reason}", cmd.id)
         return

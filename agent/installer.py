@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from edgefleet.agent.core.errors import AgentError, InstallError, RuntimeLoadError, VerifyError
 from edgefleet.agent.core.ledger import VersionLedger
@@ -43,6 +43,8 @@ class InstallResult:
     previous: Optional[Dict[str, Any]] = None
     health: Dict[str, Any] = field(default_factory=dict)
     duration_s: float = 0.0
+    # False after a rollback with no previous model: the rolled-back model was dropped, nothing serves.
+    serving: bool = True
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON form."""
@@ -53,6 +55,7 @@ class InstallResult:
             "previous": self.previous,
             "health": self.health,
             "duration_s": round(self.duration_s, 3),
+            "serving": self.serving,
         }
 
 
@@ -124,13 +127,15 @@ class Installer:
         self._progress("rejected", step=step, code=code, reason=reason)
         return InstallError(step, code, reason)
 
-    def _load(self, slot: str, manifest: Manifest) -> LoadedModel:
+    def _load(self, slot: str, manifest: Manifest, threads: Optional[int] = None) -> LoadedModel:
+        extra = {} if threads is None else {"threads": threads}
         return self.server.load(
             self.slots.path(slot) / manifest.model.file,
             name=manifest.name,
             version=manifest.version,
             slot=slot,
             runtime=manifest.model.runtime,
+            **extra,
         )
 
     def _health(self, model: LoadedModel, slot: str, manifest: Manifest) -> HealthReport:
@@ -306,12 +311,38 @@ class Installer:
         finally:
             self._lock.acquire()
 
-    def rollback(self) -> InstallResult:
-        """Serve the previous slot again; raises InstallError('rollback', ...) when there is none that verifies."""
+    def rollback(self, abandon: Optional[Tuple[str, int]] = None) -> InstallResult:
+        """Serve the previous slot again; raises InstallError('rollback', ...) when there is none that verifies.
+
+        `abandon` (name, version): the model being rolled back; with no previous model and that model
+        serving, stop serving it (the result says `serving: False`) instead of refusing.
+        """
         with self._lock:
             started = time.monotonic()
             state = self.slots.read_state()
             slot = state.previous
+            serving = self.server.active
+            if (
+                slot is None
+                and abandon is not None
+                and serving is not None
+                and (serving.name, int(serving.version)) == (abandon[0], int(abandon[1]))
+            ):
+                # A first-ever install that is rolled back: nothing to go back to, so stop serving the
+                # model being rolled back rather than keep it (requests then answer 503 `no-model`).
+                dropped = self.server.unload()
+                state.active = None
+                self.slots.write_state(state)
+                gone = None if dropped is None else {"name": dropped.name, "version": dropped.version}
+                self._progress("rolled-back", slot=None, dropped=gone)
+                return InstallResult(
+                    name="",
+                    version=0,
+                    slot="",
+                    previous=gone,
+                    duration_s=time.monotonic() - started,
+                    serving=False,
+                )
             if slot is None:
                 raise InstallError(
                     "rollback", "no-previous", "there is no previous model on this device to roll back to"
@@ -335,6 +366,23 @@ class Installer:
                 previous=None if previous is None else {"name": previous.name, "version": previous.version},
                 duration_s=time.monotonic() - started,
             )
+
+    def load_previous(self) -> Optional[Tuple[LoadedModel, Manifest]]:
+        """The previous slot's model loaded beside the serving one (for shadow evaluation), or None.
+
+        The caller owns the returned model and closes it; nothing changes for requests.
+        """
+        with self._lock:
+            slot = self.slots.read_state().previous
+            if slot is None:
+                return None
+            try:
+                manifest = self._verify_slot(slot)
+                # One inference thread: the shadow worker's CPU share is then its duty cycle of one core.
+                return self._load(slot, manifest, threads=1), manifest
+            except (AgentError, OSError) as exc:
+                log.warning("previous slot %s cannot be loaded for shadowing: %s", slot, exc)
+                return None
 
     def evaluate(self) -> Dict[str, Any]:
         """Score the serving model on its bundle's eval set (accuracy or fidelity, agreement with reference)."""

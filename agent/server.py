@@ -191,6 +191,22 @@ def _not_serving(books: _Books) -> Callable[[Inputs, Optional[str]], InferResult
     return serve
 
 
+def _tapped(
+    serve: Callable[[Inputs, Optional[str]], InferResult], tap: Callable[[Inputs, InferResult], None]
+) -> Callable[[Inputs, Optional[str]], InferResult]:
+    """`serve`, then `tap(inputs, result)` on success; the answer is `serve`'s, whatever the tap does."""
+
+    def serve_and_tap(inputs: Inputs, request_id: Optional[str] = None) -> InferResult:
+        result = serve(inputs, request_id)
+        try:
+            tap(inputs, result)
+        except Exception:
+            pass  # a shadow failure must never fail a served request
+        return result
+
+    return serve_and_tap
+
+
 class ModelServer:
     """Serves inferences on the active model; `load` + `activate` switch models with no failed request."""
 
@@ -207,17 +223,29 @@ class ModelServer:
         self._feedback_capacity = max(1, int(feedback_capacity))
         self._books = _Books(self._feedback_capacity)
         self._serve: Callable[[Inputs, Optional[str]], InferResult]
+        self._tap: Optional[Callable[[Inputs, InferResult], None]] = None
+        self._untapped: Callable[[Inputs, Optional[str]], InferResult]
         self._route(_not_serving(self._books))
 
     # -- models ----------------------------------------------------------------------------------------
 
     def load(
-        self, model_path: Path, *, name: str, version: int, slot: str, runtime: str = "onnxruntime"
+        self,
+        model_path: Path,
+        *,
+        name: str,
+        version: int,
+        slot: str,
+        runtime: str = "onnxruntime",
+        threads: Optional[int] = None,
     ) -> LoadedModel:
-        """Load a model in a second runtime session beside the serving one (nothing changes for requests)."""
+        """Load a model in a second runtime session beside the serving one (nothing changes for requests).
+
+        `threads`: inference threads of this session (default the server's; the shadow model takes 1).
+        """
         import numpy as np
 
-        session = load_runtime(runtime, Path(model_path), self.threads, self.providers)
+        session = load_runtime(runtime, Path(model_path), threads or self.threads, self.providers)
         info = ActiveModel(
             name=name,
             version=int(version),
@@ -279,8 +307,21 @@ class ModelServer:
         Python frame, ~0.3 µs, 1.5 % of the digits CNN's run. A request reads the attribute once and
         finishes on the model it got, whatever `activate` stores meanwhile.
         """
+        self._untapped = serve
+        tap = self._tap
+        if tap is not None:
+            serve = _tapped(serve, tap)
         self._serve = serve
         setattr(self, "infer", serve)  # noqa: B010 - an instance attribute in front of the method
+
+    def set_tap(self, tap: Optional[Callable[[Inputs, InferResult], None]]) -> None:
+        """Hand every answered request to `tap` too (shadow evaluation, agent/shadow.py); None removes it.
+
+        Without a tap the request path is exactly the model's closure (nothing added per request).
+        """
+        with self._lock:
+            self._tap = tap
+            self._route(self._untapped)
 
     def infer(self, inputs: Inputs, request_id: Optional[str] = None) -> InferResult:
         """Run one inference on the active model; raises InferError('no-model' | 'bad-input' | 'infer-failed').

@@ -116,8 +116,8 @@ def load_profile(config: AgentConfig) -> Tuple[Any, int]:
         )
     threads = int(getattr(profile, "threads", 0) or getattr(profile, "cores", 1) or 1)
     if config.emulate:
-        # Emulating a smaller device on this machine: never use more threads than it has cores.
-        threads = min(threads, int(profile.cores))
+        # Emulating a device on this machine: no more threads than it has cores, nor than this host has.
+        threads = min(threads, int(profile.cores), os.cpu_count() or 1)
     return profile, max(1, threads)
 
 

@@ -47,7 +47,7 @@ def export_digits(workdir: Path) -> tuple[Path, Path]:
     """Train the digits CNN, export it to ONNX (batch dynamic) and write its eval set; (model, eval.npz)."""
     import torch
 
-    from edgefleet.sdk.build.zoo import trained_digits_cnn
+    from edgefleet.sdk.zoo import trained_digits_cnn
 
     model, split = trained_digits_cnn(epochs=20)
     path = workdir / "digits.onnx"
@@ -71,7 +71,7 @@ def export_minilm_int8(workdir: Path) -> tuple[Path, Dict[str, np.ndarray]]:
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgefleet.sdk.build.zoo import import_torchvision, load_minilm
+    from edgefleet.sdk.zoo import import_torchvision, load_minilm
 
     import_torchvision()  # transformers imports torchvision; plain import fails beside the CPU torch
     tokenizer, encoder = load_minilm()

@@ -116,7 +116,7 @@ def vision_rows(name: str, work: Path, runs: int) -> list[dict[str, Any]]:
     """fp32, plain dynamic, static QDQ, 50 % channel-pruned fp32 and pruned + static INT8."""
     import torch
 
-    from edgefleet.sdk.build.zoo import torchvision_model, trained_digits_cnn
+    from edgefleet.sdk.zoo import torchvision_model, trained_digits_cnn
     from edgefleet.sdk.compress.prune import channel_prune, count_params, finetune
 
     torch.manual_seed(0)

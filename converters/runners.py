@@ -12,12 +12,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Optional
 
 import numpy as np
 
 from edgefleet.agent.core.errors import RuntimeLoadError
 from edgefleet.agent.core.runtimes import Runtime, load_runtime
+from edgefleet.agent.core.runtimes.base import run_in_chunks
 from edgefleet.converters.errors import ConversionError
 
 # A loaded model on the host is the agent's Runtime; the name says how the host uses it.
@@ -47,84 +48,7 @@ def open_runner(
         )
     except RuntimeLoadError as exc:
         raise ConversionError(f"cannot load {path}: {exc.reason}") from None
-    batch = onnx_fixed_batch(loaded)
-    return FixedBatchRunner(loaded, batch) if batch is not None else loaded
-
-
-def onnx_fixed_batch(runtime: Runtime) -> Optional[int]:
-    """The batch an ONNX graph bakes into every input's first dimension (a static-batch export), or None."""
-    if runtime.fixed_batch is not None or runtime.name != "onnxruntime" or not runtime.inputs:
-        return None
-    firsts = {spec.shape[0] if spec.shape else None for spec in runtime.inputs}
-    if len(firsts) != 1:
-        return None
-    first = next(iter(firsts))
-    return int(first) if isinstance(first, int) and first > 0 else None
-
-
-class FixedBatchRunner(Runtime):
-    """An ONNX model exported at a fixed batch, run on any number of rows in chunks of it (last one padded).
-
-    A `.pt2` exported without a dynamic batch gives such a graph; the build feeds it calibration and
-    evaluation rows at its batch, as the agent's health check does (the manifest records the batch).
-    """
-
-    def __init__(self, inner: Runtime, batch: int) -> None:
-        self._inner = inner
-        self._batch = int(batch)
-        self.name = inner.name
-        self.model_path = inner.model_path
-        self.threads = inner.threads
-        self.requested_providers = inner.requested_providers
-
-    @property
-    def inputs(self) -> List[Any]:
-        """The wrapped model's inputs."""
-        return self._inner.inputs
-
-    @property
-    def outputs(self) -> List[Any]:
-        """The wrapped model's outputs."""
-        return self._inner.outputs
-
-    @property
-    def fixed_batch(self) -> Optional[int]:
-        """The batch baked into the graph."""
-        return self._batch
-
-    @property
-    def providers(self) -> List[str]:
-        """The wrapped session's providers."""
-        return self._inner.providers
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
-        """Run in chunks of the fixed batch, repeating the last row to fill the final chunk."""
-        return run_in_chunks(self._inner.run, feeds, self._batch)
-
-    def runner(self) -> Callable[[Mapping[str, np.ndarray]], List[np.ndarray]]:
-        """`run` (chunking needs the Python layer)."""
-        return self.run
-
-    def close(self) -> None:
-        """Close the wrapped runtime."""
-        self._inner.close()
-
-
-def run_in_chunks(
-    run: Callable[[Mapping[str, np.ndarray]], List[np.ndarray]], feeds: Mapping[str, np.ndarray], batch: int
-) -> List[np.ndarray]:
-    """`run` over any number of rows for a model that takes exactly `batch` rows; padded rows are dropped."""
-    total = len(next(iter(feeds.values())))
-    if total == batch:
-        return list(run(feeds))
-    chunks: List[List[np.ndarray]] = []
-    for start in range(0, total, batch):
-        part = {k: v[start : start + batch] for k, v in feeds.items()}
-        count = len(next(iter(part.values())))
-        if count < batch:
-            part = {k: np.concatenate([v, np.repeat(v[-1:], batch - count, axis=0)]) for k, v in part.items()}
-        chunks.append([o[:count] for o in run(part)])
-    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+    return loaded
 
 
 def named_feeds(runner: Runtime, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -141,10 +65,8 @@ def named_feeds(runner: Runtime, inputs: Mapping[str, np.ndarray]) -> dict[str, 
 
 __all__ = [
     "HOST_PROVIDERS",
-    "FixedBatchRunner",
     "ModelRunner",
     "named_feeds",
-    "onnx_fixed_batch",
     "open_runner",
     "run_in_chunks",
 ]

@@ -69,7 +69,7 @@ ProfileSource = Union[str, Path]
 
 
 def builtin_names() -> List[str]:
-    """The built-in profile names, in the order DESIGN.md lists them."""
+    """The built-in profile names, in a fixed order (the README's profile table)."""
     return list(BUILTIN_NAMES)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 
 from edgefleet.sdk import build
-from edgefleet.sdk.build.zoo import accuracy, trained_digits_cnn
+from edgefleet.sdk.zoo import accuracy, trained_digits_cnn
 from edgefleet.sdk.cli.build import candidates_table
 
 

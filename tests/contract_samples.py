@@ -38,6 +38,7 @@ def _overrides() -> dict[tuple[str, str], Any]:
         ("FileTransfer", "chunks"): 3,
         ("FileTransfer", "chunk_sha256"): (SHA_A, SHA_C, SHA_A),
         ("FileTransfer", "prefix_sha256"): (SHA_A, SHA_C, SHA_B),
+        ("FileTransfer", "hashes_sha256"): SHA_C,
         ("DeltaSpec", "base_sha256"): SHA_A,
         ("DeltaSpec", "sha256"): SHA_C,
         ("DeltaSpec", "size"): 5,

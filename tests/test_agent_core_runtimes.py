@@ -92,3 +92,26 @@ def test_tflite_tensor_names_are_short_unless_they_would_collide() -> None:
     assert tensor_names(["StatefulPartitionedCall:0"]) == ["StatefulPartitionedCall"]
     # shortening would make two inputs one name: the raw names stay
     assert tensor_names(["serving_default_x:0", "x:1"]) == ["serving_default_x:0", "x:1"]
+
+
+def test_onnx_static_batch_model_runs_any_row_count_in_chunks(tmp_path: Path) -> None:
+    # prepare: the tiny classifier with its batch fixed at 2 (as a static-batch torch.export gives)
+    import onnx
+
+    model = tiny_onnx(tmp_path / "dyn.onnx")
+    proto = onnx.load(str(model))
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 2
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(proto, str(fixed))
+    x = np.random.default_rng(1).standard_normal((5, IN_FEATURES)).astype(np.float32)
+    # act
+    rt = load_runtime("onnxruntime", fixed, threads=1)
+    by_run = rt.run({"x": x})[0]
+    by_runner = rt.runner()({"x": x})[0]
+    exact = rt.runner()({"x": x[:2]})[0]
+    # assert: 5 rows run as 2 + 2 + 1 (padded), each equal to the dynamic model's answer
+    assert rt.fixed_batch == 2
+    np.testing.assert_allclose(by_run, predict(model, x), rtol=1e-6)
+    np.testing.assert_allclose(by_runner, predict(model, x), rtol=1e-6)
+    assert exact.shape == (2, 4)

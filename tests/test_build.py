@@ -18,7 +18,7 @@ from edgefleet.sdk.build.choose import choose  # noqa: E402
 from edgefleet.sdk.build.errors import BudgetError, BuildError  # noqa: E402
 from edgefleet.sdk.build.measure import LatencyStats, Quality  # noqa: E402
 from edgefleet.sdk.build.plan import CandidateSpec, PlanOptions, plan_candidates  # noqa: E402
-from edgefleet.sdk.build.zoo import trained_digits_cnn  # noqa: E402
+from edgefleet.sdk.zoo import trained_digits_cnn  # noqa: E402
 
 FAST = PlanOptions(prune_levels=(), mixed_precision=False, tflite=False, static_calibrations=("minmax",))
 

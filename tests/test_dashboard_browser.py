@@ -59,9 +59,18 @@ def docs_untouched() -> Iterator[None]:
         assert after == before, "the test rewrote docs/dashboard.png; write screenshots into tmp_path"
 
 
+def wait_js(page: Any, expression: str, arg: Any = None, timeout: int = 15000) -> None:
+    """Poll a JS predicate from Python: the page's CSP forbids eval, which `wait_for_function` needs."""
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(expression if expression.lstrip().startswith("(") else f"() => ({expression})", arg):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} ms waiting for {expression}")
+        time.sleep(0.1)
+
+
 def wait_text(page: Any, selector: str, text: str, timeout_ms: int = 15000) -> None:
     """Wait until the element's text is `text` (the page updates it live)."""
-    page.wait_for_function(
+    wait_js(page, 
         "([sel, want]) => { const n = document.querySelector(sel); return !!n && n.textContent === want; }",
         arg=[selector, text],
         timeout=timeout_ms,
@@ -184,7 +193,7 @@ def test_dashboard_live(
             for i in range(3)
         ],
     )
-    page.wait_for_function(
+    wait_js(page, 
         f"document.querySelectorAll('#chart-latency-device circle.pt').length > {before}", timeout=15000
     )
 
@@ -320,7 +329,7 @@ def test_dashboard_against_a_live_fleet(
                 for dev in devices:
                     wait_text(page, f"#fleet-table tr[data-device='{dev}'] td.model", "tiny v1", 30000)
                 # points keep arriving as the devices serve: several buckets per device by now
-                page.wait_for_function(
+                wait_js(page, 
                     "document.querySelectorAll('#chart-latency-device circle.pt').length >= 9", timeout=30000
                 )
                 assert page.evaluate("window.__noReload") == 7

@@ -120,7 +120,7 @@ def test_state_dir_must_be_new_empty_or_an_earlier_demos(tmp_path: Path) -> None
 def test_mislabeled_copy_rotates_exactly_the_chosen_classes() -> None:
     import torch
 
-    from edgefleet.sdk.build.zoo import digits_cnn
+    from edgefleet.sdk.zoo import digits_cnn
 
     torch.manual_seed(0)
     model = digits_cnn().eval()

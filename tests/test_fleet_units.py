@@ -123,10 +123,11 @@ def test_telemetry_rules_use_the_manifest_budget() -> None:
     fast = _sample("a", 100, 2.0, accuracy=0.95)
     slow = _sample("b", 300, 9.0)
     idle = _sample("c", 0, 50.0)
-    rules = AbortRules()
+    rules = AbortRules(min_samples=1, min_requests=1)
     assert rules.check_telemetry([fast, idle], health) is None
     reason = rules.check_telemetry([fast, slow], health)
-    assert reason is not None and "p95 latency 7.250 ms" in reason and "5 ms budget" in reason
+    # each device is judged on its own windows: b is slow, a is not pooled with it
+    assert reason is not None and "p95 latency 9.000 ms on b" in reason and "5 ms budget" in reason
     assert AbortRules(max_p95_ms=10).check_telemetry([fast, slow], health) is None
     assert AbortRules(min_samples=3).check_telemetry([fast, slow], health) is None
     assert AbortRules(telemetry=False).check_telemetry([fast, slow], health) is None
@@ -140,12 +141,12 @@ def test_min_agreement_gates_agreement_readings() -> None:
     # prepare: a reference-eval bundle whose devices agree with the fp32 model on 80 % of rows
     low = [_sample("a", agreement=0.80, fidelity=0.999), _sample("b", agreement=0.82, fidelity=0.998)]
     # act / assert: the rule's floor gates the agreement mean; other metrics are not confused with it
-    reason = AbortRules(min_agreement=0.9).check_telemetry(low, None)
+    reason = AbortRules(min_agreement=0.9, min_samples=1).check_telemetry(low, None)
     assert reason is not None and "eval-set agreement 0.8100" in reason and "minimum 0.9" in reason
-    assert AbortRules(min_agreement=0.8).check_telemetry(low, None) is None
-    assert AbortRules(min_accuracy=0.9).check_telemetry(low, None) is None  # no accuracy readings
+    assert AbortRules(min_agreement=0.8, min_samples=1).check_telemetry(low, None) is None
+    assert AbortRules(min_accuracy=0.9, min_samples=1).check_telemetry(low, None) is None  # no accuracy readings
     # the manifest's floor applies when the rule sets none (health metric agreement, floor 0.95)
-    reason = AbortRules().check_telemetry(low, HealthPolicy(metric="agreement", min_quality=0.95))
+    reason = AbortRules(min_samples=1).check_telemetry(low, HealthPolicy(metric="agreement", min_quality=0.95))
     assert reason is not None and "agreement" in reason
     with pytest.raises(StrategyError, match="--min-agreement"):
         AbortRules(min_agreement=1.5)
@@ -155,13 +156,13 @@ def test_min_fidelity_gates_fidelity_readings() -> None:
     # prepare: outputs drifted from the reference (mean cosine 0.97)
     drifted = [_sample("a", fidelity=0.97), _sample("b", fidelity=0.97)]
     # act / assert
-    reason = AbortRules(min_fidelity=0.99).check_telemetry(drifted, None)
+    reason = AbortRules(min_fidelity=0.99, min_samples=1).check_telemetry(drifted, None)
     assert reason is not None and "eval-set fidelity 0.9700" in reason and "minimum 0.99" in reason
-    assert AbortRules(min_fidelity=0.95).check_telemetry(drifted, None) is None
+    assert AbortRules(min_fidelity=0.95, min_samples=1).check_telemetry(drifted, None) is None
     # a manifest naming no metric gates the bundle's eval metric (here fidelity, floor 1 - 0.005)
     health = HealthPolicy(min_quality=0.995)
-    assert AbortRules().check_telemetry(drifted, health, "fidelity") is not None
-    assert AbortRules().check_telemetry(drifted, health, "agreement") is None
+    assert AbortRules(min_samples=1).check_telemetry(drifted, health, "fidelity") is not None
+    assert AbortRules(min_samples=1).check_telemetry(drifted, health, "agreement") is None
     assert AbortRules.from_dict(AbortRules(min_fidelity=0.9).to_dict()).min_fidelity == 0.9
     with pytest.raises(StrategyError, match="--min-fidelity"):
         AbortRules(min_fidelity=-0.1)

@@ -156,6 +156,7 @@ def test_rollouts_list_and_progress(client: TestClient, filled: dict[str, Any]) 
         "succeeded": 4,
         "by_status": {"deployed": 4},
         "fraction": 1.0,
+        "summary": "4 deployed",
     }
     running = client.get(f"/api/rollouts/{running_id}").json()
     assert running["progress"]["fraction"] == 0.0

@@ -197,7 +197,17 @@ class FileTransfer(WirePart):
     """How one bundle file travels: its signed hash and size, and how it is cut into chunks."""
 
     KEYS: ClassVar[FrozenSet[str]] = frozenset(
-        {"file", "sha256", "size", "chunk_size", "chunks", "chunk_sha256", "prefix_sha256", "delta"}
+        {
+            "file",
+            "sha256",
+            "size",
+            "chunk_size",
+            "chunks",
+            "chunk_sha256",
+            "prefix_sha256",
+            "delta",
+            "hashes_sha256",
+        }
     )
     file: str
     sha256: str
@@ -215,6 +225,11 @@ class FileTransfer(WirePart):
     # of the same file is the same transfer whichever way the host offered it.
     delta: Optional[DeltaSpec] = field(default=None, compare=False)
     extra: Dict[str, Any] = field(default_factory=dict, compare=False)
+    # Instead of the lists above: the sha256 of the file's hash index (`hashes_payload`), which the host
+    # publishes once per file, retained, on `Topics.hashes(fleet, sha256)`. The command's size then does
+    # not grow with the file; an agent that predates this key downloads without per-chunk hints and the
+    # signed whole-file sha256 still decides.
+    hashes_sha256: Optional[str] = field(default=None, compare=False)
 
     def _fields(self) -> Dict[str, Any]:
         obj: Dict[str, Any] = {
@@ -230,6 +245,8 @@ class FileTransfer(WirePart):
             obj["prefix_sha256"] = list(self.prefix_sha256)
         if self.delta is not None:
             obj["delta"] = self.delta.to_obj()
+        if self.hashes_sha256 is not None:
+            obj["hashes_sha256"] = self.hashes_sha256
         return obj
 
     @classmethod
@@ -262,7 +279,32 @@ class FileTransfer(WirePart):
                 # A delta this agent cannot use (a newer format, a broken one) only costs the full
                 # download; it travels on untouched in `extra`.
                 extra = {**extra, "delta": obj["delta"]}
-        return cls(name, sha256, size, chunk_size, chunks, digests, prefixes, delta, extra)
+        index = get_sha(obj, "hashes_sha256") if obj.get("hashes_sha256") is not None else None
+        return cls(name, sha256, size, chunk_size, chunks, digests, prefixes, delta, extra, index)
+
+    def with_hashes(self, payload: bytes) -> FileTransfer:
+        """This transfer with the per-chunk lists of its published hash index; ProtocolError when the payload
+        is not the index this command names (its sha256) or does not fit the file."""
+        import hashlib
+        from dataclasses import replace
+
+        if self.hashes_sha256 is None or hashlib.sha256(payload).hexdigest() != self.hashes_sha256:
+            raise ProtocolError(
+                Code.BAD_FIELD, f"file {self.file!r}: the hash index does not match its sha256"
+            )
+        obj = decode_json(payload, max_bytes=len(payload) + 1)
+        digests = _digest_list(obj, "chunk_sha256", self.file, self.chunks)
+        prefixes = _digest_list(obj, "prefix_sha256", self.file, self.chunks)
+        if prefixes and prefixes[-1] != self.sha256:
+            raise ProtocolError(Code.BAD_FIELD, f"file {self.file!r}: the hash index ends on another sha256")
+        return replace(self, chunk_sha256=digests, prefix_sha256=prefixes)
+
+
+def hashes_payload(chunk_sha256: Any, prefix_sha256: Any) -> bytes:
+    """The hash index of one file as published once per file (canonical JSON; its sha256 is in the command)."""
+    return json.dumps(
+        {"chunk_sha256": list(chunk_sha256), "prefix_sha256": list(prefix_sha256)}, separators=(",", ":")
+    ).encode()
 
 
 @wire_class
@@ -306,9 +348,28 @@ class DeployCommand(Command):
 @wire_class
 @dataclass(frozen=True)
 class RollbackCommand(Command):
-    """Return to the previous slot's model."""
+    """Return to the previous slot's model.
+
+    `abandon` (name, version) names the model being rolled back (a rollout's abort sends it): where the
+    device has no previous model and that model serves, it stops serving it (requests answer `no-model`)
+    instead of keeping it. An agent that predates the key ignores it (and answers `no-previous`).
+    """
 
     TYPE: ClassVar[str] = "rollback"
+    KEYS: ClassVar[FrozenSet[str]] = frozenset({"id", "abandon"})
+    abandon: Optional[Tuple[str, int]] = None
+
+    def _fields(self) -> Dict[str, Any]:
+        if self.abandon is None:
+            return {}
+        return {"abandon": {"name": self.abandon[0], "version": self.abandon[1]}}
+
+    @classmethod
+    def _parse(cls, obj: Mapping[str, Any], base: Dict[str, Any]) -> RollbackCommand:
+        if obj.get("abandon") is None:
+            return cls(**base)
+        model = get_dict(obj, "abandon")
+        return cls(**base, abandon=(str(get_str(model, "name", max_len=128)), get_int(model, "version")))
 
 
 @wire_class

@@ -187,6 +187,15 @@ class Topics:
         return f"{Topics.fleet_prefix(fleet)}/artifact/{sha256}/{index}"
 
     @staticmethod
+    def hashes(fleet: str, sha256: str) -> str:
+        """Retained hash index of one file (its chunk and prefix digests, published once per file).
+
+        Two levels below the file's chunks, so the `artifact/{sha256}/+` subscription of an agent
+        that predates it never receives it.
+        """
+        return f"{Topics.fleet_prefix(fleet)}/artifact/{sha256}/hashes/v1"
+
+    @staticmethod
     def broadcast_filter(fleet: str) -> str:
         """Subscription for every broadcast chunk of a fleet."""
         return f"{Topics.fleet_prefix(fleet)}/artifact/#"

@@ -15,6 +15,7 @@ from edgefleet.agent.core.quality import METRIC_NAMES
 from edgefleet.sdk.cli.env import BROKER_PASSWORD, read_old_names
 from edgefleet.sdk.cli.errors import fail as _err
 from edgefleet.sdk.cli.output import print_table
+from edgefleet.sdk.fleet.strategy import MIN_REQUESTS, MIN_WINDOWS
 
 if TYPE_CHECKING:
     from edgefleet.sdk.fleet.client import Fleet
@@ -280,7 +281,21 @@ def register(app: typer.Typer) -> None:
             help="Abort when updated devices' fidelity (mean cosine to the reference outputs) drops below this.",
         ),
         min_samples: int = typer.Option(
-            1, "--min-samples", help="Telemetry windows needed before the telemetry rules judge."
+            MIN_WINDOWS,
+            "--min-samples",
+            min=1,
+            help="Telemetry windows (per device for latency) needed before the telemetry rules may abort.",
+        ),
+        min_requests: int = typer.Option(
+            MIN_REQUESTS,
+            "--min-requests",
+            min=1,
+            help="Live requests needed before the latency and live-agreement rules may abort.",
+        ),
+        skip_offline: bool = typer.Option(
+            False,
+            "--skip-offline",
+            help="Leave out offline devices (default: tell them too and wait up to --timeout).",
         ),
         no_telemetry_rules: bool = typer.Option(
             False, "--no-telemetry-rules", help="Abort on failures only, not on telemetry."
@@ -322,6 +337,7 @@ def register(app: typer.Typer) -> None:
                 min_finished=min_finished,
                 telemetry=not no_telemetry_rules,
                 min_samples=min_samples,
+                min_requests=min_requests,
                 max_p95_ms=max_p95_ms,
                 min_accuracy=min_accuracy,
                 min_agreement=min_agreement,
@@ -335,6 +351,7 @@ def register(app: typer.Typer) -> None:
                 timeout_s=timeout,
                 rules=rules,
                 skip_unmatched=skip_unmatched,
+                skip_offline=skip_offline,
                 chunk_size=chunk_size,
                 delta=not no_delta,
                 wait=False,
@@ -374,7 +391,19 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         table = Table(title=f"rollouts of fleet {fleet}", title_justify="left")
-        for col in ("id", "status", "strategy", "to", "devices", "deployed", "failed", "started", "reason"):
+        cols = (
+            "id",
+            "status",
+            "strategy",
+            "to",
+            "devices",
+            "deployed",
+            "failed",
+            "devices now",
+            "started",
+            "reason",
+        )
+        for col in cols:
             table.add_column(col)
         for r in full:
             if r is None:
@@ -389,6 +418,8 @@ def register(app: typer.Typer) -> None:
                 str(len(statuses)),
                 str(statuses.count(DeviceStatus.DEPLOYED)),
                 str(failed),
+                # Per-device truth: what an aborted rollout left on each device (rolled-back, ...).
+                ", ".join(f"{statuses.count(s)} {s}" for s in sorted(set(map(str, statuses)))),
                 _age(r["created_at"]),
                 str(r.get("reason") or ""),
             )

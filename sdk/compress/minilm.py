@@ -37,7 +37,7 @@ def split_sentences(sentences: list[str]) -> tuple[list[str], list[str]]:
 
 def load_tokenizer_and_encoder() -> tuple[Any, Any]:
     """Tokenizer and encoder module, offline (torchvision first: transformers imports it)."""
-    from edgefleet.sdk.build.zoo import import_torchvision, load_minilm
+    from edgefleet.sdk.zoo import import_torchvision, load_minilm
 
     import_torchvision()
     return load_minilm()

@@ -17,7 +17,7 @@ from edgefleet.sdk.demo.rollout import RolloutSteps
 if TYPE_CHECKING:
     from torch import nn
 
-    from edgefleet.sdk.build.zoo import DigitsSplit
+    from edgefleet.sdk.zoo import DigitsSplit
 
 
 class BadReleaseSteps(RolloutSteps):
@@ -26,7 +26,7 @@ class BadReleaseSteps(RolloutSteps):
     def _bad_release(self, model: nn.Module, split: DigitsSplit, good_version: int) -> None:
         from edgefleet.sdk.build.builder import build
         from edgefleet.sdk.build.plan import PlanOptions
-        from edgefleet.sdk.build.zoo import accuracy
+        from edgefleet.sdk.zoo import accuracy
         from edgefleet.sdk.trust.keys import load_private_key
 
         assert self.fleet is not None and self.store is not None

@@ -19,7 +19,7 @@ from edgefleet.sdk.demo.traffic import Traffic
 if TYPE_CHECKING:
     from torch import nn
 
-    from edgefleet.sdk.build.zoo import DigitsSplit
+    from edgefleet.sdk.zoo import DigitsSplit
 
 
 class Demo(StackSteps, BadReleaseSteps):
@@ -91,7 +91,7 @@ class Demo(StackSteps, BadReleaseSteps):
         self._summary()
 
     def _train(self) -> tuple[nn.Module, DigitsSplit]:
-        from edgefleet.sdk.build.zoo import accuracy, digits_cnn, digits_split, train_classifier
+        from edgefleet.sdk.zoo import accuracy, digits_cnn, digits_split, train_classifier
 
         title = "train the digits CNN"
         start = time.monotonic()

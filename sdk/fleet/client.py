@@ -127,6 +127,7 @@ class Fleet:
         strategy: str = "all",
         skip_unmatched: bool = False,
         refresh: bool = True,
+        skip_offline: bool = False,
     ) -> dict[str, Any]:
         """Check a deploy without sending anything: bundles by profile, devices, waves, devices without a bundle.
 
@@ -141,6 +142,16 @@ class Fleet:
             self.refresh()
         rows = {d["device_id"]: d for d in self.store.devices(self.fleet)}
         targets = resolve(selector, list(rows.values()))
+        offline = sorted(d for d in targets if not rows[d].get("online"))
+        if skip_offline:
+            # Otherwise an offline device is told anyway: its command waits in the broker (persistent
+            # session) and the rollout waits for it up to the device timeout.
+            if offline and len(offline) == len(targets):
+                raise BundleRefused(
+                    f"every selected device is offline ({', '.join(offline)}); nothing to deploy to. "
+                    "Leave out --skip-offline to wait for them up to the device timeout"
+                )
+            targets = [d for d in targets if d not in offline]
         unmatched = {d: rows[d].get("profile") for d in targets if rows[d].get("profile") not in by_profile}
         if unmatched and (not skip_unmatched or len(unmatched) == len(targets)):
             listed = ", ".join(f"{d} ({p or 'profile unknown'})" for d, p in sorted(unmatched.items()))
@@ -169,6 +180,7 @@ class Fleet:
             "waves": waves,
             "unmatched": unmatched,
             "profiles": {d: rows[d].get("profile") for d in targets},
+            "skipped_offline": offline if skip_offline else [],
         }
 
     def deploy(
@@ -181,6 +193,7 @@ class Fleet:
         timeout_s: float = 600.0,
         rules: AbortRules | None = None,
         skip_unmatched: bool = False,
+        skip_offline: bool = False,
         chunk_size: int | None = None,
         ready_timeout_s: float = 10.0,
         delta: bool = True,
@@ -197,7 +210,8 @@ class Fleet:
         a refusal sends nothing. With `delta`, a device that runs an earlier version of the same model
         and can apply patches gets a bsdiff4 patch instead of the model file. With `wait` the call returns
         when the rollout ended; otherwise it runs on a background thread and the handle's `wait()` joins
-        it. `rollout_id` (default: generated) is also the deploy id every device sees. `min_accuracy`,
+        it. Offline devices are told too and waited for up to `timeout_s`; `skip_offline` leaves them
+        out. `rollout_id` (default: generated) is also the deploy id every device sees. `min_accuracy`,
         `min_agreement`, `min_fidelity` set the telemetry gate's floors (over those of `rules`; a floor
         not set comes from the bundle's health policy).
         """
@@ -214,7 +228,9 @@ class Fleet:
                 f"rollout id {rollout_id!r} is taken or malformed: use a new id of 1-128 letters, digits, "
                 "'.', '_' or '-', or leave it out to get a generated one"
             )
-        plan = self.plan(bundles, to, strategy=strategy, skip_unmatched=skip_unmatched)
+        plan = self.plan(
+            bundles, to, strategy=strategy, skip_unmatched=skip_unmatched, skip_offline=skip_offline
+        )
         gates = {"min_accuracy": min_accuracy, "min_agreement": min_agreement, "min_fidelity": min_fidelity}
         the_rules = rules_with(rules or AbortRules(), {k: v for k, v in gates.items() if v is not None})
         ids: dict[str, int] = {}

@@ -28,6 +28,9 @@ _KINDS = ("state", "evt", "telemetry")
 LIVENESS_CHECK_S = 0.5
 # Devices silent this long are forgotten by the liveness check (their Last Will has long come).
 FORGET_AFTER_S = 600.0
+# How long the broker keeps an absent ingest's session and queues the fleet's messages for it: a
+# `serve` restarted (or a broker outage) within this loses nothing.
+INGEST_SESSION_EXPIRY_S = 3600
 
 
 def liveness_limit(info: Mapping[str, Any]) -> float | None:
@@ -44,6 +47,21 @@ def liveness_limit(info: Mapping[str, Any]) -> float | None:
     if keepalive is None or interval is None or keepalive <= 0 or interval <= 0:
         return None
     return max(keepalive, 2.0 * interval)
+
+
+def default_client_id(fleet: str, share_group: str | None = None, worker: str | None = None) -> str | None:
+    """The fixed MQTT client id of a fleet's ingest worker, so a restarted one resumes its broker session.
+
+    One ingest per fleet (what `edgefleet serve` runs): `edgefleet-ingest-FLEET`. Members of a shared
+    subscription each need their own id, so they get one only when given a `worker` name; without it
+    they keep a random id and a clean session (two unnamed members would otherwise take over each
+    other's session).
+    """
+    if share_group is None:
+        return f"edgefleet-ingest-{fleet}"
+    if worker is None:
+        return None
+    return f"edgefleet-ingest-{fleet}-{share_group}-{worker}"
 
 
 def flatten_telemetry(message: Telemetry) -> dict[str, Any]:
@@ -83,6 +101,8 @@ class Ingest:
         max_rows: int = 500,
         max_delay_s: float = 0.2,
         client_id: str | None = None,
+        worker: str | None = None,
+        session_expiry_s: int = INGEST_SESSION_EXPIRY_S,
     ) -> None:
         self.store = store
         self.options = options
@@ -90,7 +110,11 @@ class Ingest:
         self.share_group = share_group
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
-        self.client_id = client_id
+        self.client_id = client_id or default_client_id(fleet, share_group, worker)
+        # A persistent session whenever the client id is fixed: messages published while this process
+        # or the broker restarts wait in the broker instead of being lost (sent == stored).
+        self.persistent = self.client_id is not None
+        self.session_expiry_s = session_expiry_s
         self.received = 0
         self.stored_telemetry = 0
         self.stored_events = 0
@@ -119,13 +143,12 @@ class Ingest:
         """Connect, subscribe and start the writer thread."""
         self._thread = threading.Thread(target=self._run, name="edgefleet-ingest", daemon=True)
         self._thread.start()
-        # A persistent session when a client id is given: messages sent while this process restarts
-        # wait in the broker instead of being lost.
         self._conn = connect(
             self.options,
             on_message=self._on_message,
             client_id=self.client_id,
-            persistent=self.client_id is not None,
+            persistent=self.persistent,
+            session_expiry_s=self.session_expiry_s,
             max_inflight=1000,
         )
         self._conn.subscribe([(f, 1) for f in self.filters()])

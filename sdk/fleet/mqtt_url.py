@@ -147,6 +147,10 @@ class Connection:
         """Publish; returns paho's MQTTMessageInfo. `expiry_s`: MQTT 5 Message Expiry (ignored on 3.1.1)."""
         import paho.mqtt.client as mqtt
 
+        from edgefleet.sdk.trust.command_signing import sign_for_topic
+
+        payload = sign_for_topic(topic, payload)  # commands carry the online key's signature
+
         if expiry_s is None or self.client.protocol != mqtt.MQTTv5:
             return self.client.publish(topic, payload, qos=qos, retain=retain)
         from paho.mqtt.packettypes import PacketTypes

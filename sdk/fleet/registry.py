@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+from edgefleet.agent.core.commands import StatusCommand
 from edgefleet.agent.core.errors import ProtocolError
 from edgefleet.agent.core.events import State, parse_device_message
 from edgefleet.agent.core.topics import Topics
@@ -31,13 +32,15 @@ def device_from_topic(topic: str) -> str | None:
 
 def apply_state(store: Store, fleet: str, message: State) -> None:
     """Write one state message (birth or Last Will) into the device's row."""
-    if not message.online:
+    if not message.online and not message.profile:
         # The Last Will carries nothing but "offline": keep what the device said before.
         store.upsert_device(fleet, message.device, online=False, last_seen=time.time())
         return
+    # A birth, or the full offline state a cleanly stopped agent leaves retained: a fresh store learns
+    # the profile, tags and model of a device that is not running now (a deploy can then wait for it).
     active = message.active
     fields: dict[str, Any] = {
-        "online": True,
+        "online": bool(message.online),
         "profile": message.profile,
         "tags": list(message.tags),
         "agent_version": message.agent_version,
@@ -79,6 +82,7 @@ def refresh(
     quiet_s: float = 0.2,
     after_sync_s: float = 0.02,
     max_wait_s: float = 3.0,
+    reannounce_s: float = 1.0,
 ) -> int:
     """Read every retained state of the fleet from the broker into the store; returns how many devices.
 
@@ -87,6 +91,10 @@ def refresh(
     queues it behind the retained burst, so once it is back (and `after_sync_s` stayed quiet, for
     brokers that send retained messages asynchronously) every state is in. Where the sync message never
     comes back (an ACL without `{prefix}/host/#`), the wait ends after `quiet_s` without a message.
+
+    The registry does not rely on retained messages alone: every device the store believes online whose
+    state did not come back is sent a `status` command, which makes the agent publish its state again
+    (brokers that lose or do not keep retained messages); the call waits up to `reannounce_s` for them.
     """
     nonce = uuid.uuid4().hex
     sync = sync_topic(fleet, nonce)
@@ -119,9 +127,31 @@ def refresh(
                 quiet = time.monotonic() - last[0]
             if quiet >= quiet_s or (synced.is_set() and quiet >= after_sync_s):
                 break
+        if reannounce_s > 0:
+            _reannounce(store, conn, fleet, seen, lock, reannounce_s)
     finally:
         conn.close()
     return len(seen)
+
+
+def _reannounce(
+    store: Store, conn: Any, fleet: str, seen: set[str], lock: threading.Lock, wait_s: float
+) -> None:
+    """Ask the devices believed online that the retained burst missed to publish their state again."""
+    with lock:
+        missing = {d["device_id"] for d in store.devices(fleet) if d.get("online")} - seen
+    if not missing:
+        return
+    for device in sorted(missing):
+        command = StatusCommand(id=f"announce-{uuid.uuid4().hex[:12]}").to_wire()
+        # Short expiry: a device that is really gone must not find a pile of these when it returns.
+        conn.publish(Topics(fleet, device).cmd, command, qos=1, expiry_s=max(1.0, wait_s))
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        with lock:
+            if missing <= seen:
+                return
+        time.sleep(0.02)
 
 
 def differences(store: Store, fleet: str) -> list[dict[str, Any]]:

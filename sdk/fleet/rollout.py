@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 __all__ = ["EngineView", "RolloutEngine", "engine_alive"]
 
 BUSY_RETRY_S = 2.0
+# Files cut into more chunks than this travel with their hash lists published once per file (retained,
+# `Topics.hashes`), not in every device's deploy command: the command's size stays the same whatever
+# the bundle's size (82 chunks cost 12.7 KB per device before).
+INLINE_HASH_CHUNKS = 8
 # The steps after the download: a device reporting one of them is installing.
 INSTALL_STEPS = frozenset(
     {
@@ -163,6 +167,7 @@ class RolloutEngine:
                 self.transfers[bid] = BundleTransfer(bundle.row["path"], chunk_size)
                 self.blobs.update(self.transfers[bid].blobs)
             self.chunk_size = chunk_size
+            self._publish_hash_indexes(retain=True)
             self._resume()
             while self.status not in ENDED_ROLLOUT:
                 self._drain(self.tick_s)
@@ -170,6 +175,8 @@ class RolloutEngine:
                 self.record.flush()
             return self.status
         finally:
+            if self._conn is not None and self.status in ENDED_ROLLOUT:
+                self._publish_hash_indexes(retain=False)
             self._beat(force=True, final=True)
             for blob in self.blobs.values():
                 blob.close()
@@ -251,7 +258,9 @@ class RolloutEngine:
         assert self._conn is not None and dev.bundle_id is not None
         transfer = self.transfers[dev.bundle_id]
         patches = self._patches_for(dev, first)
-        payload = transfer.deploy_command(self.rollout_id, dev.device_id, patches).to_wire()
+        payload = transfer.deploy_command(
+            self.rollout_id, dev.device_id, patches, inline_max=INLINE_HASH_CHUNKS
+        ).to_wire()
         dev.needs = transfer.needs(patches)
         # The broker keeps the command for an offline device only while the rollout still waits for
         # it: a device back after its timeout must not start a download that nobody serves any more.
@@ -272,6 +281,18 @@ class RolloutEngine:
             self.record.want(dev.device_id, bundle.name, bundle.version)
             self.record.save(sent_at=sent, previous=previous)
             self._set_device(dev, DeviceStatus.SENT)
+
+    def _publish_hash_indexes(self, retain: bool) -> None:
+        """Publish (retained) each large file's hash index before any command names it, or clear it at the end."""
+        assert self._conn is not None
+        for transfer in self.transfers.values():
+            for sha, payload in transfer.hash_indexes(INLINE_HASH_CHUNKS).items():
+                try:
+                    self._conn.publish(
+                        Topics.hashes(self.fleet, sha), payload if retain else b"", qos=1, retain=True
+                    )
+                except Exception as exc:  # a lost index only costs the per-chunk hints
+                    log.warning("hash index of %s… not published: %s", sha[:12], exc)
 
     def _start_wave(self, wave: int) -> None:
         self.record.save(wave=wave, soak_until=None)
@@ -349,7 +370,13 @@ class RolloutEngine:
                 self._set_device(dev, DeviceStatus.REJECTED, reason)
                 self._wake_if_wave_done(dev.wave)
         elif isinstance(message, Result) and message.command == "rollback" and message.ref == dev.rollback_id:
-            self._set_device(dev, DeviceStatus.ROLLED_BACK, self.reason)
+            data = message.data if isinstance(message.data, dict) else {}
+            if data.get("serving") is False:
+                # A first install rolled back: the device had no previous model and dropped this one.
+                reason = f"no previous model: the device stopped serving it (no-model); {self.reason}"
+                self._set_device(dev, DeviceStatus.ROLLED_BACK, reason)
+            else:
+                self._set_device(dev, DeviceStatus.ROLLED_BACK, self.reason)
         elif isinstance(message, Error):
             if dev.rollback_id is not None and message.ref == dev.rollback_id:
                 self._set_device(dev, DeviceStatus.ROLLBACK_FAILED, f"{message.code}: {message.reason}")
@@ -370,9 +397,15 @@ class RolloutEngine:
         ):
             return
         self.telemetry.append(TelemetrySample.of(message))
-        deployed = self._deployed_ids()
+        # Judged against this bundle's own budgets, with the windows of the devices running this
+        # bundle only: an rpi4b is never held to a Jetson's p95 budget (or the other way round).
+        peers = {
+            d.device_id
+            for d in self.devices.values()
+            if d.status == DeviceStatus.DEPLOYED and d.bundle_id == dev.bundle_id
+        }
         reason = self.rules.check_telemetry(
-            [s for s in self.telemetry if s.device_id in deployed], bundle.health, bundle.eval_metric
+            [s for s in self.telemetry if s.device_id in peers], bundle.health, bundle.eval_metric
         )
         if reason is not None and self.status == RolloutStatus.RUNNING:
             self._begin_abort(reason)
@@ -479,9 +512,11 @@ class RolloutEngine:
         assert self._conn is not None
         dev.rollback_id = f"{self.rollout_id}-rb-{dev.device_id}"[:128]
         dev.rollback_sent_at = time.time()
-        self._conn.publish(
-            Topics(self.fleet, dev.device_id).cmd, RollbackCommand(id=dev.rollback_id).to_wire(), qos=1
-        )
+        bundle = self.bundles.get(dev.bundle_id) if dev.bundle_id is not None else None
+        # `abandon` names the rollout's model: a device with no previous model stops serving it.
+        abandon = None if bundle is None else (bundle.name, bundle.version)
+        command = RollbackCommand(id=dev.rollback_id, abandon=abandon)
+        self._conn.publish(Topics(self.fleet, dev.device_id).cmd, command.to_wire(), qos=1)
         self._set_device(dev, DeviceStatus.ROLLING_BACK, self.reason)
 
     def _tick_abort(self, now: float) -> None:

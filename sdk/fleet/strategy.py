@@ -19,6 +19,11 @@ from edgefleet.agent.core.manifest import HealthPolicy
 from edgefleet.agent.core.quality import ACCURACY, METRIC_NAMES, METRICS, canonical_metric, passes
 from edgefleet.sdk.fleet.errors import StrategyError
 
+# Defaults of the telemetry rules: windows and live requests needed before a rule may abort (issue 14:
+# one 3-request window on a busy host must not stop a healthy release).
+MIN_WINDOWS = 3
+MIN_REQUESTS = 50
+
 
 @dataclass(frozen=True)
 class Strategy:
@@ -84,6 +89,10 @@ class TelemetrySample:
     p95_ms: float | None = None
     quality: Mapping[str, float] = field(default_factory=dict)
     live_accuracy: float | None = None
+    # Live agreement of the new model with the one it replaced (shadow evaluation): metric → value, and
+    # how many live requests the window compared.
+    shadow: Mapping[str, float] = field(default_factory=dict)
+    shadow_samples: int = 0
 
     @classmethod
     def of(cls, message: Telemetry) -> TelemetrySample:
@@ -96,6 +105,15 @@ class TelemetrySample:
                     value = reading.get(name)
                     if value is not None:
                         quality.setdefault(name, value)
+        shadow: dict[str, float] = {}
+        shadow_samples = 0
+        for reading in message.quality:
+            if reading.source == QualitySource.SHADOW and reading.samples > 0:
+                shadow_samples = max(shadow_samples, int(reading.samples))
+                for name in METRIC_NAMES:
+                    value = reading.get(name)
+                    if value is not None:
+                        shadow.setdefault(name, value)
         live = message.quality_of(ACCURACY, QualitySource.FEEDBACK)
         return cls(
             device_id=message.device,
@@ -103,6 +121,8 @@ class TelemetrySample:
             p95_ms=message.latency.p95_ms,
             quality=quality,
             live_accuracy=None if live is None else live.value,
+            shadow=shadow,
+            shadow_samples=shadow_samples,
         )
 
 
@@ -114,13 +134,16 @@ class AbortRules:
     it, once at least `min_finished` devices have finished. `telemetry`: also abort on the updated
     devices' telemetry (a quality metric below its floor `min_accuracy` / `min_agreement` /
     `min_fidelity`, p95 above `max_p95_ms`; each defaults to the manifest's health policy), once
-    `min_samples` telemetry windows came in.
+    `min_samples` telemetry windows came in and, for rules on live traffic (latency, shadow agreement),
+    `min_requests` requests. Latency is judged per device against its own bundle's budget; a noisy
+    3-request window never aborts a rollout by itself (defaults: 3 windows, 50 requests).
     """
 
     max_failed_pct: float = 0.0
     min_finished: int = 1
     telemetry: bool = True
-    min_samples: int = 1
+    min_samples: int = MIN_WINDOWS
+    min_requests: int = MIN_REQUESTS
     max_p95_ms: float | None = None
     min_accuracy: float | None = None
     min_agreement: float | None = None
@@ -130,7 +153,7 @@ class AbortRules:
     def __post_init__(self) -> None:
         if not 0 <= self.max_failed_pct < 100:
             raise StrategyError(f"max failed share {self.max_failed_pct} must be in [0, 100) percent")
-        if self.min_finished < 1 or self.min_samples < 1:
+        if self.min_finished < 1 or self.min_samples < 1 or self.min_requests < 1:
             raise StrategyError("the minimum counts of an abort rule must be at least 1")
         if self.max_p95_ms is not None and self.max_p95_ms <= 0:
             raise StrategyError(f"max p95 {self.max_p95_ms} ms must be above 0")
@@ -187,17 +210,10 @@ class AbortRules:
         if not self.telemetry:
             return None
         max_p95 = self.max_p95_ms if self.max_p95_ms is not None else (health.max_p95_ms if health else None)
-        with_traffic = [s for s in samples if s.count > 0 and s.p95_ms is not None]
-        if max_p95 is not None and len(with_traffic) >= self.min_samples:
-            # Weighted by requests: one slow window with 2 requests must not outvote a busy fast one.
-            total = sum(s.count for s in with_traffic)
-            p95 = sum(float(s.p95_ms or 0.0) * s.count for s in with_traffic) / total
-            if p95 > float(max_p95):
-                devs = sorted({s.device_id for s in with_traffic})
-                return (
-                    f"p95 latency {p95:.3f} ms on the updated devices ({', '.join(devs)}) is above the "
-                    f"{float(max_p95):g} ms budget ({len(with_traffic)} telemetry windows, {total} requests)"
-                )
+        if max_p95 is not None:
+            reason = self._slow_device(samples, float(max_p95))
+            if reason is not None:
+                return reason
         floors = self.floors()
         if health is not None and health.min_quality is not None:
             floors.setdefault(canonical_metric(health.metric or eval_metric or ACCURACY), health.min_quality)
@@ -207,10 +223,49 @@ class AbortRules:
             )
             if reason is not None:
                 return reason
+        # Live agreement with the replaced model is gated only by floors the rule sets itself: the
+        # manifest's floor is about the reference model, and two versions legitimately differ.
+        for name, floor in self.floors().items():
+            reason = self._shadow_below(samples, name, floor)
+            if reason is not None:
+                return reason
         if ACCURACY in floors:
             live = [s.live_accuracy for s in samples if s.live_accuracy is not None]
             return self._below("live accuracy", live, floors[ACCURACY], ACCURACY)
         return None
+
+    def _slow_device(self, samples: Sequence[TelemetrySample], max_p95: float) -> str | None:
+        """The reason when one device's p95 (its own windows, enough of them) is above `max_p95`."""
+        by_device: dict[str, list[TelemetrySample]] = {}
+        for s in samples:
+            if s.count > 0 and s.p95_ms is not None:
+                by_device.setdefault(s.device_id, []).append(s)
+        for device, windows in sorted(by_device.items()):
+            total = sum(s.count for s in windows)
+            if len(windows) < self.min_samples or total < self.min_requests:
+                continue
+            # Weighted by requests: one slow window with 2 requests must not outvote a busy fast one.
+            p95 = sum(float(s.p95_ms or 0.0) * s.count for s in windows) / total
+            if p95 > max_p95:
+                return (
+                    f"p95 latency {p95:.3f} ms on {device} is above its bundle's {max_p95:g} ms budget "
+                    f"({len(windows)} telemetry windows, {total} requests)"
+                )
+        return None
+
+    def _shadow_below(self, samples: Sequence[TelemetrySample], name: str, floor: float) -> str | None:
+        """The reason when live (shadow) `name` over enough compared requests misses `floor`."""
+        windows = [s for s in samples if name in s.shadow and s.shadow_samples > 0]
+        total = sum(s.shadow_samples for s in windows)
+        if not windows or len(windows) < self.min_samples or total < self.min_requests:
+            return None
+        mean = sum(s.shadow[name] * s.shadow_samples for s in windows) / total
+        if passes(mean, floor, name):
+            return None
+        return (
+            f"live {name} {mean:.4f} with the replaced model is below the minimum {floor:g} "
+            f"({total} live requests compared in {len(windows)} telemetry windows)"
+        )
 
     def _below(self, label: str, values: Sequence[float], floor: float, name: str) -> str | None:
         """The reason when the mean of `values` (enough of them) misses `floor`, else None."""

@@ -17,7 +17,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.core.commands import MIN_CHUNK_BYTES, DeltaSpec, DeployCommand, FileTransfer
+from edgefleet.agent.core.commands import (
+    MIN_CHUNK_BYTES,
+    DeltaSpec,
+    DeployCommand,
+    FileTransfer,
+    hashes_payload,
+)
 from edgefleet.agent.core.errors import VerifyError
 from edgefleet.agent.core.manifest import Manifest
 from edgefleet.agent.core.topics import Topics
@@ -114,6 +120,10 @@ class Blob:
             with open(self.path, "rb") as handle:
                 self._digests = chunk_digests(handle.read(self.chunk_size) for _ in range(self.chunks))
         return self._digests
+
+    def hashes_payload(self) -> bytes:
+        """The file's hash index (chunk and prefix digests), published once per file instead of per command."""
+        return hashes_payload(*self.digests())
 
     def chunk(self, index: int) -> bytes | None:
         """Bytes of one chunk, or None when the index is out of range."""
@@ -220,18 +230,31 @@ class BundleTransfer:
         self.total_bytes = sum(f.spec.size for f in self.files)
 
     def deploy_command(
-        self, deploy_id: str, device: str, patches: Mapping[str, tuple[str, Blob]] | None = None
+        self,
+        deploy_id: str,
+        device: str,
+        patches: Mapping[str, tuple[str, Blob]] | None = None,
+        *,
+        inline_max: int | None = None,
     ) -> DeployCommand:
         """The signed deploy command for one device; files in `patches` (file → (base sha256, patch blob)) carry a delta.
 
         The delta tells an agent that can rebuild the file from the base it holds to fetch the patch's
         chunks (under the patch's sha256) instead of the file's; the file's signed sha256 and size stay
-        as they are, so the rebuilt file is verified exactly like a downloaded one.
+        as they are, so the rebuilt file is verified exactly like a downloaded one. With `inline_max`,
+        a file of more chunks carries only the sha256 of its hash index (`hash_indexes`, published once
+        per file) instead of the lists: the command's size no longer grows with the file.
         """
         files = []
         for f in self.files:
             patch = (patches or {}).get(f.spec.file)
-            files.append(f.spec if patch is None else replace(f.spec, delta=delta_spec(*patch)))
+            spec = f.spec
+            if inline_max is not None and spec.chunks > inline_max:
+                index = self.blobs[spec.sha256].hashes_payload()
+                spec = replace(
+                    spec, chunk_sha256=(), prefix_sha256=(), hashes_sha256=hashlib.sha256(index).hexdigest()
+                )
+            files.append(spec if patch is None else replace(spec, delta=delta_spec(*patch)))
         return DeployCommand(
             id=deploy_id,
             manifest=self.manifest_bytes,
@@ -239,6 +262,14 @@ class BundleTransfer:
             files=tuple(files),
             device=device,
         )
+
+    def hash_indexes(self, inline_max: int) -> dict[str, bytes]:
+        """File sha256 → its hash index, for the files `deploy_command(inline_max=...)` leaves the lists out of."""
+        return {
+            f.spec.sha256: self.blobs[f.spec.sha256].hashes_payload()
+            for f in self.files
+            if f.spec.chunks > inline_max
+        }
 
     def needs(self, patches: Mapping[str, tuple[str, Blob]] | None = None) -> set[str]:
         """The sha256 of every blob a device must receive: whole files, or the patches that replace them."""

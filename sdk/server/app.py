@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgefleet.agent import __version__
 from edgefleet.sdk.server import auth, queries, routes_bundles, routes_fleet, routes_live, routes_rollouts
+from edgefleet.sdk.server.limits import BodyCap, SecurityHeaders, refuse_unbounded
 from edgefleet.sdk.server.actions import actions_for
 from edgefleet.sdk.server.context import ServerContext
 from edgefleet.sdk.server.errors import ApiError
@@ -164,7 +165,10 @@ def create_app(
     )
     app.state.ctx = ctx
     app.add_middleware(_RefuseNul)
-    guard = [Depends(_auth_dependency(token))]
+    app.add_middleware(BodyCap)
+    app.add_middleware(SecurityHeaders)
+    # Token first (no hints for strangers), then finite numbers and bounded lists on every route.
+    guard = [Depends(_auth_dependency(token)), Depends(refuse_unbounded)]
     for router in (routes_fleet.router, routes_bundles.router, routes_rollouts.router, routes_live.router):
         app.include_router(router, dependencies=guard)
     from edgefleet.sdk.server import routes_federated

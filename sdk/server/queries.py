@@ -151,6 +151,7 @@ def model_versions(store: Store, fleet: str, model_name: Optional[str] = None) -
         query = query.where(telemetry.c.model_name == model_name)
     with store.engine.connect() as conn:
         rows = conn.execute(query).all()
+    shadow = live_agreement(store, fleet, model_name)
     out = []
     for row in rows:
         item = dict(row._mapping)
@@ -158,8 +159,48 @@ def model_versions(store: Store, fleet: str, model_name: Optional[str] = None) -
             item[field] = None if item[field] is None else float(item[field])
         item["count"] = int(item["count"] or 0)
         item["errors"] = int(item["errors"] or 0)
+        live = shadow.get((item["model_name"], item["model_version"]))
+        item["live_agreement"] = None if live is None else live[0]
+        item["live_agreement_samples"] = 0 if live is None else live[1]
         out.append(jsonable(item))
     return out
+
+
+# Telemetry windows read for the live (shadow) agreement per version, newest first: a bound on the work.
+SHADOW_WINDOWS = 5000
+
+
+def live_agreement(
+    store: Store, fleet: str, model_name: Optional[str] = None
+) -> dict[tuple[Any, Any], tuple[float, int]]:
+    """(model, version) → (live agreement with the model it replaced, live requests compared).
+
+    Read from the `shadow` quality readings in the stored telemetry payloads (agent/shadow.py): the
+    agreement weighted by each window's compared requests, over the newest `SHADOW_WINDOWS` windows.
+    """
+    query = (
+        select(telemetry.c.model_name, telemetry.c.model_version, telemetry.c.payload)
+        .where((telemetry.c.fleet == fleet) & telemetry.c.model_name.is_not(None))
+        .order_by(telemetry.c.ts.desc())
+        .limit(SHADOW_WINDOWS)
+    )
+    if model_name is not None:
+        query = query.where(telemetry.c.model_name == model_name)
+    sums: dict[tuple[Any, Any], list[float]] = {}
+    with store.engine.connect() as conn:
+        for name, version, payload in conn.execute(query):
+            for reading in (payload or {}).get("quality") or []:
+                if not isinstance(reading, dict) or reading.get("source") != "shadow":
+                    continue
+                value = reading.get("value") if reading.get("metric") == "agreement" else None
+                if value is None:
+                    value = (reading.get("detail") or {}).get("agreement")
+                samples = reading.get("samples") or 0
+                if isinstance(value, (int, float)) and isinstance(samples, int) and samples > 0:
+                    acc = sums.setdefault((name, version), [0.0, 0])
+                    acc[0] += float(value) * samples
+                    acc[1] += samples
+    return {key: (total / n, int(n)) for key, (total, n) in sums.items() if n}
 
 
 def gap_totals(store: Store, fleet: str) -> dict[str, int]:
@@ -188,6 +229,9 @@ def progress(devices: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "succeeded": succeeded,
         "by_status": dict(sorted(by_status.items())),
         "fraction": (finished / total) if total else 0.0,
+        # Per-device truth in one line ("2 rolled-back, 1 not-notified"): an aborted rollout whose
+        # devices all "finished" must not read as done.
+        "summary": ", ".join(f"{n} {s}" for s, n in sorted(by_status.items())),
     }
 
 

@@ -72,7 +72,10 @@ def public_raw(key: Ed25519PrivateKey) -> bytes:
 def init_keys(
     directory: Optional[PathLike] = None, passphrase: Optional[str] = None, force: bool = False
 ) -> KeyPair:
-    """Create the fleet's Ed25519 key pair (fleet.key 0600, fleet.pub) and its version-1 root; never overwrite unless `force`."""
+    """Create the fleet's Ed25519 key pair (fleet.key 0600, fleet.pub), its version-1 root and the online command key.
+
+    Never overwrites unless `force`.
+    """
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -101,6 +104,10 @@ def init_keys(
     # The host's copy of the fleet's root, version 1: the base that `keys rotate` builds on.
     root = make_root([raw])
     atomic_write_json(target / ROOT_FILE, {"root": root, "signatures": [sign(canonical_bytes(root), key)]})
+    # The online key that signs commands (the director role), delegated by this offline key.
+    from edgefleet.sdk.trust.command_signing import init_online_key
+
+    init_online_key(target, key, force=True)
     return KeyPair(
         private_path, public_path, key_id(raw), public_key_pem(raw).decode("ascii"), bool(passphrase)
     )

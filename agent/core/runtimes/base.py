@@ -22,6 +22,29 @@ if TYPE_CHECKING:
 _PLUGIN_MODULES = ("onnx", "tflite")
 
 
+def run_in_chunks(
+    run: Callable[[Mapping[str, np.ndarray]], List[np.ndarray]], feeds: Mapping[str, np.ndarray], batch: int
+) -> List[np.ndarray]:
+    """`run` over any number of rows for a model that takes exactly `batch` rows at a time.
+
+    A static-batch export (torch.export at batch 1, litert-torch's fixed batch) runs in chunks of its
+    batch; the last chunk is filled by repeating its last row, and the padded rows' outputs are dropped.
+    """
+    import numpy as np
+
+    total = int(next(iter(feeds.values())).shape[0]) if feeds else 0
+    if total == batch:
+        return list(run(feeds))
+    chunks: List[List[np.ndarray]] = []
+    for start in range(0, total, batch):
+        part = {k: v[start : start + batch] for k, v in feeds.items()}
+        count = int(next(iter(part.values())).shape[0])
+        if count < batch:
+            part = {k: np.concatenate([v, np.repeat(v[-1:], batch - count, axis=0)]) for k, v in part.items()}
+        chunks.append([o[:count] for o in run(part)])
+    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))] if chunks else []
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One model input or output as the runtime sees it: name, numpy dtype name, shape (None = dynamic)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from edgefleet.agent.core.errors import RuntimeLoadError
-from edgefleet.agent.core.runtimes.base import RUNTIMES, Runtime, TensorInfo
+from edgefleet.agent.core.runtimes.base import RUNTIMES, Runtime, TensorInfo, run_in_chunks
 
 if TYPE_CHECKING:
     import numpy as np
@@ -72,6 +72,14 @@ class OnnxRuntime(Runtime):
             for o in self._session.get_outputs()
         ]
         self._output_names = [o.name for o in self._outputs]
+        # A model exported with a static batch (torch.export at batch 1, say) takes exactly that many rows.
+        first = self._inputs[0].shape if self._inputs else ()
+        self._fixed_batch: Optional[int] = int(first[0]) if first and first[0] else None
+
+    @property
+    def fixed_batch(self) -> Optional[int]:
+        """The batch size baked into the graph (other row counts run in chunks of it), or None."""
+        return self._fixed_batch
 
     @property
     def inputs(self) -> List[TensorInfo]:
@@ -94,6 +102,8 @@ class OnnxRuntime(Runtime):
         session = self._session
         if session is None:
             raise RuntimeLoadError("runtime-closed", f"{self.model_path.name} was unloaded")
+        if self._fixed_batch is not None:
+            return run_in_chunks(lambda part: session.run(self._output_names, part), feeds, self._fixed_batch)
         return session.run(self._output_names, feeds)
 
     def runner(self) -> Callable[[Mapping[str, np.ndarray]], List[np.ndarray]]:
@@ -128,7 +138,17 @@ class OnnxRuntime(Runtime):
                     fast = current._sess.run
                 return outputs
 
-        return run
+        batch = self._fixed_batch
+        if batch is None:
+            return run
+
+        def run_fixed(feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
+            # The usual request matches the baked-in batch and takes the fast path; others run in chunks.
+            if feeds and next(iter(feeds.values())).shape[0] == batch:
+                return run(feeds)
+            return run_in_chunks(run, feeds, batch)
+
+        return run_fixed
 
     def close(self) -> None:
         """Drop the session (onnxruntime frees it when the last reference goes)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from edgefleet.agent.core.errors import RuntimeLoadError
-from edgefleet.agent.core.runtimes.base import RUNTIMES, Runtime, TensorInfo
+from edgefleet.agent.core.runtimes.base import RUNTIMES, Runtime, TensorInfo, run_in_chunks
 
 # The TFLite converter's prefix for a signature's tensors ('serving_default_x:0').
 SIGNATURE_PREFIX = "serving_default_"
@@ -163,26 +163,16 @@ class TfliteRuntime(Runtime):
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> List[np.ndarray]:
         """Run on any number of rows; a model with a fixed batch runs in chunks of it, the last one padded."""
-        import numpy as np
 
         if self._interp is None:
             raise RuntimeLoadError("runtime-closed", f"{self.model_path.name} was unloaded")
-        arrays = [feeds[n] for n in self._in_names]
-        total = int(arrays[0].shape[0]) if arrays and arrays[0].ndim else 1
+        named = {n: feeds[n] for n in self._in_names}
         batch = self._fixed_batch
         with self._lock:
-            if batch is None or total == batch:
-                return self._invoke(arrays)
-            # litert-torch fixes the batch at conversion: run chunks of that size, repeating the last
-            # row to fill the final chunk, and drop the padded rows' outputs.
-            chunks: List[List[np.ndarray]] = []
-            for start in range(0, total, batch):
-                part = [a[start : start + batch] for a in arrays]
-                count = int(part[0].shape[0])
-                if count < batch:
-                    part = [np.concatenate([p, np.repeat(p[-1:], batch - count, axis=0)]) for p in part]
-                chunks.append([o[:count] for o in self._invoke(part)])
-        return [np.concatenate([c[j] for c in chunks]) for j in range(len(self._out))]
+            if batch is None:
+                return self._invoke(list(named.values()))
+            # litert-torch fixes the batch at conversion: other row counts run in chunks of it.
+            return run_in_chunks(lambda part: self._invoke(list(part.values())), named, batch)
 
     def close(self) -> None:
         """Drop the interpreter."""

@@ -67,6 +67,8 @@ const QUALITY = [
   { key: "agreement", label: "agreement", show: pct },
   { key: "fidelity", label: "fidelity", show: (v) => fmt(v, 4) },
   { key: "live_accuracy", label: "live accuracy", show: pct },
+  // Agreement with the model it replaced on live requests (shadow evaluation during a rollout's soak).
+  { key: "live_agreement", label: "live agreement", show: pct },
 ];
 
 // The first quality reading a row carries, by the vocabulary's name: {key, label, value, text}, or null.
@@ -233,7 +235,7 @@ async function loadRollouts() {
           el("span", { class: "badge status " + (STATUS_CLASS[r.status] || "") }, r.status),
           el("span", { class: "muted" }, ` ${r.strategy} → ${r.selector}`)),
         el("span", {},
-          el("span", { class: "progress-text" }, `${p.finished}/${p.total} finished`),
+          el("span", { class: "progress-text" }, progressText(r)),
           el("span", { class: "muted" }, ` · ${clock(r.created_at)} `),
           abort)),
       el("div", { class: "bar" }, el("div", { style: `width:${(100 * p.fraction).toFixed(1)}%` })),
@@ -241,6 +243,14 @@ async function loadRollouts() {
       r.reason ? el("div", { class: "reason" }, r.reason) : null,
     ));
   }
+}
+
+// A rollout that ended other than by success says so, with what each device is now ("aborted: 1
+// rolled-back, 1 not-notified"), never "3/3 finished".
+function progressText(r) {
+  const p = r.progress;
+  if (["aborted", "aborting", "completed"].includes(r.status)) return `${r.status}: ${p.summary || "no devices"}`;
+  return `${p.finished}/${p.total} finished`;
 }
 
 async function abortRollout(id) {
