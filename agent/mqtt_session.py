@@ -396,9 +396,12 @@ class MqttSession:
     def _connect_to(self, url: str, deadline: Optional[float], primary: Optional[str]) -> str:
         """Attempt `url` with its MQTT version; in auto mode, MQTT 3.1.1 next when it refuses 5."""
         auto = self.config.mqtt_version == "auto"
-        version = self._versions.get(url) or _first_version(self.config.mqtt_version)
+        known = self._versions.get(url)
+        version = known or _first_version(self.config.mqtt_version)
         outcome = self._attempt(url, version, deadline, primary)
-        if auto and version == "5" and outcome in _NOT_MQTT5:
+        # A broker that has taken MQTT 5 before and now closes or stays silent is a bad link, not a
+        # 3.1.1-only broker: retry on the usual backoff instead of a second attempt at once.
+        if auto and version == "5" and known is None and outcome in _NOT_MQTT5:
             # amqtt never answers an MQTT 5 CONNECT that carries a Will; aedes refuses it (0x84).
             log.info("the broker at %s does not take MQTT 5 (%s): trying MQTT 3.1.1", url, outcome)
             outcome = self._attempt(url, "3.1.1", deadline, primary)

@@ -116,8 +116,8 @@ def vision_rows(name: str, work: Path, runs: int) -> list[dict[str, Any]]:
     """fp32, plain dynamic, static QDQ, 50 % channel-pruned fp32 and pruned + static INT8."""
     import torch
 
-    from edgefleet.sdk.zoo import torchvision_model, trained_digits_cnn
     from edgefleet.sdk.compress.prune import channel_prune, count_params, finetune
+    from edgefleet.sdk.zoo import torchvision_model, trained_digits_cnn
 
     torch.manual_seed(0)
     x_test: Optional[np.ndarray] = None

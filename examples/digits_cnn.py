@@ -17,8 +17,8 @@ from pathlib import Path
 from rich.console import Console
 
 from edgefleet.sdk import build
-from edgefleet.sdk.zoo import accuracy, trained_digits_cnn
 from edgefleet.sdk.cli.build import candidates_table
+from edgefleet.sdk.zoo import accuracy, trained_digits_cnn
 
 
 def signing_key(workdir: Path) -> Path:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgefleet.sdk.zoo import accuracy, digits_cnn, digits_split, train_classifier, trained_digits_cnn
 from edgefleet.sdk.compress import COMPRESSORS, CompressionContext, CompressionError
 from edgefleet.sdk.compress.distill import distill
 from edgefleet.sdk.compress.transfer import transfer_learn
+from edgefleet.sdk.zoo import accuracy, digits_cnn, digits_split, train_classifier, trained_digits_cnn
 
 
 @pytest.fixture(scope="module")

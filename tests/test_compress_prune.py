@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from edgefleet.sdk.zoo import accuracy, trained_digits_cnn
 from edgefleet.sdk.compress import COMPRESSORS, CompressionContext, CompressionError
 from edgefleet.sdk.compress.prune import channel_prune, count_params, magnitude_prune
 from edgefleet.sdk.compress.sensitivity import prunable_layers
+from edgefleet.sdk.zoo import accuracy, trained_digits_cnn
 
 
 @pytest.fixture(scope="module")

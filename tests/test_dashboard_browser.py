@@ -62,7 +62,9 @@ def docs_untouched() -> Iterator[None]:
 def wait_js(page: Any, expression: str, arg: Any = None, timeout: int = 15000) -> None:
     """Poll a JS predicate from Python: the page's CSP forbids eval, which `wait_for_function` needs."""
     deadline = time.monotonic() + timeout / 1000
-    while not page.evaluate(expression if expression.lstrip().startswith("(") else f"() => ({expression})", arg):
+    while not page.evaluate(
+        expression if expression.lstrip().startswith("(") else f"() => ({expression})", arg
+    ):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} ms waiting for {expression}")
         time.sleep(0.1)
@@ -70,7 +72,8 @@ def wait_js(page: Any, expression: str, arg: Any = None, timeout: int = 15000) -
 
 def wait_text(page: Any, selector: str, text: str, timeout_ms: int = 15000) -> None:
     """Wait until the element's text is `text` (the page updates it live)."""
-    wait_js(page, 
+    wait_js(
+        page,
         "([sel, want]) => { const n = document.querySelector(sel); return !!n && n.textContent === want; }",
         arg=[selector, text],
         timeout=timeout_ms,
@@ -140,6 +143,8 @@ def test_dashboard_live(
     page = browser.new_page(viewport={"width": 1400, "height": 1800})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # The dashboard is served with a Content-Security-Policy: anything it blocks is an error here.
+    page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     page.on("dialog", lambda dialog: dialog.accept())
     page.goto(srv.url + "/")
     # The page marks itself so a reload would be visible: the marker must survive every update.
@@ -193,8 +198,8 @@ def test_dashboard_live(
             for i in range(3)
         ],
     )
-    wait_js(page, 
-        f"document.querySelectorAll('#chart-latency-device circle.pt').length > {before}", timeout=15000
+    wait_js(
+        page, f"document.querySelectorAll('#chart-latency-device circle.pt').length > {before}", timeout=15000
     )
 
     # an abort shows up: start a rollout in the store, click Abort on its card
@@ -329,8 +334,10 @@ def test_dashboard_against_a_live_fleet(
                 for dev in devices:
                     wait_text(page, f"#fleet-table tr[data-device='{dev}'] td.model", "tiny v1", 30000)
                 # points keep arriving as the devices serve: several buckets per device by now
-                wait_js(page, 
-                    "document.querySelectorAll('#chart-latency-device circle.pt').length >= 9", timeout=30000
+                wait_js(
+                    page,
+                    "document.querySelectorAll('#chart-latency-device circle.pt').length >= 9",
+                    timeout=30000,
                 )
                 assert page.evaluate("window.__noReload") == 7
                 assert errors == []

@@ -144,9 +144,13 @@ def test_min_agreement_gates_agreement_readings() -> None:
     reason = AbortRules(min_agreement=0.9, min_samples=1).check_telemetry(low, None)
     assert reason is not None and "eval-set agreement 0.8100" in reason and "minimum 0.9" in reason
     assert AbortRules(min_agreement=0.8, min_samples=1).check_telemetry(low, None) is None
-    assert AbortRules(min_accuracy=0.9, min_samples=1).check_telemetry(low, None) is None  # no accuracy readings
+    assert (
+        AbortRules(min_accuracy=0.9, min_samples=1).check_telemetry(low, None) is None
+    )  # no accuracy readings
     # the manifest's floor applies when the rule sets none (health metric agreement, floor 0.95)
-    reason = AbortRules(min_samples=1).check_telemetry(low, HealthPolicy(metric="agreement", min_quality=0.95))
+    reason = AbortRules(min_samples=1).check_telemetry(
+        low, HealthPolicy(metric="agreement", min_quality=0.95)
+    )
     assert reason is not None and "agreement" in reason
     with pytest.raises(StrategyError, match="--min-agreement"):
         AbortRules(min_agreement=1.5)

@@ -40,7 +40,7 @@ def _deploy_like(device: str) -> bytes:
     return json.dumps({"v": 1, "type": "deploy", "id": "d-1", "device": device}).encode()
 
 
-def _code(guard: ca.CommandGuard, payload: bytes, now: float = NOW) -> str:
+def _code(guard: ca.CommandGuard, payload: bytes, now: float | None = NOW) -> str:
     with pytest.raises(ca.CommandAuthError) as caught:
         guard.check(payload, now=now)
     return caught.value.code
@@ -107,6 +107,32 @@ def test_a_command_signed_by_the_offline_bundle_key_or_edited_is_refused(
     # act / assert
     assert _code(_guard(tmp_path, online), by_bundle_key) == ca.BAD_SIGNATURE
     assert _code(_guard(tmp_path, online), json.dumps(edited).encode()) == ca.BAD_SIGNATURE
+
+
+def test_keys_init_delegates_an_online_key_and_a_rotation_delegates_it_again(tmp_path: Path) -> None:
+    from edgefleet.agent.core.trust import TrustStore
+    from edgefleet.sdk.trust.command_signing import CommandSigner, redelegate
+    from edgefleet.sdk.trust.keys import init_keys, load_host_root, load_private_key, make_rotation
+
+    # prepare: a fleet key (with its online key) and a rotation to a new key only
+    old, new = init_keys(tmp_path / "k"), init_keys(tmp_path / "n")
+    keys = [load_private_key(old.private_path), load_private_key(new.private_path)]
+    first_root = TrustStore(load_host_root(tmp_path / "k"))
+    rotated = TrustStore(make_rotation(load_host_root(tmp_path / "k"), [str(new.public_path)], keys)["root"])
+    signer = CommandSigner.load(tmp_path / "k")
+    assert signer is not None
+    # act / assert: delegated by the first root; after the rotation only once delegated again
+    assert _guard_on(tmp_path, first_root).check(signer.sign(_rollback("a"), "cam-1"))["id"] == "a"
+    stale = signer.sign(_rollback("b"), "cam-1")
+    assert _code(_guard_on(tmp_path, rotated, "r1"), stale, now=None) == ca.BAD_SIGNATURE
+    assert redelegate(tmp_path / "k", [keys[1]])
+    again = CommandSigner.load(tmp_path / "k")
+    assert again is not None and again.seed == signer.seed  # the same online key, delegated anew
+    assert _guard_on(tmp_path, rotated, "r2").check(again.sign(_rollback("c"), "cam-1"))["id"] == "c"
+
+
+def _guard_on(tmp_path: Path, root: object, name: str = "g") -> ca.CommandGuard:
+    return ca.CommandGuard("cam-1", {}, tmp_path / f"{name}.json", root=root)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------

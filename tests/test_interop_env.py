@@ -44,7 +44,7 @@ def _password_seen(command: str, tmp_path: Path, env: dict[str, str]) -> tuple[A
     with (
         mock.patch("edgefleet.sdk.cli.serve._attach_fleet", attach),
         mock.patch("edgefleet.sdk.fleet.client.Fleet", fleet),
-        mock.patch("edgefleet.sdk.trust.keys.push_rotation", push),
+        mock.patch("edgefleet.sdk.fleet.rotation.push_rotation", push),
     ):
         result = CliRunner().invoke(
             app, args, env={**clean, "EDGEFLEET_HOME": str(tmp_path / "home"), **env}, catch_exceptions=False

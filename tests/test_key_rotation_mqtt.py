@@ -17,13 +17,12 @@ from edgefleet.agent.core.protocol import Code, Error, RotateRootCommand, State,
 from edgefleet.agent.core.trust import ROOT_FILE, load_public_key_pem, make_root
 from edgefleet.sdk.cli import app
 from edgefleet.sdk.fleet.client import Fleet
+from edgefleet.sdk.fleet.rotation import push_rotation, rotation_command
 from edgefleet.sdk.trust.keys import (
     init_keys,
     load_host_root,
     load_private_key,
     make_rotation,
-    push_rotation,
-    rotation_command,
     sign,
 )
 from tests.agent_net_support import IN_FEATURES, Observer

@@ -13,9 +13,9 @@ pytest.importorskip("ai_edge_litert")
 
 from edgefleet.agent.core.runtimes.tflite import TfliteRuntime
 from edgefleet.converters.runners import named_feeds, open_runner
-from edgefleet.sdk.zoo import accuracy, trained_digits_cnn
 from edgefleet.sdk.compress import COMPRESSORS, CompressionContext, CompressionError
 from edgefleet.sdk.compress import tflite_quant as _registers  # noqa: F401
+from edgefleet.sdk.zoo import accuracy, trained_digits_cnn
 
 pytestmark = [pytest.mark.tflite, pytest.mark.slow]
 

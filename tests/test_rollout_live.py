@@ -244,6 +244,26 @@ def test_a_stopped_device_is_known_offline_and_a_deploy_waits_for_it(
         fresh.close()
 
 
+def _median_ms(model: Path, runs: int = 15) -> float:
+    """Median single-row latency of `model` on one thread of this host (sets the test's budgets)."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    x = np.zeros((1, session.get_inputs()[0].shape[1]), dtype=np.float32)
+    session.run(None, {"x": x})
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, {"x": x})
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
+
+
 def test_a_mixed_emulated_fleet_rolls_out_healthy_releases_with_default_flags(
     tmp_path: Path, mosquitto: Any, fleet_name: str, fleet: Fleet
 ) -> None:
@@ -255,7 +275,11 @@ def test_a_mixed_emulated_fleet_rolls_out_healthy_releases_with_default_flags(
     keys = init_keys(tmp_path / "keys")
     ids = ["pi", "nano"]
     profiles = {"pi": "rpi4b", "nano": "jetson-orin-nano"}
-    budgets = {"rpi4b": 100.0, "jetson-orin-nano": 20.0}
+    # The budgets follow this host's speed, so the test means the same on a fast or a loaded machine:
+    # the rpi's own budget far above its model's latency, the Jetson's well below it (and still far
+    # above the tiny model's). The test asserts outcomes, never a time.
+    heavy_ms = _median_ms(export_heavy(tmp_path / "probe.onnx", seed=0, layers=6))
+    budgets = {"rpi4b": max(100.0, 20 * heavy_ms), "jetson-orin-nano": max(1.0, heavy_ms / 4)}
     with _agents(tmp_path, mosquitto.url, fleet_name, keys.public_path, ids, emulate=profiles):
         wait_online(fleet.store, fleet_name, fleet.options, ids)
         ports = [_port(tmp_path / d) for d in ids]

@@ -75,6 +75,34 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"key id:      {pair.keyid}")
         typer.echo(pair.public_pem.rstrip())
         typer.echo(f"Give the agents the public key: edgefleet-agent --trusted-key {pair.public_path}")
+        typer.echo(
+            f"online command key: {pair.private_path.parent / 'online.key'} (0600; signs every command, "
+            "delegated by the fleet key in online.json; agents with require_signed_commands refuse unsigned ones)"
+        )
+
+    @keys_app.command("online")
+    def online(
+        directory: Optional[Path] = typer.Option(
+            None, "--dir", help="Key folder (default ~/.edgefleet/keys)."
+        ),
+        days: int = typer.Option(365, "--days", help="How long the delegation is valid."),
+        passphrase_env: Optional[str] = typer.Option(
+            None, "--passphrase-env", help="The fleet key's passphrase is in this env variable."
+        ),
+    ) -> None:
+        """(Re-)create the online command key, delegated by the offline fleet key (fleets made before it)."""
+        from edgefleet.sdk.trust.command_signing import CommandKeyError, init_online_key
+        from edgefleet.sdk.trust.keys import PRIVATE_KEY_FILE, KeysError, default_key_dir, load_private_key
+
+        folder = directory or default_key_dir()
+        secret = _passphrase(passphrase_env, False, confirm=False)
+        try:
+            path = init_online_key(
+                folder, load_private_key(folder / PRIVATE_KEY_FILE, secret), days=days, force=True
+            )
+        except (KeysError, CommandKeyError) as exc:
+            raise _fail(str(exc)) from None
+        typer.echo(f"online command key: {path} (delegation {folder / 'online.json'}, {days} days)")
 
     @keys_app.command("show")
     def show(
@@ -121,6 +149,7 @@ def register(app: typer.Typer) -> None:
         """Make root version n+1 with new keys, signed by enough current (and new) keys; devices apply it."""
         from datetime import datetime, timedelta, timezone
 
+        from edgefleet.agent.core.trust import key_id
         from edgefleet.sdk.trust.keys import (
             KeysError,
             load_host_root,
@@ -145,11 +174,19 @@ def register(app: typer.Typer) -> None:
         except KeysError as exc:
             raise _fail(f"{exc.code}: {exc.reason}") from None
         root = statement["root"]
+        # The online command key stays; the new root's keys delegate it again (devices check that).
+        from edgefleet.sdk.trust.command_signing import redelegate
+        from edgefleet.sdk.trust.keys import default_key_dir, public_raw
+
+        new_signers = [k for k in signers if key_id(public_raw(k)) in root["keys"]]
+        redelegated = bool(new_signers) and redelegate(directory or default_key_dir(), new_signers)
         if as_json:
             typer.echo(json.dumps({"out": str(out), "root": root}, indent=2, sort_keys=True))
             return
         typer.echo(f"root version {root['version']} with {len(root['keys'])} key(s) written to {out}")
         typer.echo("Send it to the devices; they apply it only if enough current keys signed it.")
+        if redelegated:
+            typer.echo("The online command key is delegated again by the new root's keys (online.json).")
 
     @keys_app.command("push-rotation")
     def push_rotation_cmd(
@@ -186,7 +223,8 @@ def register(app: typer.Typer) -> None:
 
         from edgefleet.sdk.fleet.errors import FleetError
         from edgefleet.sdk.fleet.mqtt_url import MqttOptions, default_broker_url
-        from edgefleet.sdk.trust.keys import KeysError, push_rotation
+        from edgefleet.sdk.fleet.rotation import push_rotation
+        from edgefleet.sdk.trust.keys import KeysError
 
         try:
             options = MqttOptions(

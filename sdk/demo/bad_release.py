@@ -26,8 +26,8 @@ class BadReleaseSteps(RolloutSteps):
     def _bad_release(self, model: nn.Module, split: DigitsSplit, good_version: int) -> None:
         from edgefleet.sdk.build.builder import build
         from edgefleet.sdk.build.plan import PlanOptions
-        from edgefleet.sdk.zoo import accuracy
         from edgefleet.sdk.trust.keys import load_private_key
+        from edgefleet.sdk.zoo import accuracy
 
         assert self.fleet is not None and self.store is not None
         self.console.rule("[bold]--bad-model: a release with a label-map bug")

@@ -16,8 +16,8 @@ from edgefleet.sdk.demo.options import ENDED_DEVICE, FLEET, MIN_WINDOWS, MODEL_N
 if TYPE_CHECKING:
     from torch import nn
 
-    from edgefleet.sdk.zoo import DigitsSplit
     from edgefleet.sdk.fleet.client import RolloutHandle
+    from edgefleet.sdk.zoo import DigitsSplit
 
 
 class RolloutSteps(DemoBase):

@@ -113,7 +113,7 @@ class Fleet:
         self, statement: str | Path | bytes | dict[str, Any], to: str = "all", timeout_s: float = 30.0
     ) -> dict[str, Any]:
         """Send a key rotation (`edgefleet keys rotate -o FILE`) to the devices `to` selects; outcome per device."""
-        from edgefleet.sdk.trust.keys import push_rotation
+        from edgefleet.sdk.fleet.rotation import push_rotation
 
         return push_rotation(statement, to, broker=self.options, fleet=self.fleet, timeout_s=timeout_s)
 

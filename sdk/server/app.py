@@ -16,11 +16,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgefleet.agent import __version__
 from edgefleet.sdk.server import auth, queries, routes_bundles, routes_fleet, routes_live, routes_rollouts
-from edgefleet.sdk.server.limits import BodyCap, SecurityHeaders, refuse_unbounded
 from edgefleet.sdk.server.actions import actions_for
 from edgefleet.sdk.server.context import ServerContext
 from edgefleet.sdk.server.errors import ApiError
 from edgefleet.sdk.server.feed import ChangeFeed
+from edgefleet.sdk.server.limits import BodyCap, SecurityHeaders, refuse_unbounded
 from edgefleet.sdk.store import Store
 
 STATIC_DIR = Path(__file__).parent / "static"

@@ -47,6 +47,7 @@ class BodyCap:
         self.limit = limit
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Pass the request on with its body replayed, or answer 413."""
         if scope["type"] != "http" or (scope.get("method"), scope.get("path")) in UPLOAD_ROUTES:
             await self.app(scope, receive, send)
             return
@@ -95,6 +96,7 @@ class SecurityHeaders:
         self.app = app
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Pass the request on; add the headers to its response start."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

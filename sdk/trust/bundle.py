@@ -376,7 +376,8 @@ def verify_bundle(
         manifest = Manifest.from_bytes((root / MANIFEST_FILE).read_bytes())
     except FileNotFoundError:
         raise VerifyError(
-            "file-missing", f"{root / MANIFEST_FILE} is missing: is {root} a bundle made by `edgefleet build`?"
+            "file-missing",
+            f"{root / MANIFEST_FILE} is missing: is {root} a bundle made by `edgefleet build`?",
         ) from None
     limit = max_bytes if max_bytes is not None else max([e.size for e in manifest.files.values()] + [1])
     if not public_keys:

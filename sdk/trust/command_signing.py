@@ -13,6 +13,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -53,6 +54,31 @@ def init_online_key(
     atomic_write_bytes(key_path, base64.b64encode(seed) + b"\n", mode=0o600)
     atomic_write_json(directory / DELEGATION_FILE, delegation)
     return key_path
+
+
+def redelegate(directory: Path, fleet_keys: Sequence[Any], *, days: int = DEFAULT_ONLINE_DAYS) -> bool:
+    """Sign the existing online key's delegation again with the keys of a new root (after `keys rotate`).
+
+    Devices check the delegation against their current root, threshold included: without this, a
+    rotation that drops the old fleet key would leave every command signed by an undelegated key.
+    False when the folder holds no online key.
+    """
+    from nacl.signing import SigningKey
+
+    from edgefleet.sdk.trust.keys import sign
+
+    key_path = directory / ONLINE_KEY_FILE
+    if not key_path.is_file():
+        return False
+    seed = base64.b64decode(key_path.read_bytes().strip(), validate=True)
+    online = {
+        "schema": DELEGATION_SCHEMA,
+        "public": base64.b64encode(bytes(SigningKey(seed).verify_key)).decode("ascii"),
+        "expires": int(time.time() + days * 86400),
+    }
+    signatures = [sign(delegation_bytes(online), key) for key in fleet_keys]
+    atomic_write_json(directory / DELEGATION_FILE, {"online": online, "signatures": signatures})
+    return True
 
 
 class CommandSigner:
