@@ -248,6 +248,12 @@ class Result(DeviceMessage):
     def _fields(self) -> Dict[str, Any]:
         return {"ref": self.ref, "command": self.command, "data": self.data}
 
+    def rotation(self) -> Tuple[bool, Optional[int]]:
+        """A `rotate-root` answer: (whether the device moved to the new root, its root version now)."""
+        version = self.data.get("root_version")
+        exact = isinstance(version, int) and not isinstance(version, bool)
+        return bool(self.data.get("applied")), version if exact else None
+
     @classmethod
     def _parse(cls, obj: Mapping[str, Any], base: Dict[str, Any]) -> Result:
         return cls(

@@ -196,9 +196,8 @@ def push_rotation(
             ref, _, backoff = waiting[answering]
             outcome = outcomes[answering]
             if isinstance(message, Result) and message.ref == ref:
-                outcome.status = "applied" if message.data.get("applied") else "already"
-                version = message.data.get("root_version")
-                outcome.root_version = version if isinstance(version, int) else None
+                applied, outcome.root_version = message.rotation()
+                outcome.status = "applied" if applied else "already"
                 del waiting[answering]
             elif isinstance(message, Error) and message.ref == ref:
                 if message.code == "busy":
