@@ -102,6 +102,8 @@ def test_state_enums_are_their_strings() -> None:
 
 
 def test_home_and_broker_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Path.home() follows $HOME: the default is checked against a home of the test's own.
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
     monkeypatch.setenv("EDGEFLEET_HOME", str(tmp_path / "home"))
     assert edgefleet_home() == tmp_path / "home"
     monkeypatch.setenv("EDGEFLEET_HOME", "")
