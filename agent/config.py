@@ -73,9 +73,11 @@ class AgentConfig:
     # Federated fine-tuning: a folder of .npz files (x, y) and how many labelled requests to keep.
     train_data: Optional[str] = None
     keep_feedback: int = 0
-    # Refuse commands without the fleet's online-key signature (agent/core/command_auth.py); off only
-    # for fleets whose host does not sign yet. Signed commands are always checked.
-    require_signed_commands: bool = False
+    # Refuse commands without the fleet's online-key signature (`command-unsigned`, agent/core/
+    # command_auth.py). The online key needs nothing provisioned: each command carries its delegation,
+    # signed by the root this agent trusts. `false` only for a host that cannot sign yet (no online key):
+    # unsigned commands then run; signed ones are still checked.
+    require_signed_commands: bool = True
 
     @property
     def state_path(self) -> Path:

@@ -57,6 +57,15 @@ MAX_RANGES_PER_REQUEST = 256
 # Whole-file hash failures tolerated before a deploy is rejected (each one re-downloads the file).
 MAX_HASH_FAILURES = 3
 MAX_REPAIR_INTERVAL_S = 30.0
+# The first request for missing chunks waits max(repair_after_s, REPAIR_GAP_FACTOR × the usual gap between
+# fresh chunks): behind a 1 Mbit/s link a 256 KiB chunk takes 2 s, so a fixed 2 s silence is no sign that
+# chunks stopped, and asking for every missing chunk then makes the host send the in-flight rest again.
+# Four usual gaps: were gaps random (exponential) around their mean, one that long happens ~2 % of the
+# time (e^-4), so a silence of four gaps means the stream stopped, not that one chunk was slow.
+REPAIR_GAP_FACTOR = 4.0
+# Weight of the newest gap in the running (exponentially weighted) mean: follows a link that changes
+# within a few chunks without letting one slow chunk set the pace.
+GAP_EWMA_WEIGHT = 0.25
 
 
 class StagedTransfer(Protocol):
@@ -109,6 +118,11 @@ class PendingDeploy:
     repair_interval: float = 0.0
     received_at_request: int = -1
     hash_failures: int = 0
+    # The mean gap between fresh chunks (EWMA; 0 before two chunks came in one stream) and when the last
+    # fresh chunk of the current stream came (0 after a request or a reconnect: a gap across those
+    # measures our own wait or the outage, not the link).
+    chunk_gap: float = 0.0
+    stream_at: float = 0.0
     # patch sha256 → (the full file's transfer spec, the base file the patch applies to)
     rebuilds: Dict[str, Tuple[FileTransfer, Path]] = field(default_factory=dict)
 
@@ -284,8 +298,13 @@ class DeployMachine:
         if not fresh:
             return []
         pending.last_progress = now
-        # While chunks flow there is nothing to ask for; ask once they stop.
-        pending.next_repair = now + self.repair_after_s
+        if pending.stream_at:
+            gap = now - pending.stream_at
+            old = pending.chunk_gap
+            pending.chunk_gap = gap if not old else old + GAP_EWMA_WEIGHT * (gap - old)
+        pending.stream_at = now
+        # While chunks flow there is nothing to ask for; ask once they stop for longer than the link's pace.
+        pending.next_repair = now + self._repair_wait(pending)
         actions: List[Action] = [Unsubscribe(sha256)] if transfer.complete else []
         return actions + self._maybe_complete(pending, now)
 
@@ -329,12 +348,13 @@ class DeployMachine:
             return []
         received = pending.received
         if received != pending.received_at_request or not pending.repair_interval:
-            pending.repair_interval = self.repair_after_s
+            pending.repair_interval = self._repair_wait(pending)
         else:
             # Nothing came since the last request: back off so a host that is gone is not flooded.
             pending.repair_interval = min(MAX_REPAIR_INTERVAL_S, pending.repair_interval * 2)
         pending.received_at_request = received
         pending.next_repair = now + pending.repair_interval
+        pending.stream_at = 0.0
         actions: List[Action] = []
         for sha, transfer in pending.transfers.items():
             if not transfer.complete:
@@ -354,6 +374,12 @@ class DeployMachine:
         if pending is not None:
             pending.next_repair = now + min(0.2, self.repair_after_s)
             pending.repair_interval = 0.0
+            pending.stream_at = 0.0
+
+    def _repair_wait(self, pending: PendingDeploy) -> float:
+        """How long a silence must last before missing chunks are asked for: the link's pace, at least repair_after_s."""
+        # The pace may stretch the wait up to the back-off's cap, never below the configured delay.
+        return max(self.repair_after_s, min(MAX_REPAIR_INTERVAL_S, REPAIR_GAP_FACTOR * pending.chunk_gap))
 
     def installed(self, deploy_id: str, name: str, version: int, health: Mapping[str, Any]) -> List[Action]:
         """The install asked for by `Install` switched to the new model."""

@@ -1,8 +1,9 @@
 """Health check of a freshly loaded model: warm-up, quality on the bundle's eval set, p95 latency, timeout.
 
 Quality is scored by agent/core/quality.py on every model output: accuracy against labels `y`, or
-agreement and fidelity against reference outputs; the floor (`health.metric` ≥ `health.min_quality`) and
-the other limits come from the manifest's `health` policy (docs/quality.md).
+agreement and fidelity against reference outputs, or a task metric (map50, token_error_rate,
+embedding_cosine) against either; the bound (`health.metric` ≥ `health.min_quality`, ≤ for a
+lower-is-better metric) and the other limits come from the manifest's `health` policy (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from edgefleet.agent.core.errors import AgentError
-from edgefleet.agent.core.quality import Quality, QualityError, measure, passes, reading_from
+from edgefleet.agent.core.quality import (
+    ALL_METRICS,
+    Quality,
+    QualityError,
+    canonical_metric,
+    measure,
+    passes,
+    reading_from,
+)
 from edgefleet.agent.telemetry import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -118,7 +127,10 @@ def load_eval(
     if kind == "labels":
         if labels is None or labels.shape[0] != n:
             raise HealthError("eval-invalid", f"eval.npz needs labels `y` with {n} rows for kind `labels`")
-        return EvalData(inputs, labels.reshape(n, -1)[:, 0].astype(np.int64), None)
+        # Kept as stored: class indices (N,), detection rows (N, G, 5), CTC tokens (N, L), target vectors.
+        return EvalData(
+            inputs, labels if labels.ndim > 1 or labels.dtype.kind == "f" else labels.astype(np.int64), None
+        )
     first = arrays.get("reference")
     if first is None or first.ndim == 0 or first.shape[0] != n:
         raise HealthError(
@@ -243,10 +255,12 @@ def check_health(
     if time.monotonic() > deadline:
         raise fail("health-timeout", f"the health check took longer than its {policy.timeout_s:g} s timeout")
     if not passes(report.value, report.minimum, report.metric):
+        higher = ALL_METRICS[canonical_metric(report.metric)].higher_is_better
         raise fail(
-            "below-minimum",
-            f"{report.metric} {report.value:.4f} on {report.samples} eval samples is below the manifest "
-            f"minimum {report.minimum:.4f} (health.min_quality)",
+            "below-minimum" if higher else "above-maximum",
+            f"{report.metric} {report.value:.4f} on {report.samples} eval samples is "
+            f"{'below the manifest minimum' if higher else 'above the manifest maximum'} {report.minimum:.4f} "
+            "(health.min_quality)",
         )
     if policy.max_p95_ms is not None and report.p95_ms is not None and report.p95_ms > policy.max_p95_ms:
         raise fail(

@@ -5,7 +5,8 @@ of requests (their inputs and the served result) to a bounded queue, dropping th
 so serving is never slowed or changed. One background worker runs the other model on them, with its
 CPU use held to `cpu_share` of its wall time (it sleeps in proportion to each run), and keeps the
 window's agreement: top-1 agreement for classifier outputs, the mean cosine (fidelity) of the outputs
-otherwise, or the bundle's eval metric where the manifest names agreement or fidelity. Telemetry
+otherwise, or the bundle's eval metric where the manifest names agreement or fidelity; for a task metric
+(map50, token_error_rate, embedding_cosine) the replaced model's outputs are the reference. Telemetry
 carries it as a `Quality` reading with source `shadow`, which the rollout's `--min-agreement` /
 `--min-fidelity` gates read. The replaced model comes from the installer's other A/B slot and is
 released when the shadow window ends, on a rollback, before the next install, or at stop.
@@ -18,10 +19,19 @@ import queue
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
+from edgefleet.agent.core import quality_tasks as tasks
 from edgefleet.agent.core.codes import QualitySource
-from edgefleet.agent.core.quality import AGREEMENT, FIDELITY, Quality, agreement, row_cosines
+from edgefleet.agent.core.quality import (
+    AGREEMENT,
+    ALL_METRICS,
+    FIDELITY,
+    TASK_METRIC_NAMES,
+    Quality,
+    agreement,
+    row_cosines,
+)
 
 if TYPE_CHECKING:
     from edgefleet.agent.model import InferResult, LoadedModel
@@ -30,13 +40,61 @@ log = logging.getLogger(__name__)
 
 # Requests waiting for the shadow model; more are dropped (never queued without bound).
 QUEUE_MAX = 8
+# Images whose detections a window keeps for its mAP (mAP is not a sum of per-request scores).
+MAX_DETECTION_IMAGES = 1024
+
+
+class TaskWindow:
+    """The running sums of one task metric over a shadow window, the replaced model as reference."""
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.task = ALL_METRICS[metric].task
+        self.found: List[Any] = []
+        self.truth: List[Any] = []
+        self.errors = 0
+        self.tokens = 0
+        self.cos_sum = 0.0
+        self.cos_count = 0
+        self.cos_min = 1.0
+
+    def add(self, served: List[Any], shadow: List[Any]) -> None:
+        """Add one request's outputs (the served model's against the replaced one's)."""
+        if self.task == tasks.DETECTION:
+            room = MAX_DETECTION_IMAGES - len(self.found)
+            self.found.extend(tasks.detections(served)[:room])
+            self.truth.extend(tasks.reference_truth(shadow)[:room])
+        elif self.task == tasks.CTC:
+            for hyp, ref in zip(tasks.greedy_decode(served[0]), tasks.greedy_decode(shadow[0])):
+                self.errors += tasks.edit_distance(hyp, ref)
+                self.tokens += len(ref)
+        else:
+            cos = tasks.embedding_cosines(served, reference=shadow)
+            self.cos_sum += float(cos.sum())
+            self.cos_count += int(cos.size)
+            self.cos_min = min(self.cos_min, float(cos.min()) if cos.size else 1.0)
+
+    def scores(self) -> Dict[str, float]:
+        """The metric and its detail over the window (empty when nothing was scored)."""
+        if self.task == tasks.DETECTION:
+            if not self.found:
+                return {}
+            value, classes = tasks.mean_average_precision(self.found, self.truth)
+            return {self.metric: value, "map50_classes": float(classes)}
+        if self.task == tasks.CTC:
+            return {self.metric: self.errors / self.tokens} if self.tokens else {}
+        if not self.cos_count:
+            return {}
+        return {self.metric: self.cos_sum / self.cos_count, "embedding_cosine_min": self.cos_min}
 
 
 class ShadowWindow:
-    """Agreement counts since the last telemetry message (thread-safe)."""
+    """Agreement counts since the last telemetry message (thread-safe); `metric` may name a task metric."""
 
-    def __init__(self) -> None:
+    def __init__(self, metric: Optional[str] = None) -> None:
         self._lock = threading.Lock()
+        self.task_metric = metric if metric in TASK_METRIC_NAMES else None
+        self.task: Optional[TaskWindow] = TaskWindow(self.task_metric) if self.task_metric else None
         self.requests = 0
         self.rows = 0
         self.agreeing = 0
@@ -50,6 +108,11 @@ class ShadowWindow:
         agree = agreement(served, shadow)
         n = int(cos.shape[0])
         with self._lock:
+            if self.task is not None:
+                try:
+                    self.task.add(list(served), list(shadow))
+                except tasks.TaskDataError as exc:  # outputs not in the task's format: no task reading
+                    log.debug("shadow %s not scored: %s", self.task.metric, exc.reason)
             self.requests += 1
             self.rows += n
             self.cosine_sum += float(cos.sum())
@@ -65,11 +128,13 @@ class ShadowWindow:
                 return None
             fidelity = self.cosine_sum / self.rows
             scores = {FIDELITY: fidelity}
-            if self.classifier_rows:
+            if self.classifier_rows and self.task is None:
                 scores[AGREEMENT] = self.agreeing / self.classifier_rows
+            if self.task is not None:
+                scores.update(self.task.scores())
             requests, worst = self.requests, self.cosine_min
             if reset:
-                self.__init__()  # type: ignore[misc]
+                self.__init__(self.task_metric)  # type: ignore[misc]
         name = metric if metric in scores else (AGREEMENT if AGREEMENT in scores else FIDELITY)
         detail = {k: round(v, 6) for k, v in scores.items() if k != name}
         detail["fidelity_min"] = round(worst, 6)
@@ -102,7 +167,7 @@ class Shadow:
         self.cpu_share = float(cpu_share)
         self.metric = metric
         self.deadline = time.monotonic() + max(0.0, duration_s)
-        self.window = ShadowWindow()
+        self.window = ShadowWindow(metric)
         self.dropped = 0
         self._queue: queue.Queue[Tuple[Any, InferResult]] = queue.Queue(QUEUE_MAX)
         self._stop = threading.Event()
@@ -205,7 +270,7 @@ class ShadowRunner:
             share=self.share,
             cpu_share=self.cpu_share,
             duration_s=self.duration_s,
-            metric=None if metric not in (AGREEMENT, FIDELITY) else metric,
+            metric=None if metric not in (AGREEMENT, FIDELITY, *TASK_METRIC_NAMES) else metric,
             on_end=self._ended,
         )
         with self._lock:

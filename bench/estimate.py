@@ -1,12 +1,23 @@
-"""Estimated vs measured latency on `host` for a few models, plus the per-op overhead constant.
+"""Estimated vs measured latency on `host`: MobileNetV2, ResNet-18, MiniLM and two held-out models.
 
-Run: .venv/bin/python bench/estimate.py   (about a minute on 2 cores)
-Prints a table and writes bench/results/estimate.json. Measured = onnxruntime CPU (or LiteRT with
-XNNPACK for .tflite) on this machine at batch 1 with the host profile's threads, median of runs.
+Run: .venv/bin/python bench/estimate.py   (a few minutes on 2 cores)
+The host profile is probed and the estimator's per-op-class efficiency micro-benchmark is run again
+first (`--keep-cache` reuses the cached ones), so the estimates and the measurements see the same
+machine load. The held-out models (bench/estimate_models.py) were not used to choose the micro-benchmark:
+a YOLO-style CSP/SPPF/PAN detector at 320² (random weights) and a 4-layer Transformer CTC encoder over
+80 log-mel × 300 frames. Each ONNX model is estimated as exported and after onnx-optimize (the build's
+onnx-fp32-opt: fused contrib ops). Prints a table and writes bench/results/estimate.json. Measured =
+onnxruntime CPU (or LiteRT with XNNPACK for .tflite) on this machine at batch 1 with one thread, as
+process CPU time per inference, 10th percentile of runs: on an idle core that is the latency, and on
+the project's shared 2-core host it leaves out the time other jobs hold the core (the wall-clock
+median moved 4x with their load within minutes; it is in the JSON as `wall_median_ms`). The host
+profile is estimated with threads = 1 to match, and its efficiency is calibrated at one thread.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -17,23 +28,28 @@ from typing import Any, Callable
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results" / "estimate.json"
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results" / "estimate.json"
 SEQ_LEN = 128
+# The issue's acceptance window for host estimate / measured.
+WINDOW = (0.67, 1.5)
 
 
-def _median_ms(run: Callable[[], Any], min_runs: int = 10, budget_s: float = 3.0) -> float:
-    """Median latency of `run` after warm-up, over at least `min_runs` runs or `budget_s` seconds."""
+def _timed_ms(run: Callable[[], Any], min_runs: int = 20, budget_s: float = 3.0) -> tuple[float, float]:
+    """(10th-percentile CPU time, median wall time) of `run` in ms, over ≥ `min_runs` runs or `budget_s` s."""
     for _ in range(3):
         run()
-    times: list[float] = []
+    cpu: list[float] = []
+    wall: list[float] = []
     deadline = time.perf_counter() + budget_s
-    while len(times) < min_runs or time.perf_counter() < deadline:
-        start = time.perf_counter()
+    while len(cpu) < min_runs or time.perf_counter() < deadline:
+        start_cpu, start_wall = time.process_time(), time.perf_counter()
         run()
-        times.append((time.perf_counter() - start) * 1000.0)
-        if len(times) >= 500:
+        cpu.append((time.process_time() - start_cpu) * 1000.0)
+        wall.append((time.perf_counter() - start_wall) * 1000.0)
+        if len(cpu) >= 500:
             break
-    return float(np.median(times))
+    return float(np.percentile(cpu, 10)), float(np.median(wall))
 
 
 def _ort_session(path: Path, threads: int) -> Any:
@@ -43,35 +59,6 @@ def _ort_session(path: Path, threads: int) -> Any:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def measure_op_overhead_us(folder: Path, threads: int, n_ops: int = 200) -> float:
-    """onnxruntime cost per op: a chain of `n_ops` Add ops on a 1-element tensor, latency / n_ops."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    nodes = []
-    prev = "x"
-    for i in range(n_ops):
-        # alternate the constant operand so no optimizer folds the chain into one op
-        nodes.append(helper.make_node("Add", [prev, "one" if i % 2 else "two"], [f"t{i}"]))
-        prev = f"t{i}"
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, [1])],
-        [
-            helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]),
-            helper.make_tensor("two", TensorProto.FLOAT, [1], [2.0]),
-        ],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    path = folder / "chain.onnx"
-    onnx.save(model, str(path))
-    session = _ort_session(path, threads)
-    feed = {"x": np.zeros(1, dtype=np.float32)}
-    return _median_ms(lambda: session.run(None, feed)) * 1000.0 / n_ops
 
 
 def build_models(folder: Path) -> list[dict[str, Any]]:
@@ -84,7 +71,7 @@ def build_models(folder: Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     def export(name: str, module: Any, shape: tuple[int, ...]) -> None:
-        path = folder / f"{name}.onnx"
+        path = folder / f"{name.split(maxsplit=1)[0]}.onnx"
         x = torch.randn(*shape)
         torch.onnx.export(
             module.eval(),
@@ -97,10 +84,15 @@ def build_models(folder: Path) -> list[dict[str, Any]]:
         )
         out.append({"name": name, "path": path, "feed": {"x": x.numpy()}, "dims": None})
 
+    sys.path.insert(0, str(BENCH))
+    import estimate_models
+
     digits = zoo.digits_cnn()
     export("digits-cnn", digits, (1, 1, 8, 8))
     export("mobilenet_v2", zoo.torchvision_model("mobilenet_v2"), (1, 3, 224, 224))
     export("resnet18", zoo.torchvision_model("resnet18"), (1, 3, 224, 224))
+    export("yolo-csp-320 (held out)", estimate_models.yolo_detector(), (1, 3, 320, 320))
+    export("speech-ctc-4L (held out)", estimate_models.speech_encoder(), (1, 80, 300))
 
     tokenizer, encoder = zoo.load_minilm()
     enc = tokenizer(
@@ -139,8 +131,23 @@ def build_models(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def measure(model: dict[str, Any], threads: int) -> float:
-    """Median host latency (ms) of one model on its runtime."""
+def optimized(models: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """The build's onnx-fp32-opt of every ONNX model: onnxslim + onnxruntime "extended" (contrib ops)."""
+    from edgefleet.converters.onnx_optimize import OnnxOptimize
+
+    out = []
+    for model in models:
+        path: Path = model["path"]
+        if path.suffix != ".onnx" or model["name"].startswith("digits"):
+            continue
+        dst = folder / f"{path.stem}-opt.onnx"
+        OnnxOptimize(ort_level="extended").convert(path, dst, model["feed"])
+        out.append({**model, "name": f"{model['name'].split(' (')[0]} opt", "path": dst})
+    return out
+
+
+def measure(model: dict[str, Any], threads: int) -> tuple[float, float]:
+    """(10th-percentile CPU time, median wall time) in ms of one model on its runtime."""
     path: Path = model["path"]
     if path.suffix == ".tflite":
         from ai_edge_litert.interpreter import Interpreter
@@ -151,10 +158,10 @@ def measure(model: dict[str, Any], threads: int) -> float:
         interp.set_tensor(
             detail["index"], np.random.default_rng(0).standard_normal(detail["shape"]).astype(np.float32)
         )
-        return _median_ms(interp.invoke)
+        return _timed_ms(interp.invoke)
     session = _ort_session(path, threads)
     feed = model["feed"]
-    return _median_ms(lambda: session.run(None, feed))
+    return _timed_ms(lambda: session.run(None, feed))
 
 
 def main() -> int:
@@ -164,20 +171,23 @@ def main() -> int:
 
     from edgefleet.device_profiles.host import load_host_profile
     from edgefleet.sdk.build.estimate import estimate_latency
+    from edgefleet.sdk.build.estimate_calibrate import host_efficiency
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep-cache", action="store_true", help="reuse the cached probe and calibration")
+    args = parser.parse_args()
     # probe again now, so the host figures and the measurements below see the same machine load
     load_before = os.getloadavg()[0]
-    host = load_host_profile(refresh=True)
+    host = dataclasses.replace(load_host_profile(refresh=not args.keep_cache), threads=1)
+    efficiency = host_efficiency(host, refresh=not args.keep_cache)
     threads = host.threads
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        overhead_us = measure_op_overhead_us(folder, threads)
-        for model in build_models(folder):
-            est = estimate_latency(
-                model["path"], host, batch_size=1, dims=model["dims"], op_overhead_us=overhead_us
-            )
-            measured = measure(model, threads)
+        models = build_models(folder)
+        for model in [*models, *optimized(models, folder)]:
+            est = estimate_latency(model["path"], host, batch_size=1, dims=model["dims"])
+            measured, wall = measure(model, threads)
             rows.append(
                 {
                     "model": model["name"],
@@ -186,12 +196,14 @@ def main() -> int:
                     "bound": est.bound,
                     "estimate_ms": est.estimate_ms,
                     "measured_ms": measured,
+                    "wall_median_ms": wall,
                     "ratio_est_over_measured": est.estimate_ms / measured,
                     "achieved_gflops": est.flops / (measured / 1000.0) / 1e9,
                     "unknown_op_types": list(est.unknown_op_types),
+                    "class_ms": dict(est.class_ms),
                 }
             )
-    table = Table(title=f"estimate vs measured on host ({host.cpu_model}, {threads} threads)")
+    table = Table(title=f"estimate vs measured on host ({host.cpu_model}, {threads} thread, CPU time p10)")
     for col in (
         "model",
         "GFLOP",
@@ -216,10 +228,12 @@ def main() -> int:
         )
     console = Console(width=max(120, Console().width))
     console.print(table)
+    outside = [r["model"] for r in rows if not WINDOW[0] <= r["ratio_est_over_measured"] <= WINDOW[1]]
     console.print(
         f"host profile: {host.sustained_gflops:g} GFLOP/s, {host.mem_bandwidth_gbs:g} GB/s (probe); "
-        f"measured per-op overhead {overhead_us:.2f} µs; 1-min load average {load_before:.1f} → "
-        f"{os.getloadavg()[0]:.1f} on {host.cores} cores"
+        f"efficiency {json.dumps(efficiency)}; 1-min load average {load_before:.1f} → "
+        f"{os.getloadavg()[0]:.1f} on {host.cores} cores; outside {WINDOW[0]}–{WINDOW[1]}×: "
+        f"{', '.join(outside) or 'none'}"
     )
     doc = {
         "host": {
@@ -229,9 +243,10 @@ def main() -> int:
             "sustained_gflops": host.sustained_gflops,
             "mem_bandwidth_gbs": host.mem_bandwidth_gbs,
         },
-        "op_overhead_us": overhead_us,
+        "efficiency": efficiency,
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
         "rows": rows,
+        "outside_window": outside,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.fleet_common import RESULTS, PrivateMosquitto  # noqa: E402
+from bench.fleet_common import RESULTS  # noqa: E402
 from bench.load_agents import raise_nofile  # noqa: E402
+from bench.load_scale import BROKER_KINDS, merge_into, run_scale, show_scale, start_broker  # noqa: E402
 
 AGENTS_SCRIPT = str(ROOT / "bench" / "load_agents.py")
 POLL_S = 0.025
@@ -70,6 +72,14 @@ def cpu_seconds(pid: int | None) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def broker_cpu(pids: int | list[int] | None) -> float | None:
+    """CPU seconds of the broker: one process, or the sum over a cluster's nodes (None when unknown)."""
+    if pids is None or isinstance(pids, int):
+        return cpu_seconds(pids)
+    readings = [cpu_seconds(pid) for pid in pids]
+    return None if any(r is None for r in readings) else sum(r for r in readings if r is not None)
 
 
 def rss_mib(pid: int) -> float | None:
@@ -219,7 +229,7 @@ class AgentPool:
 
     def __init__(
         self,
-        broker: str,
+        broker: str | list[str],
         fleet: str,
         devices: int,
         processes: int,
@@ -227,7 +237,10 @@ class AgentPool:
         log_dir: Path,
         rate: float,
         first: int = 0,
+        mqtt_version: str = "5",
     ) -> None:
+        # A list of brokers (the nodes of a cluster): process i talks to broker i modulo their number.
+        brokers = [broker] if isinstance(broker, str) else list(broker)
         self.devices = devices
         processes = max(1, min(processes, devices))
         counts = [devices // processes + (1 if i < devices % processes else 0) for i in range(processes)]
@@ -244,7 +257,9 @@ class AgentPool:
                         sys.executable,
                         AGENTS_SCRIPT,
                         "--broker",
-                        broker,
+                        brokers[i % len(brokers)],
+                        "--mqtt-version",
+                        mqtt_version,
                         "--fleet",
                         fleet,
                         "--first",
@@ -378,12 +393,18 @@ def db_scalar(db: Path, sql: str, *args: Any) -> Any:
         conn.close()
 
 
-def wait_online(db: Path, fleet: str, n: int, timeout: float) -> float:
-    """Wait until the store shows `n` devices online (their births ingested); returns seconds."""
+def wait_online(db: Path, fleet: str, n: int, timeout: float, announced: bool = False) -> float:
+    """Wait until the store shows `n` devices online (their births ingested); returns seconds.
+
+    With `announced`, a device counts once its birth is stored even if the host has since presumed it
+    offline: births of thousands of devices take longer to store than a silent device's liveness
+    window (max(keepalive, 2 × telemetry interval)), and it is back online with its first telemetry.
+    """
     start = time.monotonic()
+    sql = "SELECT count(*) FROM devices WHERE fleet = ?" + ("" if announced else " AND online = 1")
     while True:
         try:
-            online = db_scalar(db, "SELECT count(*) FROM devices WHERE fleet = ? AND online = 1", fleet)
+            online = db_scalar(db, sql, fleet)
         except sqlite3.Error:
             online = 0
         if online >= n:
@@ -521,6 +542,7 @@ def compare(
     unacked = sum(int(r["unacked"]) for r in reports)
     errors = [e for r in reports for e in r["errors"]]
     disconnects = sum(int(r["disconnects"]) for r in reports)
+    suback_failures = sum(int(r.get("suback_failures", 0)) for r in reports)
     checks.expect(
         not missing,
         f"{label}: {len(missing)} acknowledged telemetry messages never stored, e.g. {sorted(missing)[:3]}",
@@ -533,6 +555,7 @@ def compare(
     checks.expect(gaps == 0, f"{label}: the store recorded {gaps} sequence gaps")
     checks.expect(unacked == 0, f"{label}: {unacked} publishes never acknowledged by the broker")
     checks.expect(disconnects == 0, f"{label}: simulated devices were disconnected {disconnects} times")
+    checks.expect(suback_failures == 0, f"{label}: the broker refused {suback_failures} subscriptions")
     checks.expect(not errors, f"{label}: simulated devices reported errors: {errors[:3]}")
     return {
         "sent": len(sent),
@@ -543,6 +566,7 @@ def compare(
         "gaps": gaps,
         "unacked": unacked,
         "disconnects": disconnects,
+        "suback_failures": suback_failures,
     }
 
 
@@ -552,7 +576,7 @@ def telemetry_phase(
     pool: AgentPool,
     poller: StorePoller,
     serve: Serve,
-    mosquitto_pid: int | None,
+    mosquitto_pid: int | list[int] | None,
     rate: float,
     seconds: float,
     already: set[tuple[str, int]],
@@ -561,9 +585,9 @@ def telemetry_phase(
     start = time.time() + 1.0
     pool.call({"cmd": "telemetry", "rate": rate, "start": start, "seconds": seconds})
     time.sleep(max(0.0, start - time.time()))
-    cpu0 = (serve.cpu(), cpu_seconds(mosquitto_pid), pool.cpu(), time.monotonic())
+    cpu0 = (serve.cpu(), broker_cpu(mosquitto_pid), pool.cpu(), time.monotonic())
     time.sleep(max(0.0, start + seconds - time.time()))
-    cpu1 = (serve.cpu(), cpu_seconds(mosquitto_pid), pool.cpu(), time.monotonic())
+    cpu1 = (serve.cpu(), broker_cpu(mosquitto_pid), pool.cpu(), time.monotonic())
     reports = pool.call({"cmd": "report", "wait_s": 60}, timeout=120)
     sent = sent_keys(reports)
     fresh = sent - already
@@ -599,7 +623,7 @@ def rollout_phase(
     pool: AgentPool,
     poller: StorePoller,
     serve: Serve,
-    mosquitto_pid: int | None,
+    mosquitto_pid: int | list[int] | None,
     tar: Path,
     bundle_bytes: int,
     name: str,
@@ -613,15 +637,22 @@ def rollout_phase(
     pool.call({"cmd": "telemetry", "rate": rate, "start": start, "seconds": None})
     time.sleep(max(0.0, start - time.time()) + 1.0)
     uploaded = api(serve.url, "POST", "/api/bundles", tar.read_bytes(), timeout=120)
-    cpu0 = (serve.cpu(), cpu_seconds(mosquitto_pid), pool.cpu(), time.monotonic())
+    cpu0 = (serve.cpu(), broker_cpu(mosquitto_pid), pool.cpu(), time.monotonic())
     began = time.time()
-    row = api(
-        serve.url,
-        "POST",
-        "/api/rollouts",
-        {"bundles": [int(uploaded["id"])], "to": "all", "strategy": "all", "timeout_s": timeout},
-        timeout=120,
-    )
+    body = {"bundles": [int(uploaded["id"])], "to": "all", "strategy": "all", "timeout_s": timeout}
+    refusals: list[str] = []
+    while True:
+        try:
+            row = api(serve.url, "POST", "/api/rollouts", body, timeout=120)
+            break
+        except SystemExit as exc:
+            # 503: serve could not reach the broker in time (its MQTT thread busy with thousands of
+            # devices) and asks for a retry; the refusal sent nothing. Retried, and counted.
+            if "failed with 503" not in str(exc) or len(refusals) >= 5:
+                raise
+            refusals.append(str(exc)[:300])
+            say(f"rollout refused ({len(refusals)}): {str(exc)[:160]}; retrying in 5 s")
+            time.sleep(5)
     rollout_id = str(row["id"])
     while not row.get("finished"):
         if time.time() - began > timeout + 60:
@@ -629,7 +660,7 @@ def rollout_phase(
         time.sleep(0.25)
         row = api(serve.url, "GET", f"/api/rollouts/{rollout_id}")
     ended = time.time()
-    cpu1 = (serve.cpu(), cpu_seconds(mosquitto_pid), pool.cpu(), time.monotonic())
+    cpu1 = (serve.cpu(), broker_cpu(mosquitto_pid), pool.cpu(), time.monotonic())
     pool.call({"cmd": "stop"})
     reports = pool.call({"cmd": "report", "wait_s": 60}, timeout=120)
     sent = sent_keys(reports)
@@ -659,6 +690,10 @@ def rollout_phase(
     result.update(
         rollout_id=rollout_id,
         status=row.get("status"),
+        # Per-device outcomes: the store's status of each device, and what each simulated device saw.
+        device_statuses=dict(Counter(statuses)),
+        device_outcomes=dict(Counter(str(o) for o in outcomes)),
+        post_refusals=refusals,
         reason=row.get("reason"),
         devices=pool.devices,
         deployed_in_store=statuses.count("deployed"),
@@ -709,9 +744,10 @@ def run(args: argparse.Namespace, tmp: Path, checks: Checks) -> dict[str, Any]:
 
     keys = init_keys(tmp / "keys")
     _, tar, bundle_bytes, name, version = make_bundle(tmp, tmp / "keys", args.bundle_mb)
-    broker = None if args.broker else PrivateMosquitto()
-    url = args.broker or broker.url  # type: ignore[union-attr]
-    mosquitto_pid = broker.proc.pid if broker is not None else None
+    broker = start_broker(args.broker_kinds[0], args.broker, args.nats_replicas)
+    # serve on the first node; the devices on the others when the broker is a cluster
+    url, device_urls, mqtt_version = broker.serve_url, broker.device_urls, broker.mqtt_version
+    mosquitto_pid: list[int] | None = broker.pids or None
     tag = uuid.uuid4().hex[:6]
     out: dict[str, Any] = {}
     try:
@@ -725,7 +761,16 @@ def run(args: argparse.Namespace, tmp: Path, checks: Checks) -> dict[str, Any]:
             say(
                 f"phase 1: {args.agents} devices in {args.processes} processes, {args.rate:g} msg/s each for {args.seconds:g} s"
             )
-            pool = AgentPool(url, fleet, args.agents, args.processes, keys.public_path, tmp, args.rate)
+            pool = AgentPool(
+                device_urls,
+                fleet,
+                args.agents,
+                args.processes,
+                keys.public_path,
+                tmp,
+                args.rate,
+                mqtt_version=mqtt_version,
+            )
             births = wait_online(tmp / "a.db", fleet, args.agents, timeout=180)
             phase1, sent = telemetry_phase(
                 "telemetry", checks, pool, poller, serve, mosquitto_pid, args.rate, args.seconds, set()
@@ -763,7 +808,14 @@ def run(args: argparse.Namespace, tmp: Path, checks: Checks) -> dict[str, Any]:
         try:
             say(f"phase 3: {args.big_agents} devices, {args.big_rate:g} msg/s each for {args.seconds:g} s")
             pool = AgentPool(
-                url, fleet, args.big_agents, args.processes, keys.public_path, tmp, args.big_rate
+                device_urls,
+                fleet,
+                args.big_agents,
+                args.processes,
+                keys.public_path,
+                tmp,
+                args.big_rate,
+                mqtt_version=mqtt_version,
             )
             births = wait_online(tmp / "b.db", fleet, args.big_agents, timeout=300)
             phase3, _ = telemetry_phase(
@@ -777,8 +829,7 @@ def run(args: argparse.Namespace, tmp: Path, checks: Checks) -> dict[str, Any]:
             poller.close()
             serve.stop()
     finally:
-        if broker is not None:
-            broker.stop()
+        broker.stop()
     return out
 
 
@@ -843,6 +894,43 @@ def show(results: dict[str, Any], args: argparse.Namespace) -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
+def scale_main(
+    args: argparse.Namespace, out: Path, nofile: int, checks: Checks, load_before: list[float], started: float
+) -> None:
+    """The scaling mode: every size on every broker kind; merged into the JSON under `scaling`."""
+    with tempfile.TemporaryDirectory(prefix="edgefleet-load-scale-") as tmp:
+        try:
+            scaling = run_scale(sys.modules[__name__], args, Path(tmp), checks)
+        except SystemExit as exc:
+            for log in sorted(Path(tmp).glob("*.log")):
+                text = log.read_text(errors="replace").strip()
+                if text:
+                    print(f"--- {log.name}\n" + "\n".join(text.splitlines()[-15:]), file=sys.stderr)
+            raise SystemExit(f"load bench (scale) failed: {exc}") from exc
+    meta = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+        },
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "wall_s": round(time.time() - started, 1),
+        "sizes": args.scale,
+        "nofile_limit": nofile,
+        "processes_min": args.processes,
+        "devices_per_process": args.devices_per_process,
+        "command": "python " + " ".join(sys.argv),
+        "failures": checks.failures,
+        "ok": not checks.failures,
+    }
+    show_scale(scaling)
+    merge_into(out, scaling, meta)
+    print(f"wrote {out} (key 'scaling')")
+    if checks.failures:
+        raise SystemExit("load bench (scale) failed:\n  " + "\n  ".join(checks.failures))
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(f"stopped by signal {signum}")
 
@@ -866,6 +954,34 @@ def main() -> None:
     parser.add_argument(
         "--broker", default=None, help="mqtt://HOST:PORT (default: a private Mosquitto on a free port)"
     )
+    parser.add_argument(
+        "--broker-kind",
+        default="mosquitto",
+        help="mosquitto (a private one) or nats-cluster (3 private nodes: serve on one, devices on the "
+        "others); with --scale a comma-separated list runs each",
+    )
+    parser.add_argument(
+        "--nats-replicas",
+        type=int,
+        choices=(1, 2, 3),
+        default=3,
+        help="nats-cluster: JetStream replicas of the MQTT streams (sessions, QoS 1 and retained messages)",
+    )
+    parser.add_argument(
+        "--scale",
+        default=None,
+        help="scaling mode: comma-separated fleet sizes (e.g. 200,1000,5000), each a fresh serve with "
+        "telemetry at --big-rate and a rollout to all (bench/load_scale.py)",
+    )
+    parser.add_argument(
+        "--scale-seconds", type=float, default=30.0, help="telemetry seconds per size in scaling mode"
+    )
+    parser.add_argument(
+        "--devices-per-process",
+        type=int,
+        default=1250,
+        help="scaling mode: at most this many simulated devices per process",
+    )
     parser.add_argument("--bundle-mb", type=float, default=1.0, help="size of the rolled-out model")
     parser.add_argument("--rollout-timeout", type=float, default=300.0, help="seconds a device may take")
     parser.add_argument("--quick", action="store_true", help="a small run for CI")
@@ -876,6 +992,20 @@ def main() -> None:
         help="JSON path (default bench/results/load.json; quick load-quick.json)",
     )
     args = parser.parse_args()
+    args.broker_kinds = [k.strip() for k in args.broker_kind.split(",") if k.strip()]
+    for kind in args.broker_kinds:
+        if kind not in BROKER_KINDS:
+            raise SystemExit(f"--broker-kind {kind!r}: use {' or '.join(BROKER_KINDS)}")
+    if not args.broker_kinds or (len(args.broker_kinds) > 1 and not args.scale):
+        raise SystemExit("--broker-kind takes one kind (a comma-separated list only with --scale)")
+    try:
+        args.scale = [int(n) for n in args.scale.split(",")] if args.scale else None
+    except ValueError:
+        raise SystemExit(
+            f"--scale {args.scale!r}: use comma-separated device counts, e.g. 200,1000,5000"
+        ) from None
+    if args.scale and (min(args.scale) < 1 or args.devices_per_process < 1 or args.scale_seconds <= 0):
+        raise SystemExit("--scale sizes and --devices-per-process must be >= 1, --scale-seconds > 0")
     args.agents = args.agents or (50 if args.quick else 200)
     args.seconds = args.seconds or (10.0 if args.quick else 60.0)
     args.big_agents = args.big_agents or (100 if args.quick else 1000)
@@ -898,6 +1028,9 @@ def main() -> None:
     checks = Checks()
     load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.time()
+    if args.scale:
+        scale_main(args, out, nofile, checks, load_before, started)
+        return
     with tempfile.TemporaryDirectory(prefix="edgefleet-load-") as tmp:
         try:
             phases = run(args, Path(tmp), checks)
@@ -924,7 +1057,7 @@ def main() -> None:
             "big_agents": args.big_agents,
             "big_rate": args.big_rate,
             "processes": args.processes,
-            "broker": args.broker or "private mosquitto",
+            "broker": args.broker or f"private {args.broker_kinds[0]}",
             "bundle_mb": args.bundle_mb,
             "quick": args.quick,
             "nofile_limit": nofile,

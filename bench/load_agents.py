@@ -1,7 +1,7 @@
 """Simulated devices for the load bench: many MQTT clients in one process, speaking the agent's protocol.
 
-Each device is one paho client set up as `edgefleet.agent.mqtt_session` sets up the real agent's: MQTT 5,
-a persistent session, a retained `state` birth and a Last Will, QoS 1, and one `seq` counter across
+Each device is one paho client set up as `edgefleet.agent.mqtt_session` sets up the real agent's: MQTT 5
+(3.1.1 with `--mqtt-version 3.1.1`, for NATS), a persistent session, a retained `state` birth and a Last Will, QoS 1, and one `seq` counter across
 every message it sends. Its messages are the protocol's own dataclasses (`State`, `Telemetry`,
 `Progress`, `Missing`, `Deployed`, `Rejected`, `Error`) encoded by `to_wire()`; telemetry metrics are
 built like `Daemon.metrics()`: an idle `ModelServer`'s window statistics plus `system_metrics()`.
@@ -239,7 +239,9 @@ class SimDevice:
         client = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"edgefleet-{self.topics.fleet}-{self.device_id}"[:128],
-            protocol=mqtt.MQTTv5,
+            protocol=mqtt.MQTTv5 if self.pool.v5 else mqtt.MQTTv311,
+            # 3.1.1 (NATS): the session persists by clean_session False, with no expiry to set.
+            clean_session=None if self.pool.v5 else False,
             reconnect_on_failure=False,
         )
         client.max_queued_messages_set(0)
@@ -255,6 +257,9 @@ class SimDevice:
 
     def connect(self) -> None:
         """Open the connection (the CONNACK arrives through the loop)."""
+        if not self.pool.v5:
+            self.client.connect(self.pool.host, self.pool.port, keepalive=KEEPALIVE_S)
+            return
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         self.client.connect(
@@ -342,6 +347,12 @@ class SimDevice:
 
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, codes: Any, properties: Any) -> None:
         self.subscribed = True
+        # A broker may refuse a subscription in its SUBACK (NATS does when it cannot create the
+        # JetStream consumer behind a QoS 1 subscription in time): count it, the report says so.
+        refused = [c for c in codes if getattr(c, "is_failure", False)]
+        if refused:
+            self.pool.suback_failures += len(refused)
+            self.pool.log(f"{self.device_id}: subscription refused by the broker: {refused[0]}")
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         if mid not in self.inflight:
@@ -453,7 +464,15 @@ class Pool:
     """The devices of this process, their telemetry schedule and the stdin/stdout control channel."""
 
     def __init__(
-        self, broker: str, fleet: str, first: int, count: int, total: int, key: str, interval: float
+        self,
+        broker: str,
+        fleet: str,
+        first: int,
+        count: int,
+        total: int,
+        key: str,
+        interval: float,
+        mqtt_version: str = "5",
     ) -> None:
         url = urlparse(broker)
         if url.scheme != "mqtt" or not url.hostname:
@@ -462,10 +481,13 @@ class Pool:
         self.fleet = fleet
         self.total = total
         self.telemetry_interval_s = interval
+        # MQTT 5 as the agent speaks it first; 3.1.1 for brokers without 5 (NATS), as the agent falls back.
+        self.v5 = mqtt_version == "5"
         self.trust = TrustStore.from_public_keys([key])
         self.loop = Loop()
         self.system = SharedSystemMetrics()
         self.quitting = False
+        self.suback_failures = 0
         self.errors: list[str] = []
         self.devices = [SimDevice(self, first + i) for i in range(count)]
         self.schedule: list[tuple[float, int, int]] = []  # (due, device index, message number)
@@ -631,6 +653,7 @@ class Pool:
                 round(d.deploy_seconds, 4) for d in self.devices if d.deploy_seconds is not None
             ],
             "disconnects": sum(d.disconnects for d in self.devices),
+            "suback_failures": self.suback_failures,
             "errors": self.errors[:20],
             "cpu_s": round(times.user + times.system, 3),
         }
@@ -652,7 +675,7 @@ class Pool:
                 props = Properties(PacketTypes.DISCONNECT)
                 # Expire the persistent session now, so a shared broker keeps nothing of the bench.
                 props.SessionExpiryInterval = 0
-                dev.client.disconnect(properties=props if clear else None)
+                dev.client.disconnect(properties=props if clear and self.v5 else None)
         deadline = time.monotonic() + 5
         while any(d.connected for d in self.devices) and time.monotonic() < deadline:
             self.step(0.05)
@@ -673,6 +696,12 @@ def main() -> None:
         help="seconds between reports that the birth message advertises (the bench sets 1/rate)",
     )
     parser.add_argument("--connect-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--mqtt-version",
+        choices=("5", "3.1.1"),
+        default="5",
+        help="3.1.1 for a broker without MQTT 5 (NATS); sessions then persist by clean_session False",
+    )
     args = parser.parse_args()
     if args.count < 1:
         raise SystemExit("--count must be at least 1")
@@ -685,6 +714,7 @@ def main() -> None:
         max(args.total, args.first + args.count),
         args.trusted_key,
         args.telemetry_interval,
+        args.mqtt_version,
     )
     seconds = pool.connect_all(args.connect_timeout)
     pool.watch_stdin()

@@ -41,9 +41,12 @@ _FLAG_MAP: Tuple[Tuple[str, str], ...] = (
 
 
 def cache_dir() -> Path:
-    """Where the probe result is cached: $EDGEFLEET_CACHE_DIR, else ~/.cache/edgefleet."""
+    """Cache folder for this machine's measurements: $EDGEFLEET_CACHE_DIR, $EDGEFLEET_HOME/cache, ~/.cache/edgefleet."""
     env = os.environ.get("EDGEFLEET_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edgefleet"
+    if env:
+        return Path(env).expanduser()
+    home = os.environ.get("EDGEFLEET_HOME")
+    return Path(home).expanduser() / "cache" if home else Path.home() / ".cache" / "edgefleet"
 
 
 def load_host_profile(refresh: bool = False) -> Profile:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from edgefleet.device_profiles.errors import ProfileError
-from edgefleet.device_profiles.schema import ISA_FEATURES, PRECISIONS, RUNTIMES, Gpu, Profile
+from edgefleet.device_profiles.schema import EFFICIENCY_KEYS, ISA_FEATURES, PRECISIONS, RUNTIMES, Gpu, Profile
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,7 +57,7 @@ _GPU_FIELDS: Tuple[Tuple[str, str, bool], ...] = (
     ("fp16_speedup", "float", False),
     ("int8_speedup", "float", False),
 )
-_SECTIONS = ("cpu", "memory", "gpu", "software", "budgets", "sources")
+_SECTIONS = ("cpu", "memory", "gpu", "software", "budgets", "sources", "efficiency")
 _VOCAB: Dict[str, Tuple[str, ...]] = {"isa": ISA_FEATURES, "runtimes": RUNTIMES, "precisions": PRECISIONS}
 _TYPE_WORDS = {
     "str": "a string",
@@ -144,6 +144,7 @@ def profile_from_table(table: Mapping[str, Any], origin: str) -> Profile:
                 )
     values["gpu"] = _gpu(origin, table.get("gpu"))
     values["sources"] = _sources(origin, table.get("sources", {}))
+    values["efficiency"] = _efficiency(origin, table.get("efficiency", {}))
     profile = Profile(path=origin, **values)
     _check_consistency(origin, profile)
     return profile
@@ -169,11 +170,34 @@ def _gpu(origin: str, raw: Any) -> Optional[Gpu]:
     return Gpu(**values)
 
 
+def _efficiency(origin: str, raw: Mapping[str, Any]) -> Dict[str, float]:
+    """The optional [efficiency] table: op class → share of the sustained figures (docs/profiles.md)."""
+    out: Dict[str, float] = {}
+    for key, value in raw.items():
+        if key not in EFFICIENCY_KEYS:
+            raise ProfileError(
+                f"{origin}: unknown field 'efficiency.{key}'; allowed in [efficiency]: {', '.join(EFFICIENCY_KEYS)}"
+            )
+        limit = 1e6 if key == "op_overhead_us" else 4.0
+        try:
+            number = _as_float(value)
+        except TypeError:
+            number = -1.0
+        if not 0 < number <= limit:
+            raise ProfileError(
+                f"{origin}: field 'efficiency.{key}' must be a number in (0, {limit:g}] (got {value!r}); "
+                "refit it with `edgefleet profiles calibrate`"
+            )
+        out[key] = number
+    return out
+
+
 def _sources(origin: str, raw: Mapping[str, Any]) -> Dict[str, str]:
     """The [sources] table: Profile field name → "figure — source"."""
     import dataclasses
 
-    known = [f.name for f in dataclasses.fields(Profile) if f.name not in ("sources", "path")]
+    known = [f.name for f in dataclasses.fields(Profile) if f.name not in ("sources", "path", "efficiency")]
+    known.append("efficiency")
     out: Dict[str, str] = {}
     for key, value in raw.items():
         if key not in known:

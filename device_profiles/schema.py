@@ -30,6 +30,9 @@ RUNTIMES: Tuple[str, ...] = (
     "onnxruntime-tensorrt",
 )
 PRECISIONS: Tuple[str, ...] = ("fp32", "fp16", "int8")
+# Keys of a profile's [efficiency] table: per op class, the share of the sustained GFLOP/s and GB/s that
+# the runtime's kernels reach (0 < x ≤ 4), "gpu" for ops on the GPU, and the per-op dispatch cost.
+EFFICIENCY_KEYS: Tuple[str, ...] = ("conv", "dwconv", "matmul", "elementwise", "gpu", "op_overhead_us")
 
 # onnxruntime execution provider behind each ONNX runtime name.
 _ORT_PROVIDERS: Dict[str, str] = {
@@ -87,6 +90,8 @@ class Profile:
     threads: int = 0
     sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     path: str = ""
+    # [efficiency]: empty means "not calibrated" (the estimator then uses its defaults)
+    efficiency: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
         if self.threads <= 0:
@@ -94,6 +99,8 @@ class Profile:
             object.__setattr__(self, "threads", self.cores)
         if not isinstance(self.sources, MappingProxyType):
             object.__setattr__(self, "sources", MappingProxyType(dict(self.sources)))
+        if not isinstance(self.efficiency, MappingProxyType):
+            object.__setattr__(self, "efficiency", MappingProxyType(dict(self.efficiency)))
 
     def runtime_names(self) -> List[str]:
         """Runtime families in preference order: "tflite" and/or "onnxruntime" (the packages to import)."""

@@ -99,7 +99,7 @@ def main() -> int:
     candidates["int8 mixed (sensitivity)"] = mixed.path
     sens = mixed.sensitivity
     sens.layers = sens.layers[:10]
-    console.print(sens.to_rich("Most sensitive ONNX nodes (INT8 alone; S_i = 1 − mean cosine)"))
+    console.print(sens.to_rich("Most sensitive ONNX nodes (INT8 alone)"))
     console.print(f"kept fp32 by the plan: {mixed.excluded or 'none'}")
 
     fp32_size = fp32.stat().st_size

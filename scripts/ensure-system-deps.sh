@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages the tests need when they are missing: Mosquitto (every broker test starts
 # its own), Debian's Chromium and its driver (the dashboard's browser tests drive it through playwright,
-# no browser download). Called by `make test` (target `deps`) and by .ci/run; quick when all are there.
+# no browser download), espeak-ng (the speech example's voices). Called by `make test` (target `deps`) and by .ci/run; quick when all are there.
 # Without root it uses sudo when it can, else it names what to install and leaves the tests to say so.
 set -euo pipefail
 
@@ -11,6 +11,10 @@ command -v chromium >/dev/null || need+=(chromium)
 command -v chromedriver >/dev/null || need+=(chromium-driver)
 # The interop suite starts aedes, an MQTT broker from npm (tests/interop_support.py).
 command -v npm >/dev/null || need+=(nodejs npm)
+# The speech example and its test synthesise spoken command words (examples/speech_commands.py).
+command -v espeak-ng >/dev/null || need+=(espeak-ng)
+# The clustered-broker test starts a 3-node NATS cluster with MQTT listeners (tests/test_nats_cluster.py).
+command -v nats-server >/dev/null || need+=(nats-server)
 if ((${#need[@]} == 0)); then
   exit 0
 fi

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgefleet.agent.config import load_config
+from edgefleet.agent.core.command_auth import MISADDRESSED
 from edgefleet.agent.core.errors import InstallError
 from edgefleet.agent.core.protocol import (
     COMMANDS,
@@ -24,6 +26,7 @@ from edgefleet.agent.core.protocol import (
 )
 from edgefleet.agent.daemon import Agent, _ErrorLimiter
 from edgefleet.agent.transfer import StagingArea
+from tests.command_support import signed
 
 SHA = hashlib.sha256(b"x").hexdigest()
 
@@ -103,6 +106,8 @@ def _answers(agent: Agent, topic: str, payload: bytes) -> list[tuple[Any, dict[s
     recorder = agent.session
     assert isinstance(recorder, Recorder)
     before = len(recorder.sent)
+    if topic == agent.topics.cmd:  # signed as the host signs (the fixture's keys hold the online key)
+        payload = signed(Path(agent.config.trusted_keys[0]).parent, payload, agent.config.device_id)
     agent.handle_message(topic, payload)
     return recorder.sent[before:]
 
@@ -170,7 +175,7 @@ def test_specific_codes_for_each_kind_of_bad_input(agent: Agent) -> None:
     other = DeployCommand(
         id="d-other", manifest=b"{}", signatures={}, files=(FileTransfer("m", SHA, 1, 1, 1),), device="dev-2"
     )
-    assert code(cmd, other.to_wire()) == Code.WRONG_DEVICE
+    assert code(cmd, other.to_wire()) == MISADDRESSED  # signed for dev-2: refused before the parser
     assert code(f"{agent.topics.device}/chunk/{SHA}/0", b"x") == Code.UNKNOWN_TRANSFER
     assert code(f"{agent.topics.device}/chunk/{SHA}/0", b"x" * 2000) == Code.CHUNK_OVERSIZE
     assert code(cmd, b'{"v":1,"type":"infer","id":"q","inputs":{}}') == Code.INFER_DISABLED

@@ -36,6 +36,7 @@ from tests.agent_net_support import (
     export_tiny_onnx,
     make_bundle,
 )
+from tests.command_support import signed
 from tests.fleet_support import Host, Outcome
 
 pytestmark = pytest.mark.broker
@@ -131,8 +132,11 @@ def _active_version(payload: bytes) -> int | None:
     return active.get("version") if isinstance(active, dict) else None
 
 
-def _command(obs: Observer, agent_topic_cmd: str, payload: bytes, ref: str) -> Result:
-    obs.publish(agent_topic_cmd, payload)
+def _command(obs: Observer, agent_topic_cmd: str, payload: bytes, ref: str, key: Path) -> Result:
+    """Publish a command signed as the host signs (the online key beside the fleet key `key`)."""
+    device = Topics.device_of(agent_topic_cmd)
+    assert device is not None
+    obs.publish(agent_topic_cmd, signed(key.parent, payload, device))
     _, msg, _ = obs.next(lambda t, p: t.endswith("/evt") and f'"ref":"{ref}"' in p.decode())
     assert isinstance(msg, Result)
     return msg
@@ -168,15 +172,21 @@ def test_deploy_switch_telemetry_and_rollback(tmp_path, broker, fleet_name, arti
         assert agent.infer({"x": _x()}).model_version == 2
         _telemetry_with_version(obs, 2)
         # rollback returns to v1
-        result = _command(obs, agent.topics.cmd, RollbackCommand(id="rb-1").to_wire(), "rb-1")
+        result = _command(
+            obs, agent.topics.cmd, RollbackCommand(id="rb-1").to_wire(), "rb-1", artifacts["key"]
+        )
         assert result.command == "rollback"
         assert agent.infer({"x": _x()}).model_version == 1
-        status = _command(obs, agent.topics.cmd, StatusCommand(id="st-1").to_wire(), "st-1")
+        status = _command(obs, agent.topics.cmd, StatusCommand(id="st-1").to_wire(), "st-1", artifacts["key"])
         assert status.data["connected"] is True
         # infer over MQTT (enabled for this agent) answers with the outputs of the active model
         x = _x()
         answer = _command(
-            obs, agent.topics.cmd, InferCommand(id="q-1", inputs={"x": encode_array(x)}).to_wire(), "q-1"
+            obs,
+            agent.topics.cmd,
+            InferCommand(id="q-1", inputs={"x": encode_array(x)}).to_wire(),
+            "q-1",
+            artifacts["key"],
         )
         logits = decode_array(answer.data["outputs"]["logits"])
         np.testing.assert_allclose(logits, agent.infer({"x": x}).outputs["logits"], rtol=1e-5)

@@ -204,7 +204,7 @@ def test_failing_candidate_is_reported_and_search_goes_on(
         raise ort_quant.CompressionError("simulated quantizer crash")
 
     monkeypatch.setattr(ort_quant.OrtDynamicInt8, "apply", broken)
-    result = build(onnx_file, FakeProfile(), eval=data, plan=FAST, latency_runs=5)
+    result = build(onnx_file, FakeProfile(), eval=data, plan=FAST, latency_runs=5, isolate=False)
     failed = next(c for c in result.candidates if c.id == "onnx-int8-dynamic")
     assert failed.status == "failed"
     assert "simulated quantizer crash" in failed.reason

@@ -219,6 +219,18 @@ def test_a_speed_inside_the_noise_is_a_tie_and_the_smaller_model_wins() -> None:
     assert fp16.to_dict()["speedup_noise"] == 0.03
 
 
+def test_a_much_slower_candidate_is_never_a_tie_however_wide_the_noise() -> None:
+    # prepare: on a loaded host the band grew to ±0.46; INT8 measured at 0.6× fp32's speed
+    base = _measured("onnx-fp32", 1000, 1.0, 0.0)
+    slow = _measured("onnx-int8-dynamic", 300, 0.6, 0.46)
+    near = _measured("onnx-fp16", 580, 0.85, 0.46)
+    # act
+    chosen, _ = choose([base, slow, near], base, 0.01, None, None)
+    # assert: the band counts up to MAX_TIE_BAND only, so 0.85× is a tie and 0.6× is not
+    assert not slow.speed_tie and slow.status == "over-budget"
+    assert near.speed_tie and chosen is near
+
+
 def test_ratio_noise_grows_with_spread_and_has_a_floor() -> None:
     steady = ratio_noise([1.0] * 50, [1.0] * 50)
     rng = np.random.default_rng(0)

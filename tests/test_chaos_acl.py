@@ -1,6 +1,7 @@
 """A Mosquitto with the TLS + ACL config `edgefleet credentials` generates: who can say and hear what.
 
-Each test starts its own broker (one TLS listener, nothing in plaintext) on a free port. Mosquitto 2.0
+Each test starts its own broker (a TLS listener for devices, one for the host identity, nothing in
+plaintext) on free ports. Mosquitto 2.0
 grants every SUBSCRIBE and filters at delivery, and answers a denied PUBLISH with PUBACK 0x87 (MQTT 5)
 and then closes the connection (eclipse-mosquitto/mosquitto#2579); with MQTT 3.1.1 a denial is silent.
 So each denial is proven twice: by the reason code where there is one, and by a host-identity observer
@@ -29,7 +30,7 @@ from typer.testing import CliRunner
 from edgefleet.agent.core.topics import Topics
 from edgefleet.sdk.cli import app
 from edgefleet.sdk.trust.credentials import Credentials, Identity
-from tests.conftest import Mosquitto
+from tests.conftest import Mosquitto, free_port, wait_for_port
 
 pytestmark = [pytest.mark.chaos, pytest.mark.broker]
 
@@ -44,12 +45,20 @@ TIMEOUT = 15.0
 def start_broker(factory: Callable[..., Mosquitto], creds: Credentials) -> Mosquitto:
     """Mosquitto with the generated config, verbatim, plus what a test run needs (root user, a log)."""
     broker = factory(start=False)
-    broker.extra_config = creds.mosquitto_conf(port=broker.port, bind="127.0.0.1") + (
+    broker.extra_config = creds.mosquitto_conf(port=broker.port, bind="127.0.0.1", host_port=free_port()) + (
         # Run as root, Mosquitto would drop to a user that cannot read pytest's 0700 folders.
         "user root\nlog_dest file {workdir}/mosquitto.log\nlog_type all\n"
     )
     broker.start()
+    wait_for_port("127.0.0.1", host_port(broker))
     return broker
+
+
+def host_port(broker: Mosquitto) -> int:
+    """The port of the generated config's host listener (its second `listener` line)."""
+    listeners = [line.split() for line in broker.extra_config.splitlines() if line.startswith("listener ")]
+    assert len(listeners) == 2, f"want a device and a host listener, got {listeners}"
+    return int(listeners[1][1])
 
 
 def broker_log(broker: Mosquitto) -> str:
@@ -216,17 +225,19 @@ def test_plaintext_unknown_ca_and_missing_certificates_are_refused(
     tmp_path: Path, mosquitto_factory: Any, creds: Credentials, fleet_name: str
 ) -> None:
     broker = start_broker(mosquitto_factory, creds)
+    hport = host_port(broker)
     listeners = [line for line in broker.extra_config.splitlines() if line.startswith("listener")]
-    assert listeners == [f"listener {broker.port} 127.0.0.1"]
-    # A plaintext MQTT CONNECT (3.1.1, client id "p") on the port gets no CONNACK: the socket just closes.
-    with socket.create_connection(("127.0.0.1", broker.port), timeout=TIMEOUT) as sock:
-        sock.sendall(bytes([0x10, 13, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 1]) + b"p")
-        try:
-            reply = sock.recv(16)
-        except ConnectionResetError:
-            reply = b""
-    assert not reply.startswith(b"\x20"), f"the TLS port answered plaintext MQTT with {reply!r}"
-    refused(broker.port, None, tls=False)  # paho in plaintext: closed before any CONNACK
+    assert listeners == [f"listener {broker.port} 127.0.0.1", f"listener {hport} 127.0.0.1"]
+    for port in (broker.port, hport):
+        # A plaintext MQTT CONNECT (3.1.1, client id "p") gets no CONNACK on either port: the socket closes.
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+            sock.sendall(bytes([0x10, 13, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 1]) + b"p")
+            try:
+                reply = sock.recv(16)
+            except ConnectionResetError:
+                reply = b""
+        assert not reply.startswith(b"\x20"), f"TLS port {port} answered plaintext MQTT with {reply!r}"
+        refused(port, None, tls=False)  # paho in plaintext: closed before any CONNACK
     # TLS without a client certificate, and a certificate for dev-b from another CA, are refused too.
     refused(broker.port, None, ca=creds.layout.ca_cert)
     stranger = Credentials.init(tmp_path / "stranger", fleet_name)
@@ -235,10 +246,12 @@ def test_plaintext_unknown_ca_and_missing_certificates_are_refused(
     refused(
         broker.port, Identity("dev-b", forged.folder, creds.layout.ca_cert, forged.cert, forged.key, None)
     )
-    # The real identities get in.
-    for ident in (creds.host(), creds.device("dev-a")):
-        with connected(broker.port, ident):
-            pass
+    # Each listener takes its own identities only: no device certificate on the host port, and the
+    # host certificate (from the host CA) not on the device port.
+    refused(hport, creds.device("dev-a"))
+    refused(broker.port, creds.host())
+    with connected(hport, creds.host()), connected(broker.port, creds.device("dev-a")):
+        pass
     assert "certificate verify failed" in broker_log(
         broker
     ) or "peer did not return a certificate" in broker_log(broker)
@@ -261,7 +274,7 @@ def test_a_device_cannot_publish_as_another_or_send_commands(
         a.artifact(SHA, 0),
         Topics(f"other-{fleet_name}", "dev-a").state,
     ]
-    with connected(broker.port, creds.host()) as host:
+    with connected(host_port(broker), creds.host()) as host:
         host.subscribe(f"{p}/#")
         for topic in forbidden:
             # A fresh connection each time: Mosquitto closes a client after a denied PUBLISH.
@@ -288,7 +301,7 @@ def test_a_device_reads_only_its_own_commands_and_chunks(
     broker = start_broker(mosquitto_factory, creds)
     p = Topics.fleet_prefix(fleet_name)
     with (
-        connected(broker.port, creds.host()) as host,
+        connected(host_port(broker), creds.host()) as host,
         connected(broker.port, creds.device("dev-a")) as dev_a,
         connected(broker.port, creds.device("dev-b")) as dev_b,
     ):
@@ -363,7 +376,9 @@ def test_password_mode_authenticates_applies_the_acl_and_revokes(
     why = refused(broker.port, creds.device("dev-a"), username="dev-a", password=a_login["password"] + "x")
     assert "Not authorized" in why or "Bad user name or password" in why
     refused(broker.port, creds.device("dev-a"))  # TLS alone, no login: anonymous is off
-    with connected(broker.port, creds.host(), **host_login) as host:
+    refused(broker.port, creds.host(), **host_login)  # the host's login is valid on its own listener only
+    refused(host_port(broker), creds.device("dev-a"), **a_login)  # and a device's on the device one only
+    with connected(host_port(broker), creds.host(), **host_login) as host:
         host.subscribe(f"{p}/#")
         device = Client(broker.port, creds.device("dev-a"), **a_login)
         assert device.connect() == "ok"
@@ -399,13 +414,13 @@ def test_a_real_agent_and_host_deploy_through_tls_and_the_acl(
         tmp_path / "v1", tmp_path / "keys", model, eval_set(model, tmp_path / "e.npz"), version=1
     )
     broker = start_broker(mosquitto_factory, creds)
-    url = f"mqtts://127.0.0.1:{broker.port}"
+    url = f"mqtts://127.0.0.1:{broker.port}"  # the devices' listener; the host has its own
     ids = ["dev-a", "dev-b"]
     procs: list[AgentProcess] = []
     host = creds.host()
     store = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
     fleet = Fleet(
-        broker=url,
+        broker=f"mqtts://127.0.0.1:{host_port(broker)}",
         store=store,
         fleet=fleet_name,
         tls_ca=str(host.ca),

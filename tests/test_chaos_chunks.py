@@ -23,6 +23,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from edgefleet.agent.core.command_auth import MISADDRESSED
 from edgefleet.agent.core.manifest import format_time
 from edgefleet.agent.core.protocol import (
     Code,
@@ -48,6 +49,7 @@ from tests.chaos_agent_support import (
     signed_bundle,
     wait_until,
 )
+from tests.command_support import signed
 from tests.conftest import Mosquitto, free_port
 from tests.fleet_support import Host
 
@@ -100,7 +102,9 @@ class Rig:
         return BundleTransfer(path, chunk)
 
     def publish(self, topic: str, payload: bytes, wait: bool = True) -> Any:
-        """Publish QoS 1 (waiting for the broker's PUBACK when `wait`)."""
+        """Publish QoS 1 (waiting for the broker's PUBACK when `wait`); commands signed as the host signs."""
+        if topic == self.topics.cmd:
+            payload = signed(self.tmp / "keys", payload, DEVICE)
         info = self.client.publish(topic, payload, qos=1)
         if wait:
             info.wait_for_publish(30)
@@ -426,7 +430,7 @@ def test_replayed_expired_and_foreign_manifests_are_refused_before_any_download(
         )
         assert (got.step, got.code) == ("verify-manifest", code), (deploy_id, got)  # type: ignore[attr-defined]
     addressed = rig.wait_event(lambda m: isinstance(m, Error) and m.ref == "to-other", since, timeout=15)
-    assert addressed.code == Code.WRONG_DEVICE  # type: ignore[attr-defined]
+    assert addressed.code == MISADDRESSED  # type: ignore[attr-defined]  # signed for dev-other
     steps = {m.step for m in rig.events(since) if isinstance(m, Progress)}
     assert steps == {"verify-manifest"}, steps
     assert disk_bytes(rig.state_dir / "staging") == 0

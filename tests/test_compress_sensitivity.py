@@ -1,4 +1,4 @@
-"""Per-layer sensitivity: a layer whose perturbation hurts more ranks higher; ratios follow the ranking."""
+"""Per-layer sensitivity as the seed defines it, S = (L − L_perturbed) / L: harm is negative, ranks first."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_layer_that_hurts_more_ranks_higher(data, perturbation: str) -> None:
     # assert
     assert table.ranking() == ["strong", "weak"]
     scores = table.scores()
-    assert scores["strong"] > scores["weak"] >= -1e-6
+    assert scores["strong"] < scores["weak"] <= 1e-6  # L rises when a layer that matters is perturbed
     for key, value in model.state_dict().items():  # the model is restored after each perturbation
         assert torch.equal(value, before[key])
 
@@ -56,8 +56,9 @@ def test_without_labels_scores_output_distortion(data) -> None:
     table = torch_sensitivity(model, x, perturbation="zero")
     assert table.baseline_loss == 0.0
     assert table.ranking()[0] == "strong"
-    assert 0.9 < table.scores()["strong"] < 1.1  # zeroing it removes almost all of the output
-    assert table.to_dict()["layers"][0]["name"] == "strong"
+    assert -1.1 < table.scores()["strong"] < -0.9  # zeroing it removes almost all of the output
+    assert not table.normalized
+    assert table.to_json()["layers"][0]["layer"] == "strong"
 
 
 def test_rich_table_lists_every_layer(data) -> None:
@@ -67,7 +68,8 @@ def test_rich_table_lists_every_layer(data) -> None:
     console = Console(record=True, width=120)
     console.print(torch_sensitivity(model, x, y).to_rich())
     text = console.export_text()
-    assert "strong" in text and "weak" in text and "S_i" in text
+    assert "strong" in text and "weak" in text and "S = (L − L_perturbed) / L" in text
+    assert "smallest-|w| weights" in text  # the perturbation used is shown under the table
 
 
 def test_pruning_ratios_prune_least_sensitive_most(data) -> None:
@@ -93,3 +95,50 @@ def test_bad_inputs_raise_clear_errors(data) -> None:
         torch_sensitivity(model, x, y, perturbation="melt")  # type: ignore[arg-type]
     with pytest.raises(CompressionError, match="target pruning ratio"):
         pruning_ratios(torch_sensitivity(model, x, y), 1.2)
+
+
+def test_score_is_the_seed_formula_with_zeroed_layer(data) -> None:
+    # prepare: compute L(θ) and L(θ with `weak` = 0) by hand
+    model, x, y = data
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    with torch.no_grad():
+        base = float(nn.functional.cross_entropy(model(xt), yt))
+        saved = model.weak.weight.clone()
+        model.weak.weight.zero_()
+        zeroed = float(nn.functional.cross_entropy(model(xt), yt))
+        model.weak.weight.copy_(saved)
+    # act
+    table = torch_sensitivity(model, x, y, perturbation="zero")
+    # assert
+    assert table.scores()["weak"] == pytest.approx((base - zeroed) / base, rel=1e-5)
+    assert table.baseline_loss == pytest.approx(base, rel=1e-6)
+
+
+def test_table_rows_and_json_keep_formula_and_perturbation(data) -> None:
+    import json
+
+    model, x, y = data
+    table = torch_sensitivity(model, x, y, perturbation="channels", ratio=0.5)
+    rows = table.to_rows()
+    assert [row["layer"] for row in rows] == ["strong", "weak"]
+    assert rows[0]["rank"] == 1 and rows[0]["S"] == table.scores()["strong"]
+    doc = json.loads(json.dumps(table.to_json()))
+    assert doc["formula"] == "S = (L − L_perturbed) / L"
+    assert doc["perturbation"] == "channels" and "50% output channels" in doc["description"]
+    assert doc["loss"] == "cross-entropy" and len(doc["layers"]) == 2
+
+
+def test_table_prints_as_plain_lines_in_a_pipe(data) -> None:
+    import io
+
+    from rich.console import Console
+
+    from edgefleet.sdk.cli.output import print_table
+
+    model, x, y = data
+    buffer = io.StringIO()
+    print_table(torch_sensitivity(model, x, y, perturbation="zero").to_rich(), Console(file=buffer))
+    lines = buffer.getvalue().splitlines()
+    assert lines[0].startswith("Per-layer sensitivity: S = (L − L_perturbed) / L; baseline L =")
+    assert lines[2].split()[:2] == ["1", "strong"] and lines[3].split()[:2] == ["2", "weak"]
+    assert lines[-1] == "perturbation: every weight of the layer set to 0 (θ_i = 0)"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from typer.testing import CliRunner
 
@@ -80,8 +81,15 @@ def test_certificates_chain_to_the_ca_with_cn_usage_and_sans(creds: Credentials)
     device = _cert(creds.device("pi-2").cert)  # type: ignore[arg-type]
     host = _cert(creds.host().cert)  # type: ignore[arg-type]
     server = _cert(creds.layout.server_cert)
-    for leaf in (device, host, server):
-        leaf.verify_directly_issued_by(ca)  # raises if the signature or issuer is wrong
+    # The host certificate comes from the host CA, so the device listener (fleet CA) refuses it and
+    # the host listener (host CA) refuses every device certificate.
+    host_ca = _cert(creds.layout.host_ca_cert)
+    assert host_ca.subject != ca.subject and _cert(creds.layout.broker_host_ca) == host_ca
+    host.verify_directly_issued_by(host_ca)
+    with pytest.raises((ValueError, InvalidSignature)):
+        device.verify_directly_issued_by(host_ca)
+    for leaf, issuer in ((device, ca), (host, host_ca), (server, ca)):
+        leaf.verify_directly_issued_by(issuer)  # raises if the signature or issuer is wrong
         assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         assert leaf.not_valid_after_utc <= ca.not_valid_after_utc
     assert _cn(device) == "pi-2"
@@ -175,17 +183,26 @@ def test_the_acl_allows_exactly_the_protocol_topics() -> None:
             assert not _allowed(acl, user, topic, "read") and not _allowed(acl, user, topic, "write")
 
 
-def test_mosquitto_conf_has_one_tls_listener_and_every_file(creds: Credentials) -> None:
+def test_mosquitto_conf_has_a_device_and_a_host_tls_listener_and_every_file(creds: Credentials) -> None:
     text = creds.mosquitto_conf(port=18883, bind="127.0.0.1")
     lines = text.splitlines()
-    assert [line for line in lines if line.startswith("listener")] == ["listener 18883 127.0.0.1"]
-    for needed in (
-        "allow_anonymous false",
-        "require_certificate true",
-        "use_identity_as_username true",
-        "tls_version tlsv1.2",
-    ):
-        assert needed in lines
+    assert [line for line in lines if line.startswith("listener")] == [
+        "listener 18883 127.0.0.1",
+        "listener 18884 127.0.0.1",
+    ]
+    device_part, host_part = text.split("listener 18884")
+    for part in (device_part, host_part):
+        for needed in (
+            "allow_anonymous false",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "tls_version tlsv1.2",
+        ):
+            assert needed in part.splitlines()
+    # Devices get their CN as client id; the host keeps its own ids, on a listener of the host CA.
+    assert "use_username_as_clientid true" in device_part and "use_username_as_clientid" not in host_part
+    assert f"cafile {creds.layout.broker_host_ca.resolve()}" in host_part.splitlines()
+    assert f"cafile {creds.layout.broker_ca.resolve()}" in device_part.splitlines()
     files = {
         line.split()[0]: Path(line.split(maxsplit=1)[1])
         for line in lines
@@ -193,6 +210,9 @@ def test_mosquitto_conf_has_one_tls_listener_and_every_file(creds: Credentials) 
     }
     assert set(files) == {"cafile", "certfile", "keyfile", "crlfile", "acl_file"}
     assert all(p.is_absolute() and p.is_file() for p in files.values())
+    assert creds.mosquitto_conf(port=18883, host_port=9999).count("listener 9999\n") == 1
+    with pytest.raises(CredentialsError, match="--host-port"):
+        creds.mosquitto_conf(port=18883, host_port=18883)
     # --base rewrites the paths for a broker machine where the folder lies elsewhere.
     moved = creds.mosquitto_conf(base="/etc/mosquitto/edgefleet")
     assert "cafile /etc/mosquitto/edgefleet/ca.crt" in moved
@@ -288,9 +308,13 @@ def test_init_refuses_to_overwrite_and_bad_settings(tmp_path: Path, creds: Crede
 def test_password_mode_writes_a_mosquitto_passwd_file(tmp_path: Path) -> None:
     creds = Credentials.init(tmp_path / "pw", FLEET, auth="password")
     creds.add_devices(["pi-1", "pi-2"])
+    # Devices in one file (the device listener's), the host alone in another (the host listener's).
     entries = dict(line.split(":", 1) for line in creds.layout.passwd.read_text().splitlines())
-    assert sorted(entries) == ["edgefleet-host", "pi-1", "pi-2"]
-    assert _mode(creds.layout.passwd) == 0o600
+    assert sorted(entries) == ["pi-1", "pi-2"]
+    host_entries = dict(line.split(":", 1) for line in creds.layout.host_passwd.read_text().splitlines())
+    assert sorted(host_entries) == ["edgefleet-host"]
+    entries.update(host_entries)
+    assert _mode(creds.layout.passwd) == 0o600 and _mode(creds.layout.host_passwd) == 0o600
     for name, ident in (("pi-1", creds.device("pi-1")), ("edgefleet-host", creds.host())):
         assert ident.cert is None and ident.password_file is not None
         assert _mode(ident.password_file) == 0o600
@@ -301,6 +325,7 @@ def test_password_mode_writes_a_mosquitto_passwd_file(tmp_path: Path) -> None:
         assert password not in creds.layout.state.read_text()
     conf = creds.mosquitto_conf()
     assert f"password_file {creds.layout.passwd.resolve()}" in conf
+    assert f"password_file {creds.layout.host_passwd.resolve()}" in conf
     assert "require_certificate false" in conf and "crlfile" not in conf
     creds.revoke(["pi-1"])
     assert "pi-1:" not in creds.layout.passwd.read_text()
@@ -357,3 +382,27 @@ def test_cli_init_add_list_revoke_and_conf(tmp_path: Path) -> None:
     assert "listener 9883\n" in conf.read_text()
     result = runner.invoke(app, ["credentials", "list", "--dir", str(tmp_path / "missing")])
     assert result.exit_code == 1 and "credentials init" in result.output
+
+
+def test_device_ids_with_the_host_client_id_prefix_are_refused(creds: Credentials) -> None:
+    # The device listener makes a device's id its client id; host connections use edgefleet-* ids.
+    with pytest.raises(CredentialsError, match="edgefleet-"):
+        creds.add_devices(["edgefleet-ingest-x"])
+    assert "edgefleet-ingest-x" not in {d["id"] for d in creds.devices()}
+
+
+def test_a_folder_made_before_the_host_listener_is_upgraded_by_mosquitto_conf(creds: Credentials) -> None:
+    # prepare: what an older version left: no host CA, the host certificate from the fleet CA
+    creds.layout.host_ca_cert.unlink()
+    creds.layout.broker_host_ca.unlink()
+    del creds.state["host_ca"]
+    creds._save()
+    old = Credentials.open(creds.root)
+    # act
+    changed = old.upgrade_host_listener()
+    conf = old.mosquitto_conf()
+    # assert: a new host CA signs a new host certificate; nothing to do the second time
+    assert changed and not old.upgrade_host_listener()
+    host_ca = _cert(creds.layout.host_ca_cert)
+    _cert(old.host().cert).verify_directly_issued_by(host_ca)  # type: ignore[arg-type]
+    assert f"cafile {creds.layout.broker_host_ca.resolve()}" in conf

@@ -55,9 +55,10 @@ def gemm_relu_model(tmp_path: Path) -> Path:
 
 
 def unit_profile(**changes: Any) -> Profile:
-    """rpi4b with round figures: 1 GFLOP/s on 4 threads, 1 GB/s, int8 2x, fp16 supported at 4x."""
+    """rpi4b with round figures: 1 GFLOP/s on 4 threads, 1 GB/s, int8 2x, fp16 supported at 4x, efficiency 1."""
     base = load_profile("rpi4b")
     fields: dict[str, Any] = {
+        "efficiency": {"conv": 1.0, "dwconv": 1.0, "matmul": 1.0, "elementwise": 1.0, "gpu": 1.0},
         "sustained_gflops": 1.0,
         "mem_bandwidth_gbs": 1.0,
         "int8_speedup": 2.0,
@@ -214,7 +215,7 @@ def test_fp16_override_uses_fp16_rate_for_heavy_ops_only(tmp_path: Path) -> None
 
 def test_jetson_runs_onnx_on_the_gpu(tmp_path: Path) -> None:
     path = conv_model(tmp_path)
-    jetson = load_profile("jetson-orin-nano")
+    jetson = dataclasses.replace(load_profile("jetson-orin-nano"), efficiency={"gpu": 1.0})
     est = estimate_latency(path, jetson, op_overhead_us=0.0)
     assert est.device == "gpu"
     assert jetson.gpu is not None
@@ -290,6 +291,7 @@ def test_tflite_flops_counted_by_hand(tmp_path: Path) -> None:
     assert by_type["CONV_2D"].flops == 2 * conv_out * 27 + conv_out
     assert by_type["FULLY_CONNECTED"].flops == 2 * 2 * 10 * 288 + 2 * 10
     assert by_type["CONV_2D"].precision == "fp32"
+    assert (by_type["CONV_2D"].op_class, by_type["FULLY_CONNECTED"].op_class) == ("conv", "matmul")
     assert cost.batch_size == 2 and cost.format == "tflite"
     assert est.device == "cpu" and est.flops == cost.flops
     # weights are read once: conv 8·3·3·3 + 8 floats, fc 10·288 + 10 floats

@@ -19,6 +19,7 @@ from edgefleet.sdk.fleet.strategy import AbortRules, rules_with
 from edgefleet.sdk.server.actions import FleetAdapter
 from edgefleet.sdk.server.app import create_app
 from edgefleet.sdk.store import Store
+from edgefleet.sdk.trust.command_signing import use_command_keys
 from tests.agent_net_support import PROFILE
 from tests.fleet_support import tiny_bundle
 
@@ -169,6 +170,7 @@ def test_a_rollout_aborts_when_agreement_on_the_device_is_below_the_floor(
     from tests.fleet_support import agents, wait_online
 
     keys = init_keys(tmp_path / "keys")
+    use_command_keys(fleet_name, [keys.public_path])  # the host signs commands, though it checks no bundle
     model, other = (
         export_tiny_onnx(tmp_path / "m.onnx", seed=0),
         export_tiny_onnx(tmp_path / "o.onnx", seed=3),

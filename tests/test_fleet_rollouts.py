@@ -23,6 +23,8 @@ from edgefleet.sdk.fleet.errors import BundleRefused, RolloutConflict, SelectorE
 from edgefleet.sdk.fleet.progress import engine_alive
 from edgefleet.sdk.fleet.strategy import AbortRules
 from edgefleet.sdk.store import Store
+from edgefleet.sdk.trust.command_signing import COMMAND_KEYS_ENV
+from tests.command_support import signed
 from tests.fleet_support import agents, build_artifacts, device_statuses, wait_for, wait_online
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -94,8 +96,8 @@ def test_canary_failing_its_health_check_aborts_and_spares_the_rest(
         assert env.differences() == []
 
 
-def _infer_load(url: str, fleet: str, device: str, stop: threading.Event) -> None:
-    """Send inferences over MQTT so the device's telemetry windows carry traffic."""
+def _infer_load(url: str, fleet: str, device: str, stop: threading.Event, keys: Path) -> None:
+    """Send inferences over MQTT (signed with the online key in `keys`) so telemetry windows carry traffic."""
     host, port = url.removeprefix("mqtt://").split(":")
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"load-{device}-{os.getpid()}")
     client.connect(host, int(port))
@@ -105,7 +107,7 @@ def _infer_load(url: str, fleet: str, device: str, stop: threading.Event) -> Non
     while not stop.wait(0.05):
         n += 1
         cmd = InferCommand(id=f"load-{n}", inputs={"x": encode_array(x)})
-        client.publish(Topics(fleet, device).cmd, cmd.to_wire(), qos=1)
+        client.publish(Topics(fleet, device).cmd, signed(keys, cmd.to_wire(), device), qos=1)
     client.disconnect()
     client.loop_stop()
 
@@ -127,7 +129,11 @@ def test_canary_over_its_latency_budget_in_telemetry_aborts_and_rolls_back(
             lambda: device_statuses(env.store, handle.id)["d1"] == "deployed", 30, "the canary to deploy"
         )
         stop = threading.Event()
-        load = threading.Thread(target=_infer_load, args=(mosquitto.url, env.fleet, "d1", stop), daemon=True)
+        load = threading.Thread(
+            target=_infer_load,
+            args=(mosquitto.url, env.fleet, "d1", stop, artifacts["key"].parent),
+            daemon=True,
+        )
         load.start()
         try:
             assert handle.wait(30) == "aborted"
@@ -271,6 +277,8 @@ def test_a_host_killed_mid_rollout_is_resumed_and_finishes(
         )
         done = subprocess.run(
             [*cli, "rollout", rollout_id, "--resume", "--json", *common[:-2]],
+            # `rollout` takes no --trusted-key: say where the online key that signs its commands lies
+            env={**os.environ, COMMAND_KEYS_ENV: str(artifacts["key"].parent)},
             check=False,
             capture_output=True,
             timeout=120,

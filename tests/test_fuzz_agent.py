@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -26,6 +27,7 @@ from hypothesis import strategies as st
 
 from edgefleet.agent.bspatch import apply_patch
 from edgefleet.agent.config import load_config
+from edgefleet.agent.core.command_auth import CODES as COMMAND_AUTH_CODES
 from edgefleet.agent.core.errors import ProtocolError, TransferError, VerifyError
 from edgefleet.agent.core.ledger import VersionLedger
 from edgefleet.agent.core.manifest import Manifest, canonical_bytes
@@ -44,6 +46,7 @@ from edgefleet.agent.core.trust import TrustStore, load_rotation, make_root, par
 from edgefleet.agent.core.verify import ERROR_CODES, verify_manifest
 from edgefleet.agent.daemon import Agent, _ErrorLimiter
 from edgefleet.agent.transfer import StagingArea, Transfer
+from tests.command_support import signed
 from tests.test_agent_net_handlers import NoModelInstaller, Recorder
 
 pytestmark = pytest.mark.chaos
@@ -475,7 +478,10 @@ def test_bspatch_on_arbitrary_patches_raises_only_transfer_errors(
 # the daemon's handlers: every topic, structure-aware payloads, answers carry documented codes only
 
 DOCUMENTED = (
-    PROTOCOL_CODES | set(ERROR_CODES) | {"files-mismatch", "no-previous", "superseded", "delta-corrupt"}
+    PROTOCOL_CODES
+    | set(ERROR_CODES)
+    | set(COMMAND_AUTH_CODES)  # docs/agent.md, require_signed_commands
+    | {"files-mismatch", "no-previous", "superseded", "delta-corrupt"}
 )
 
 
@@ -521,8 +527,15 @@ def _answers(agent: Agent, topic: str, payload: bytes) -> list[tuple[Any, dict[s
     recorder = agent.session
     assert isinstance(recorder, Recorder)
     before = len(recorder.sent)
-    agent.handle_message(topic, payload)
+    agent.handle_message(topic, _signed(agent, topic, payload))
     return recorder.sent[before:]
+
+
+def _signed(agent: Agent, topic: str, payload: bytes) -> bytes:
+    """A command as the host signs it (the fixture's keys hold the online key); other topics as they are."""
+    if topic != agent.topics.cmd:
+        return payload
+    return signed(Path(agent.config.trusted_keys[0]).parent, payload, agent.config.device_id)
 
 
 def _check(sent: list[tuple[Any, dict[str, Any]]]) -> None:
@@ -643,7 +656,8 @@ def test_handlers_survive_concurrent_garbage(agent: Agent) -> None:
     def hammer(seed: int) -> None:
         try:
             for i in range(200):
-                agent.handle_message(agent.topics.cmd, payloads[(i + seed) % len(payloads)])
+                payload = _signed(agent, agent.topics.cmd, payloads[(i + seed) % len(payloads)])
+                agent.handle_message(agent.topics.cmd, payload)
         except BaseException as exc:  # pragma: no cover - the assertion below reports it
             failures.append(exc)
 

@@ -109,6 +109,68 @@ def test_a_command_signed_by_the_offline_bundle_key_or_edited_is_refused(
     assert _code(_guard(tmp_path, online), json.dumps(edited).encode()) == ca.BAD_SIGNATURE
 
 
+def test_commands_out_of_signing_order_run_once_within_the_reorder_window(
+    tmp_path: Path, online: SigningKey
+) -> None:
+    # prepare: two host processes signed 40 s apart; the later one arrives first
+    guard = _guard(tmp_path, online)
+    early, late = 1_000_000, 1_040_000
+    old = 1_040_000 - ca.REORDER_WINDOW - 1
+    # act
+    guard.check(ca.sign_command(_rollback("late"), bytes(online), "cam-1", late, now=NOW), now=NOW)
+    first = guard.check(ca.sign_command(_rollback("early"), bytes(online), "cam-1", early, now=NOW), now=NOW)
+    again = _code(
+        _guard(tmp_path, online), ca.sign_command(_rollback("x"), bytes(online), "cam-1", early, now=NOW)
+    )
+    too_old = _code(guard, ca.sign_command(_rollback("old"), bytes(online), "cam-1", old, now=NOW))
+    # assert: the early one ran once, even after a restart it stays a replay; older than the window never
+    assert first["id"] == "early"
+    assert again == ca.REPLAYED and too_old == ca.REPLAYED
+
+
+def test_a_counter_file_of_the_previous_format_still_refuses_its_counter(
+    tmp_path: Path, online: SigningKey
+) -> None:
+    (tmp_path / "cam-1-counter.json").write_text(json.dumps({"counter": 500}))
+    guard = _guard(tmp_path, online)
+    assert _code(guard, ca.sign_command(_rollback(), bytes(online), "cam-1", 499, now=NOW)) == ca.REPLAYED
+    assert guard.check(ca.sign_command(_rollback(), bytes(online), "cam-1", 501, now=NOW), now=NOW)
+
+
+def test_agents_refuse_unsigned_commands_unless_configured_not_to(tmp_path: Path) -> None:
+    from edgefleet.agent.config import load_config
+
+    key = tmp_path / "fleet.pub"
+    key.write_text("x")
+    base = {
+        "device_id": "cam-1",
+        "profile": "generic-cpu",
+        "trusted_keys": [str(key)],
+        "state_dir": str(tmp_path),
+    }
+    assert load_config(None, base).require_signed_commands is True
+    assert load_config(None, {**base, "require_signed_commands": False}).require_signed_commands is False
+
+
+def test_the_host_signs_a_fleets_commands_with_the_online_key_beside_its_trusted_key(tmp_path: Path) -> None:
+    from edgefleet.agent.core.topics import Topics
+    from edgefleet.agent.core.trust import TrustStore
+    from edgefleet.sdk.trust.command_signing import command_key_dir, sign_for_topic, use_command_keys
+    from edgefleet.sdk.trust.keys import init_keys, load_host_root
+
+    # prepare: the fleet key and its online key in a folder of their own, not the default one
+    keys = init_keys(tmp_path / "k")
+    fleet = "f-" + tmp_path.name[-8:]
+    # act
+    found = use_command_keys(fleet, [keys.public_path])
+    wire = sign_for_topic(Topics(fleet, "cam-1").cmd, _rollback("r"))
+    # assert: signed for cam-1, with a delegation the fleet's root accepts
+    assert found == [tmp_path / "k"] and command_key_dir(fleet) == tmp_path / "k"
+    guard = ca.CommandGuard("cam-1", {}, tmp_path / "g.json", root=TrustStore(load_host_root(tmp_path / "k")))
+    assert guard.check(wire)["id"] == "r"
+    assert sign_for_topic(Topics(fleet, "cam-1").evt, b"{}") == b"{}"  # only commands are signed
+
+
 def test_keys_init_delegates_an_online_key_and_a_rotation_delegates_it_again(tmp_path: Path) -> None:
     from edgefleet.agent.core.trust import TrustStore
     from edgefleet.sdk.trust.command_signing import CommandSigner, redelegate
@@ -254,3 +316,33 @@ def test_a_real_agent_refuses_replayed_readdressed_expired_and_unsigned_commands
         errors.close()
         fleet.close()
         store.close()
+
+
+def test_a_host_given_no_trusted_key_finds_the_online_key_through_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgefleet.sdk.trust.command_signing import COMMAND_KEYS_ENV, command_key_dir
+
+    # prepare: a fleet nothing registered (e.g. `edgefleet rollout --resume` in a new process)
+    fleet = "unregistered-" + tmp_path.name[-8:]
+    # act
+    monkeypatch.setenv(COMMAND_KEYS_ENV, str(tmp_path / "k"))
+    chosen = command_key_dir(fleet)
+    # assert
+    assert chosen == tmp_path / "k"
+
+
+def test_a_repeated_deploy_reaches_its_idempotent_handler_but_a_repeated_rollback_is_refused(
+    tmp_path: Path, online: SigningKey
+) -> None:
+    # prepare: a broker redelivers both after they ran (a NATS node failover does)
+    guard = _guard(tmp_path, online)
+    deploy = ca.sign_command(_deploy_like("cam-1"), bytes(online), "cam-1", 10, now=NOW)
+    rollback = ca.sign_command(_rollback(), bytes(online), "cam-1", 11, now=NOW)
+    guard.check(deploy, now=NOW)
+    guard.check(rollback, now=NOW)
+    # act
+    again = guard.check(deploy, now=NOW)
+    # assert: the deploy handler answers it by id (no second install); a rollback would switch again
+    assert again["id"] == "d-1"
+    assert _code(guard, rollback) == ca.REPLAYED

@@ -39,6 +39,7 @@ from edgefleet.sdk.fleet.transfer import BundleTransfer
 from edgefleet.sdk.trust.keys import init_keys, load_private_key
 from tests.agent_net_support import IN_FEATURES, Observer, agent_args
 from tests.chaos_agent_support import Models, proc_status, signed_bundle
+from tests.command_support import signed
 from tests.fleet_support import Host
 
 pytestmark = [pytest.mark.chaos, pytest.mark.broker]
@@ -167,7 +168,7 @@ def test_hostile_inputs_under_the_rpi_zero_2w_memory_keep_the_agent_serving(
 
         def chunk_size_one() -> str:
             since = time.time()
-            events.publish(topics.cmd, json.dumps(cmd).encode())
+            events.publish(topics.cmd, signed(tmp_path / "keys", json.dumps(cmd).encode(), DEVICE))
             _, message, _ = events.next(
                 lambda t, p: b'"tiny-chunks"' in p and json.loads(p).get("ts", 0) >= since - 1, timeout=30
             )

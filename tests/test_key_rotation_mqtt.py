@@ -18,6 +18,7 @@ from edgefleet.agent.core.trust import ROOT_FILE, load_public_key_pem, make_root
 from edgefleet.sdk.cli import app
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.fleet.rotation import push_rotation, rotation_command
+from edgefleet.sdk.trust.command_signing import use_command_keys
 from edgefleet.sdk.trust.keys import (
     init_keys,
     load_host_root,
@@ -27,6 +28,7 @@ from edgefleet.sdk.trust.keys import (
 )
 from tests.agent_net_support import IN_FEATURES, Observer
 from tests.chaos_agent_support import Models, in_process_agent, signed_bundle, wait_until
+from tests.command_support import signed
 from tests.fleet_support import Host
 
 
@@ -57,6 +59,7 @@ def test_rotation_below_threshold_is_refused_then_a_valid_one_lets_the_new_key_i
     # prepare: the fleet's current key, the key that replaces it, two models, two devices
     old, new = init_keys(tmp_path / "old"), init_keys(tmp_path / "new")
     old_key, new_key = load_private_key(old.private_path), load_private_key(new.private_path)
+    use_command_keys(fleet_name, [old.public_path])  # the host signs commands with the old key's online key
     models = Models.make(tmp_path / "models")
     url = mosquitto.url
     dev1 = in_process_agent(tmp_path / "dev-1", url, fleet_name, old.public_path, "dev-1")
@@ -117,6 +120,7 @@ def test_rotation_below_threshold_is_refused_then_a_valid_one_lets_the_new_key_i
         assert (rows["dev-1"]["status"], rows["dev-1"]["root_version"]) == ("applied", 2)
         assert rows["dev-2"]["status"] == "queued"
         assert dev1.trust.version == 2 and dev1.trust.keyids == [new.keyid]
+        use_command_keys(fleet_name, [new.public_path])  # commands now need the new root's delegation
         _, state, _ = obs.next(
             lambda t, p: "/dev-1/state" in t and json.loads(p).get("root_version") == 2, timeout=10
         )
@@ -161,7 +165,7 @@ def test_malformed_and_out_of_order_rotations_answer_error_events(
     raw_new = load_public_key_pem(new.public_path)
 
     def answer(cmd_id: str, payload: bytes) -> Error:
-        obs.publish(agent.topics.cmd, payload)
+        obs.publish(agent.topics.cmd, signed(tmp_path / "old", payload, "dev-1"))
         _, msg, _ = obs.next(lambda t, p: f'"ref":"{cmd_id}"' in p.decode(), timeout=15)
         assert isinstance(msg, Error), msg
         return msg
@@ -210,6 +214,7 @@ def test_a_rotation_sent_during_an_install_is_refused_busy_then_applied(
     # prepare: an install whose health check runs long (100,000 warm-up runs of the tiny model)
     old, new = init_keys(tmp_path / "old"), init_keys(tmp_path / "new")
     old_key, new_key = load_private_key(old.private_path), load_private_key(new.private_path)
+    use_command_keys(fleet_name, [old.public_path])
     models = Models.make(tmp_path / "models")
     agent = in_process_agent(tmp_path / "dev-1", mosquitto.url, fleet_name, old.public_path, "dev-1")
     obs = Observer(mosquitto.url, Topics(fleet_name, "dev-1").evt)
@@ -228,7 +233,7 @@ def test_a_rotation_sent_during_an_install_is_refused_busy_then_applied(
         pushing.start()
         obs.next(lambda t, p: b'"step":"health"' in p, timeout=60)
         # act: the rotation arrives while the install verifies with the trust store
-        obs.publish(agent.topics.cmd, command.to_wire())
+        obs.publish(agent.topics.cmd, signed(tmp_path / "old", command.to_wire(), "dev-1"))
         _, answer, _ = obs.next(lambda t, p: b'"ref":"rot-during-install"' in p, timeout=30)
         # assert: refused as busy (so no install ever sees two roots), nothing changed
         assert isinstance(answer, Error) and answer.code == Code.BUSY and "rotation" in answer.reason, answer

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.fleet.errors import BundleRefused
+from edgefleet.sdk.trust.command_signing import use_command_keys
 from tests.agent_net_support import AgentProcess, agent_args, eval_set, export_tiny_onnx, make_bundle
 from tests.fleet_support import device_statuses, wait_for, wait_online
 from tests.rollout_support import disagreeing_pair, export_heavy, live_inputs
@@ -136,6 +137,7 @@ def test_a_release_that_disagrees_on_live_inputs_is_aborted_by_min_agreement(
 
     # prepare: v2 disagrees with v1 on ~30 % of inputs (both pass their own health check)
     keys = init_keys(tmp_path / "keys")
+    use_command_keys(fleet_name, [keys.public_path])  # the host signs commands, though it checks no bundle
     m1, m2, disagreement = disagreeing_pair(tmp_path)
     assert 0.2 < disagreement < 0.4
     v1 = make_bundle(tmp_path / "v1", tmp_path / "keys", m1, eval_set(m1, tmp_path / "e1.npz"), version=1)
@@ -173,6 +175,7 @@ def test_an_aborted_first_rollout_leaves_no_model_serving(
 
     # prepare: two fresh devices, no model ever installed
     keys = init_keys(tmp_path / "keys")
+    use_command_keys(fleet_name, [keys.public_path])  # the host signs commands, though it checks no bundle
     m1 = export_tiny_onnx(tmp_path / "m1.onnx")
     v1 = make_bundle(tmp_path / "v1", tmp_path / "keys", m1, eval_set(m1, tmp_path / "e1.npz"), version=1)
     ids = ["f1", "f2"]
@@ -211,6 +214,7 @@ def test_a_stopped_device_is_known_offline_and_a_deploy_waits_for_it(
     from edgefleet.sdk.trust.keys import init_keys
 
     keys = init_keys(tmp_path / "keys")
+    use_command_keys(fleet_name, [keys.public_path])  # the host signs commands, though it checks no bundle
     m1 = export_tiny_onnx(tmp_path / "m1.onnx")
     v1 = make_bundle(tmp_path / "v1", tmp_path / "keys", m1, eval_set(m1, tmp_path / "e1.npz"), version=1)
     first = Fleet(mosquitto.url, store=f"sqlite:///{tmp_path / 'a.db'}", fleet=fleet_name, trusted_keys=[])
@@ -273,6 +277,7 @@ def test_a_mixed_emulated_fleet_rolls_out_healthy_releases_with_default_flags(
     # Jetson Orin Nano running the tiny model (its 20 ms budget). Pooled, the rpi's latency is over the
     # Jetson's budget (what aborted healthy releases); each against its own budget, both are healthy.
     keys = init_keys(tmp_path / "keys")
+    use_command_keys(fleet_name, [keys.public_path])  # the host signs commands, though it checks no bundle
     ids = ["pi", "nano"]
     profiles = {"pi": "rpi4b", "nano": "jetson-orin-nano"}
     # The budgets follow this host's speed, so the test means the same on a fast or a loaded machine:
@@ -326,6 +331,7 @@ def test_the_registry_asks_devices_to_re_announce_when_the_broker_lost_their_sta
     from edgefleet.sdk.trust.keys import init_keys
 
     keys = init_keys(tmp_path / "keys")
+    use_command_keys(fleet_name, [keys.public_path])  # the host signs commands, though it checks no bundle
     with _agents(tmp_path, mosquitto.url, fleet_name, keys.public_path, ["r1"]):
         wait_online(fleet.store, fleet_name, fleet.options, ["r1"])
         # prepare: the broker loses the retained state (as brokers with weak retained support do)

@@ -135,11 +135,32 @@ FAILED_DEVICE: FrozenSet[DeviceStatus] = frozenset({DeviceStatus.REJECTED, Devic
 
 
 class QualityMetric(StrEnum):
-    """The quality vocabulary: one name per metric everywhere (manifest, telemetry, store, gates)."""
+    """The quality vocabulary: one name per metric everywhere (manifest, telemetry, store, gates).
+
+    These three have a store column and a rollout-rule field each; the task metrics are `TaskMetric`.
+    """
 
     ACCURACY = "accuracy"
     AGREEMENT = "agreement"
     FIDELITY = "fidelity"
+
+
+class TaskMetric(StrEnum):
+    """The task metrics of the vocabulary (docs/quality.md); token_error_rate is better when lower."""
+
+    MAP50 = "map50"
+    TOKEN_ERROR_RATE = "token_error_rate"
+    EMBEDDING_COSINE = "embedding_cosine"
+
+
+class QualityTask(StrEnum):
+    """`edgefleet build --task`: which metric scores the model (`auto` infers it from outputs and labels)."""
+
+    CLASSIFICATION = "classification"
+    DETECTION = "detection"
+    CTC = "ctc"
+    EMBEDDING = "embedding"
+    AUTO = "auto"
 
 
 class QualitySource(StrEnum):
@@ -163,6 +184,8 @@ __all__ = [
     "InstallStep",
     "QualityMetric",
     "QualitySource",
+    "QualityTask",
     "RolloutStatus",
     "StrEnum",
+    "TaskMetric",
 ]

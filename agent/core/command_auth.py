@@ -15,11 +15,18 @@ online keys, and a key the root never delegated is refused.
 `sig` is Ed25519 over `signed_bytes(...)`: a domain prefix and the canonical JSON of the whole command
 with `auth` minus `sig`, so no field (the deploy's `device`, a rollback's target) can change unseen.
 The agent (`CommandGuard`) refuses, each with its own code:
-  - no `auth` at all                       → `command-unsigned` (unless the compatibility switch allows it)
+  - no `auth` at all                       → `command-unsigned` (unless `require_signed_commands = false`)
   - a key it does not trust / a bad sig    → `command-bad-signature`
   - `auth.device` (or `device`) not itself → `command-misaddressed`
   - `expires` in the past                  → `command-expired`
-  - `counter` not above the last accepted  → `command-replayed` (kept on disk: survives restarts)
+  - `counter` seen before, or older than   → `command-replayed` (kept on disk: survives restarts)
+    the newest accepted by more than REORDER_WINDOW   (not for `deploy`: see IDEMPOTENT_TYPES)
+
+The counter is the host's clock in milliseconds (sdk/trust/command_signing.py), so it needs no host-side
+state. Two host processes (rollout engine, CLI) commanding one device may deliver their commands out of
+signing order; the window lets a command up to REORDER_WINDOW older than the newest accepted one
+through once (its counter joins the `seen` set), instead of refusing it as a replay. A counter at or
+below the window's floor, or already seen, is refused.
 Standard library and PyNaCl only; Python 3.8.
 """
 
@@ -48,6 +55,14 @@ DELEGATION_SCHEMA = "edgefleet.online-key/1"
 DEFAULT_TTL_S = 3600.0
 # Clock skew tolerated on `expires` (devices without RTC sync drift).
 CLOCK_SKEW_S = 300.0
+# Counters are host milliseconds: commands signed up to 60 s apart may arrive in either order.
+REORDER_WINDOW = 60_000
+# Counters remembered inside the window; past this the oldest are dropped and the floor rises to them.
+MAX_SEEN = 256
+
+# Commands whose handler answers a repeat by its id (and a deploy never installs a version that is not
+# newer), so a repeated one passes the counter check: a broker's redelivery must not fail a rollout.
+IDEMPOTENT_TYPES = frozenset({"deploy"})
 
 UNSIGNED = "command-unsigned"
 BAD_SIGNATURE = "command-bad-signature"
@@ -146,12 +161,17 @@ class CommandGuard:
         self.root = root
         self.online_keys = dict(online_keys)
         self.state_path = os.fspath(state_path)
-        # Compatibility switch for fleets whose host does not sign yet (`allow_unsigned_commands`).
+        # Compatibility switch for fleets whose host does not sign yet (`require_signed_commands = false`).
         self.allow_unsigned = allow_unsigned
         self._lock = threading.Lock()
         state = read_json(self.state_path, default={}) or {}
-        last = state.get("counter") if isinstance(state, dict) else None
-        self.last_counter = int(last) if isinstance(last, int) and not isinstance(last, bool) else -1
+        state = state if isinstance(state, dict) else {}
+        self.last_counter = _int(state.get("counter"), -1)
+        # Counters at or below `floor` are replays; a state written before the window has no floor, and
+        # its counter then is one (nothing older was remembered).
+        self.floor = _int(state.get("floor"), self.last_counter)
+        seen = state.get("seen")
+        self.seen = {c for c in seen if _int(c, None) == c} if isinstance(seen, list) else set()
 
     def check(self, payload: bytes, now: Optional[float] = None) -> Dict[str, Any]:
         """accept() and commit() in one: the command as a dict when it may run."""
@@ -170,9 +190,19 @@ class CommandGuard:
         if not isinstance(counter, int) or isinstance(counter, bool):
             return
         with self._lock:
-            if counter > self.last_counter:
-                atomic_write_json(self.state_path, {"counter": counter}, mode=0o600)
-                self.last_counter = counter
+            if counter <= self.floor or counter in self.seen:
+                return
+            seen = self.seen | {counter}
+            newest = max(self.last_counter, counter)
+            floor = max(self.floor, newest - REORDER_WINDOW)
+            seen = {c for c in seen if c > floor}
+            while len(seen) > MAX_SEEN:
+                oldest = min(seen)
+                seen.discard(oldest)
+                floor = max(floor, oldest)
+            state = {"counter": newest, "floor": floor, "seen": sorted(seen)}
+            atomic_write_json(self.state_path, state, mode=0o600)
+            self.last_counter, self.floor, self.seen = newest, floor, seen
 
     def accept(self, payload: bytes, now: Optional[float] = None) -> Dict[str, Any]:
         """The command as a dict when it may run; raises CommandAuthError (code, reason) otherwise."""
@@ -188,8 +218,9 @@ class CommandGuard:
                 return command
             raise CommandAuthError(
                 UNSIGNED,
-                "the command carries no online-key signature; update the host (it signs commands with the "
-                "online key of `edgefleet keys init`) or set allow_unsigned_commands for old hosts",
+                "the command carries no online-key signature: give the host an online key (`edgefleet keys "
+                "online`, beside the fleet key it trusts), or, for a host that cannot sign yet, set "
+                "require_signed_commands = false in this agent's config",
             )
         if not isinstance(auth, dict):
             raise CommandAuthError(BAD_SIGNATURE, "`auth` is not an object")
@@ -239,8 +270,23 @@ class CommandGuard:
         counter = auth.get("counter")
         if not isinstance(counter, int) or isinstance(counter, bool):
             raise CommandAuthError(BAD_SIGNATURE, "`auth.counter` is not an integer")
-        if counter <= self.last_counter:
-            raise CommandAuthError(
-                REPLAYED, f"counter {counter} is not above the last accepted {self.last_counter}"
-            )
+        if command.get("type") in IDEMPOTENT_TYPES:
+            # Brokers redeliver QoS 1 messages (a NATS node failover resends acknowledged ones too): a
+            # repeated deploy goes to its handler, which answers it by id and never installs a version
+            # that is not newer, instead of an error the host would count as a failed device.
+            return command
+        with self._lock:
+            if counter in self.seen:
+                raise CommandAuthError(REPLAYED, f"counter {counter} was accepted before")
+            if counter <= max(self.floor, self.last_counter - REORDER_WINDOW):
+                raise CommandAuthError(
+                    REPLAYED,
+                    f"counter {counter} is older than the newest accepted ({self.last_counter}) by more than "
+                    f"the {REORDER_WINDOW} ms reorder window",
+                )
         return command
+
+
+def _int(value: Any, default: Any) -> int:
+    """`value` when it is an int (not a bool), else `default`."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default

@@ -14,7 +14,14 @@ from datetime import datetime, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from edgefleet.agent.core.errors import VerifyError
-from edgefleet.agent.core.quality import ACCURACY, METRIC_NAMES, canonical_metric, metrics_for_kind
+from edgefleet.agent.core.quality import (
+    ACCURACY,
+    ALL_METRIC_NAMES,
+    ALL_METRICS,
+    TASKS,
+    canonical_metric,
+    metrics_for_kind,
+)
 
 SCHEMA = "edgefleet.manifest/1"
 MANIFEST_FILE = "manifest.json"
@@ -28,7 +35,7 @@ FORMATS = ("onnx", "tflite")
 RUNTIMES = ("onnxruntime", "tflite")
 EVAL_KINDS = ("labels", "reference")
 # The vocabulary's names (agent/core/quality.py) and, for old manifests, the names they replaced.
-EVAL_METRICS = (*METRIC_NAMES, "cosine", "top1_agreement")
+EVAL_METRICS = (*ALL_METRIC_NAMES, "cosine", "top1_agreement")
 DTYPES = (
     "float32",
     "float16",
@@ -278,10 +285,13 @@ class EvalSpec:
     file: str
     kind: str
     metric: str
+    # The build's task (classification, detection, ctc, embedding); None in manifests before tasks.
+    task: Optional[str] = None
 
     @classmethod
     def from_dict(cls, obj: Any) -> EvalSpec:
-        """Parse the `eval` object: labels go with accuracy, reference outputs with agreement or fidelity.
+        """Parse the `eval` object: labels go with accuracy, reference outputs with agreement or fidelity,
+        the task metrics (map50, token_error_rate, embedding_cosine) with either.
 
         Old names (`cosine`, `top1_agreement`) parse into the vocabulary's (`fidelity`, `agreement`).
         """
@@ -292,17 +302,29 @@ class EvalSpec:
         if metric not in metrics_for_kind(kind):
             raise _invalid(
                 "eval.metric",
-                "must be `accuracy` for kind `labels` and `agreement` or `fidelity` for kind `reference`",
+                "must be `accuracy` for kind `labels` and `agreement` or `fidelity` for kind `reference` "
+                "(map50, token_error_rate and embedding_cosine go with either)",
             )
+        task: Optional[str] = None
+        if obj.get("task") is not None:
+            task = _choice(obj.get("task"), "eval.task", TASKS)
+            if ALL_METRICS[metric].task != task:
+                raise _invalid(
+                    "eval.task", f"is {task!r}, but metric {metric!r} scores {ALL_METRICS[metric].task!r}"
+                )
         return cls(
             file=check_relpath(_str(_req(obj, "file", "eval."), "eval.file"), "eval.file"),
             kind=kind,
             metric=metric,
+            task=task,
         )
 
     def to_dict(self) -> Dict[str, Any]:
-        """JSON form."""
-        return {"file": self.file, "kind": self.kind, "metric": self.metric}
+        """JSON form (`task` only when the manifest names one, so older manifests keep their bytes)."""
+        out: Dict[str, Any] = {"file": self.file, "kind": self.kind, "metric": self.metric}
+        if self.task is not None:
+            out["task"] = self.task
+        return out
 
 
 @dataclass(frozen=True)
@@ -327,7 +349,7 @@ class HealthPolicy:
     @property
     def min_fidelity(self) -> Optional[float]:
         """The floor when it is on a reference metric (agreement or fidelity; the old field's meaning)."""
-        return self.min_quality if self.metric is not None and self.metric != ACCURACY else None
+        return self.min_quality if self.metric in ("agreement", "fidelity") else None
 
     @classmethod
     def from_dict(cls, obj: Any, eval_kind: Optional[str] = None) -> HealthPolicy:

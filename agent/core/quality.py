@@ -1,4 +1,4 @@
-"""The one quality vocabulary and scorer: accuracy (labels), agreement and fidelity (reference outputs).
+"""The one quality vocabulary and scorer: classification, detection, CTC and embedding metrics.
 
 Every side uses these names and this code: the build's measurement (converters/parity.py,
 sdk/build/measure.py), the device's health check (agent/health.py), telemetry, the store's columns and the
@@ -9,6 +9,11 @@ rollout gate. The table of where each name appears is docs/quality.md.
   on every classifier output (an output with more than one column per row).
 - `fidelity`  (eval kind `reference`): mean over rows of cosine(output row, reference row), every output
   of a row concatenated; `fidelity_min` (the worst row) rides along in `detail`.
+- `map50` (task detection; labels or reference): mAP at IoU 0.5 of post-NMS boxes (agent/core/quality_tasks.py).
+- `token_error_rate` (task ctc; labels or reference): greedy-decoded token edit distance over reference
+  length; lower is better.
+- `embedding_cosine` (task embedding; labels or reference): mean cosine of embedding vectors;
+  `embedding_cosine_min` in `detail`.
 
 Standard library and numpy only (Python 3.8): the agent imports it on devices.
 """
@@ -19,6 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
+from edgefleet.agent.core import quality_tasks as tasks
 from edgefleet.agent.core.errors import AgentError
 
 if TYPE_CHECKING:
@@ -27,7 +33,17 @@ if TYPE_CHECKING:
 ACCURACY = "accuracy"
 AGREEMENT = "agreement"
 FIDELITY = "fidelity"
+MAP50 = "map50"
+TOKEN_ERROR_RATE = "token_error_rate"
+EMBEDDING_COSINE = "embedding_cosine"
+# The metrics with a store column and a rollout-rule field of their own (sdk/store, sdk/fleet/strategy.py).
 METRIC_NAMES = (ACCURACY, AGREEMENT, FIDELITY)
+# The task metrics: stored in telemetry payloads and gated through the manifest's health floor.
+TASK_METRIC_NAMES = (MAP50, TOKEN_ERROR_RATE, EMBEDDING_COSINE)
+ALL_METRIC_NAMES = METRIC_NAMES + TASK_METRIC_NAMES
+# `--task` values: one of the tasks, or `auto` (inferred from outputs and labels; docs/quality.md).
+TASKS = tasks.TASKS
+AUTO = tasks.AUTO
 EVAL_KINDS = ("labels", "reference")
 # Where a reading came from: the bundle's eval set, users' feedback labels, or a shadow (reference) model.
 SOURCES = ("eval", "feedback", "shadow")
@@ -54,30 +70,66 @@ class Metric:
     """One quality metric: the eval kind it needs, its direction and the names it goes by elsewhere."""
 
     name: str
-    eval_kind: str
+    eval_kinds: Tuple[str, ...]
     higher_is_better: bool
     meaning: str
+    task: str = tasks.CLASSIFICATION
+
+    @property
+    def eval_kind(self) -> str:
+        """The first eval kind that scores this metric (`labels` or `reference`)."""
+        return self.eval_kinds[0]
 
     @property
     def gate(self) -> str:
-        """The rollout rule's field (and REST field) that sets a floor on this metric, e.g. `min_accuracy`."""
-        return "min_" + self.name
+        """The rollout rule's field that bounds this metric: `min_accuracy`, or `max_` for lower-is-better."""
+        return ("min_" if self.higher_is_better else "max_") + self.name
 
     @property
     def flag(self) -> str:
-        """The deploy command's flag for that floor, e.g. `--min-accuracy`."""
-        return "--min-" + self.name
+        """The deploy command's flag for that bound, e.g. `--min-accuracy`."""
+        return "--" + self.gate.replace("_", "-")
 
 
+_BOTH = ("labels", "reference")
+# The metrics with a store column and a rollout-rule field (`min_accuracy`, ...), as before tasks existed.
 METRICS: Dict[str, Metric] = {
-    ACCURACY: Metric(ACCURACY, "labels", True, "share of rows whose top-1 output equals the label"),
+    ACCURACY: Metric(ACCURACY, ("labels",), True, "share of rows whose top-1 output equals the label"),
     AGREEMENT: Metric(
-        AGREEMENT, "reference", True, "share of rows whose top-1 equals the reference model's top-1"
+        AGREEMENT, ("reference",), True, "share of rows whose top-1 equals the reference model's top-1"
     ),
     FIDELITY: Metric(
-        FIDELITY, "reference", True, "mean cosine of output rows to reference rows, all outputs concatenated"
+        FIDELITY,
+        ("reference",),
+        True,
+        "mean cosine of output rows to reference rows, all outputs concatenated",
     ),
 }
+# The task metrics (docs/quality.md): gated through the manifest's health bound.
+TASK_METRICS: Dict[str, Metric] = {
+    MAP50: Metric(
+        MAP50,
+        _BOTH,
+        True,
+        "mAP at IoU 0.5 of post-NMS boxes against labels or the fp32 model's boxes",
+        tasks.DETECTION,
+    ),
+    TOKEN_ERROR_RATE: Metric(
+        TOKEN_ERROR_RATE,
+        _BOTH,
+        False,
+        "greedy CTC token edit distance over reference tokens (labels or fp32)",
+        tasks.CTC,
+    ),
+    EMBEDDING_COSINE: Metric(
+        EMBEDDING_COSINE,
+        _BOTH,
+        True,
+        "mean cosine of embedding vectors to the target (labels or fp32) vectors",
+        tasks.EMBEDDING,
+    ),
+}
+ALL_METRICS: Dict[str, Metric] = {**METRICS, **TASK_METRICS}
 
 
 def canonical_metric(name: Any) -> str:
@@ -85,29 +137,47 @@ def canonical_metric(name: Any) -> str:
     if isinstance(name, str):
         key = name.strip().lower()
         key = LEGACY_NAMES.get(key, key)
-        if key in METRICS:
+        if key in ALL_METRICS:
             return key
     raise QualityError(
-        reason=f"unknown quality metric {name!r}; use one of {', '.join(METRIC_NAMES)} "
-        "(accuracy with labels, agreement or fidelity with reference outputs)"
+        reason=f"unknown quality metric {name!r}; use one of {', '.join(ALL_METRIC_NAMES)} "
+        "(accuracy with labels, agreement or fidelity with reference outputs, the task metrics with either)"
     )
 
 
 def metric(name: Any) -> Metric:
     """The registry entry of a metric name (old names accepted)."""
-    return METRICS[canonical_metric(name)]
+    return ALL_METRICS[canonical_metric(name)]
 
 
 def metrics_for_kind(kind: str) -> Tuple[str, ...]:
     """The metrics an eval kind (`labels` or `reference`) can score."""
     if kind not in EVAL_KINDS:
         raise QualityError(reason=f"unknown eval kind {kind!r}; use `labels` or `reference`")
-    return tuple(m.name for m in METRICS.values() if m.eval_kind == kind)
+    return tuple(m.name for m in ALL_METRICS.values() if kind in m.eval_kinds)
 
 
 def default_metric(kind: str) -> str:
     """The metric a build budgets and a device gates on for an eval kind: accuracy or fidelity."""
     return ACCURACY if metrics_for_kind(kind)[0] == ACCURACY else FIDELITY
+
+
+def check_task(task: Any) -> str:
+    """`task` checked against the `--task` values (classification, detection, ctc, embedding, auto)."""
+    if isinstance(task, str) and task.strip().lower() in (*TASKS, AUTO):
+        return task.strip().lower()
+    raise QualityError(reason=f"unknown task {task!r}; use one of {', '.join(TASKS)} or {AUTO}")
+
+
+def metric_for_task(task: str, kind: str) -> str:
+    """The metric a task is scored by on an eval kind: accuracy / agreement, map50, token_error_rate, ..."""
+    task = check_task(task)
+    if task == AUTO:
+        return default_metric(kind)
+    if task == tasks.CLASSIFICATION:
+        metrics_for_kind(kind)
+        return ACCURACY if kind == "labels" else AGREEMENT
+    return next(m.name for m in ALL_METRICS.values() if m.task == task)
 
 
 # ---- readings ------------------------------------------------------------------------------------
@@ -203,7 +273,7 @@ def reading_from(obj: Any) -> Optional[Quality]:
         value = _finite(raw)
         if value is None or not isinstance(key, str):
             continue
-        if key in METRICS or key in LEGACY_NAMES:
+        if key in ALL_METRICS or key in LEGACY_NAMES:
             scores.setdefault(canonical_metric(key), value)
         elif key in ("min_cosine", "fidelity_min"):
             scores["fidelity_min"] = value
@@ -224,7 +294,7 @@ def reading_from(obj: Any) -> Optional[Quality]:
     if named is not None and value is not None:
         scores[named] = value
     elif named is None:
-        present = [m for m in METRIC_NAMES if m in scores]
+        present = [m for m in ALL_METRIC_NAMES if m in scores]
         if not present:
             return None
         # Without a named metric, accuracy wins (labels), else the build's default for reference evals.
@@ -257,24 +327,24 @@ def passes(reading: Reading, floor: Optional[float], metric_name: str = ACCURACY
     value = reading.get(name) if isinstance(reading, Quality) else _finite(reading)
     if value is None:
         return False
-    return value >= floor if METRICS[name].higher_is_better else value <= floor
+    return value >= floor if ALL_METRICS[name].higher_is_better else value <= floor
 
 
 def floor_for(metric_name: str, reference_value: float, max_drop: float) -> float:
-    """The health floor a budget sets: the reference model's value less `max_drop`, within [0, 1]."""
+    """The health bound a budget sets: the reference value less `max_drop` (plus, lower-is-better), in [0, 1]."""
     if not 0.0 <= max_drop < 1.0:
         raise QualityError(
             reason=f"a quality drop budget must be in [0, 1) (0.01 = one point), got {max_drop}"
         )
     name = canonical_metric(metric_name)
-    bound = reference_value - max_drop if METRICS[name].higher_is_better else reference_value + max_drop
+    bound = reference_value - max_drop if ALL_METRICS[name].higher_is_better else reference_value + max_drop
     return min(1.0, max(0.0, float(bound)))
 
 
 def drop(metric_name: str, reference_value: float, value: float) -> float:
     """How much worse `value` is than the reference model's value of the same metric (negative = better)."""
     name = canonical_metric(metric_name)
-    return reference_value - value if METRICS[name].higher_is_better else value - reference_value
+    return reference_value - value if ALL_METRICS[name].higher_is_better else value - reference_value
 
 
 # ---- scoring -------------------------------------------------------------------------------------
@@ -376,9 +446,32 @@ def fidelity(outputs: Outputs, reference: Outputs) -> Tuple[float, float]:
     return float(cos.mean()), float(cos.min())
 
 
-def score(outputs: Outputs, *, labels: Any = None, reference: Optional[Outputs] = None) -> Dict[str, float]:
-    """Every metric the data allows: accuracy with labels; agreement, fidelity and fidelity_min with reference."""
+def score(
+    outputs: Outputs, *, labels: Any = None, reference: Optional[Outputs] = None, task: Optional[str] = None
+) -> Dict[str, float]:
+    """Every metric the data allows for `task` (None or classification: accuracy, agreement, fidelity).
+
+    A detection, CTC or embedding task scores its own metric against labels when given, else against the
+    reference outputs; with reference outputs of the same shapes, fidelity and fidelity_min ride along.
+    """
     out: Dict[str, float] = {}
+    if task not in (None, tasks.CLASSIFICATION, AUTO):
+        if labels is None and reference is None:
+            raise QualityError(
+                "eval-invalid", f"scoring the {task} task needs labels `y` or reference outputs"
+            )
+        try:
+            out.update(
+                tasks.task_scores(str(task), _as_list(outputs), labels=labels, reference=_ref(reference))
+            )
+        except tasks.TaskDataError as exc:
+            raise QualityError("eval-invalid", exc.reason) from None
+        if reference is not None:
+            try:
+                out[FIDELITY], out["fidelity_min"] = fidelity(outputs, reference)
+            except QualityError:
+                pass  # outputs of varying shape (e.g. ragged detections) have no row-wise fidelity
+        return out
     if labels is not None:
         out[ACCURACY] = accuracy(outputs, labels)
     if reference is not None:
@@ -393,6 +486,20 @@ def score(outputs: Outputs, *, labels: Any = None, reference: Optional[Outputs] 
     return out
 
 
+def _ref(reference: Optional[Outputs]) -> Optional[List[np.ndarray]]:
+    return None if reference is None else _as_list(reference)
+
+
+def resolve_task(
+    task: Optional[str], outputs: Outputs, *, labels: Any = None, reference: Optional[Outputs] = None
+) -> str:
+    """The task to score: `task` itself, or for None / `auto` the one inferred from outputs and labels."""
+    name = AUTO if task is None else check_task(task)
+    if name != AUTO:
+        return name
+    return tasks.infer_task(_as_list(outputs), labels, _ref(reference))
+
+
 def measure(
     outputs: Outputs,
     *,
@@ -400,17 +507,36 @@ def measure(
     reference: Optional[Outputs] = None,
     metric_name: Optional[str] = None,
     source: str = "eval",
+    task: Optional[str] = None,
 ) -> Quality:
-    """One reading of `metric_name` (default: accuracy with labels, else fidelity), other scores in detail."""
-    scores = score(outputs, labels=labels, reference=reference)
-    name = canonical_metric(metric_name) if metric_name else (ACCURACY if labels is not None else FIDELITY)
+    """One reading of `metric_name`, other scores in detail; without a name, the task's metric.
+
+    The task is the metric's own (map50: detection, ...) when a metric is named, else `task` (None or
+    `auto`: inferred, docs/quality.md). Classification and `auto` resolving to it keep the defaults from
+    before tasks existed when no task is named: accuracy with labels, else fidelity; an explicit
+    `classification` scores agreement against reference outputs.
+    """
+    if metric_name:
+        name = canonical_metric(metric_name)
+        resolved = ALL_METRICS[name].task
+    else:
+        explicit = task is not None and check_task(task) != AUTO
+        resolved = resolve_task(task, outputs, labels=labels, reference=reference)
+        kind = "labels" if labels is not None else "reference"
+        if resolved == tasks.CLASSIFICATION and not explicit:
+            name = ACCURACY if labels is not None else FIDELITY
+        else:
+            name = metric_for_task(resolved, kind)
+    if ALL_METRICS[name].task != tasks.CLASSIFICATION and labels is not None and reference is not None:
+        reference = None  # a task metric scores against labels when there are any
+    scores = score(outputs, labels=labels, reference=reference, task=resolved)
     if name not in scores:
         why = {
             ACCURACY: "it has no labels `y`",
             AGREEMENT: "no output has more than one column per row, so there is no top-1 to compare",
             FIDELITY: "it has no reference outputs",
-        }[name]
+        }.get(name, "it has neither labels `y` nor reference outputs")
         raise QualityError("eval-invalid", f"the eval data cannot score {name}: {why}")
-    samples = int(as_rows(_as_list(outputs)[0]).shape[0])
+    samples = int(_as_list(outputs)[0].shape[0]) if _as_list(outputs)[0].ndim else 1
     detail = {k: v for k, v in scores.items() if k != name}
     return Quality(metric=name, value=scores[name], samples=samples, detail=detail, source=source)

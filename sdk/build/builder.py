@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
-
+from edgefleet.sdk.build.analysis import check_student_early, resolve_student, sensitivity_report
 from edgefleet.sdk.build.bundle_out import write_bundle
 from edgefleet.sdk.build.candidate import BuildResult, Candidate
 from edgefleet.sdk.build.choose import choose, estimate_target_ms, make_report
@@ -33,12 +32,19 @@ from edgefleet.sdk.build.inputs import (
     synthetic_inputs,
     torch_inputs,
 )
-from edgefleet.sdk.build.measure import (
-    evaluate,
-    measure_latency,
-    measure_side_by_side,
-    run_model,
+from edgefleet.sdk.build.isolate import (
+    DEFAULT_CANDIDATE_TIMEOUT_S,
+    CandidateFailed,
+    InProcess,
+    Job,
+    WorkData,
+    Worker,
+    failure_reason,
+    load_reference,
+    make_runner,
+    warm_modules,
 )
+from edgefleet.sdk.build.measure import build_task
 from edgefleet.sdk.build.model_io import (
     SOURCE_LABELS,
     DataLike,
@@ -50,7 +56,7 @@ from edgefleet.sdk.build.model_io import (
 )
 from edgefleet.sdk.build.plan import EXPORTERS, PT2_EXPORT, PlanOptions, Step, plan_candidates, source_limits
 from edgefleet.sdk.build.plugins import Unavailable, load_plugins
-from edgefleet.sdk.build.produce import Producer
+from edgefleet.sdk.build.produce import Producer, known_step_modules, step_module
 from edgefleet.sdk.build.profile import resolve_profile, runtime_names
 from edgefleet.sdk.build.release import release_version
 
@@ -77,6 +83,8 @@ def build(
     name: str = "model",
     version: Optional[int] = None,
     exporter: Optional[str] = None,
+    isolate: bool = True,
+    candidate_timeout: float = DEFAULT_CANDIDATE_TIMEOUT_S,
 ) -> BuildResult:
     """Build `model` for `profile`; with `out`, write the signed bundle and report.json into that folder.
 
@@ -89,14 +97,20 @@ def build(
     `name` is the bundle's model name in the manifest, `version` its release number (default: the
     build time). `exporter`: "auto", "dynamo" or "torchscript" for torch → ONNX (default: dynamo for
     an ExportedProgram, falling back to its module; torchscript otherwise).
+    `isolate`: run each candidate's ONNX steps and measurements in a worker process (isolate.py), so a
+    native crash or a hang fails that candidate ("crashed (signal 11)", "timed out after N s") and the
+    build goes on; `candidate_timeout` is that deadline in seconds. False runs them in this process.
     """
     # Everything a user can mistype is checked before the heavy imports (torch takes seconds).
     if not 0 <= max_accuracy_drop < 1:
         raise BuildError(f"--max-accuracy-drop must be in [0, 1) (0.01 = one point), got {max_accuracy_drop}")
+    if not candidate_timeout > 0:
+        raise BuildError(f"--candidate-timeout must be a positive number of seconds, got {candidate_timeout}")
     if exporter is not None and exporter not in EXPORTERS:
         raise BuildError(f"--exporter {exporter!r} is not one of {', '.join(EXPORTERS)}")
     if version is not None or out is not None:
         version = release_version(version)
+    check_student_early(plan)
     prof = resolve_profile(profile)
     out_dir = Path(out) if out is not None else None
     if out_dir is not None and out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -112,6 +126,7 @@ def build(
 
     unavailable = load_plugins()
     loaded = as_loaded(model)
+    plan = resolve_student(plan)
     if exporter == "dynamo" and loaded.kind == "torchscript":
         raise BuildError(
             "--exporter dynamo cannot export a TorchScript file; use --exporter torchscript, or save the "
@@ -187,54 +202,22 @@ def build(
     work.mkdir(parents=True, exist_ok=True)
     try:
         producer = Producer(loaded, calib_ds, eval_ds, work, batch, progress, exporter)
-        candidates: list[Candidate] = []
-        reference: Optional[list[np.ndarray]] = None
-        baseline: Optional[Candidate] = None
-        for index, spec in enumerate(specs):
-            if progress:
-                progress(f"candidate {spec.id}", index / len(specs))
-            cand = Candidate(spec=spec)
-            start = time.perf_counter()
-            try:
-                path, steps, fixed = producer.produce(spec)
-                cand.path, cand.steps, cand.fixed_batch = path, steps, fixed or loaded.static_batch
-                cand.size_bytes = path.stat().st_size
-                outputs = run_model(path, eval_ds.inputs, threads=use_threads)
-                if reference is None:
-                    reference = outputs  # the baseline comes first in every plan
-                cand.quality = evaluate(outputs, labels=eval_ds.labels, reference=reference)
-                if baseline is None or baseline.path is None:
-                    cand.latency = measure_latency(
-                        path, eval_ds.inputs, batch_size=batch, threads=use_threads, runs=latency_runs
-                    )
-                    cand.speedup = 1.0
-                else:
-                    base_stats, cand.latency = measure_side_by_side(
-                        baseline.path,
-                        path,
-                        eval_ds.inputs,
-                        batch_size=batch,
-                        threads=use_threads,
-                        runs=latency_runs,
-                    )
-                    cand.speedup = base_stats.p50_ms / cand.latency.p50_ms
-                    cand.speedup_noise = cand.latency.ratio_noise
-                cand.estimate_ms = estimate_target_ms(path, prof, batch, spec.precision)
-            except Exception as exc:  # any plug-in failure is reported and the search goes on
-                cand.status = "failed"
-                cand.reason = (
-                    f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[
-                        :500
-                    ]
-                )
-                if spec.baseline:
-                    raise BuildError(
-                        f"the fp32 baseline ({spec.id}) failed, so nothing can be compared: {cand.reason}"
-                    ) from exc
-            cand.seconds = time.perf_counter() - start
-            if spec.baseline and baseline is None:
-                baseline = cand
-            candidates.append(cand)
+        data = WorkData(work, calib_ds.inputs, calib_ds.labels, eval_ds.inputs, eval_ds.labels)
+        step_names = sorted({step.name for spec in specs for step in spec.onnx_steps})
+        warm = warm_modules(known_step_modules(step_names), {s.format for s in specs}, bool(step_names))
+        runner = make_runner(isolate, data, prof, candidate_timeout, progress, warm)
+        try:
+            candidates, baseline, reference_files = _measure_all(
+                specs, producer, runner, loaded.static_batch, prof, batch, use_threads, latency_runs, progress
+            )
+            sensitivity = (
+                sensitivity_report(loaded, calib_ds, candidates, build_task(), progress, runner, batch)
+                if plan.sensitivity
+                else None
+            )
+        finally:
+            runner.close()
+        reference = load_reference(reference_files)
         if progress:
             progress("measured every candidate", 1.0)
         if baseline is None:
@@ -256,6 +239,13 @@ def build(
             unavailable,
         )
         report["name"], report["version"] = name, version
+        if sensitivity is not None:
+            report["sensitivity"] = sensitivity
+        report["isolation"] = {
+            "mode": runner.mode,
+            "candidate_timeout_s": candidate_timeout if isolate else None,
+            "worker_restarts": runner.restarts,
+        }
         bundle_dir = None
         if out_dir is not None:
             bundle_dir = write_bundle(
@@ -265,6 +255,73 @@ def build(
     finally:
         if own_tmp is not None:
             own_tmp.cleanup()
+
+
+def _measure_all(
+    specs: list[Any],
+    producer: Producer,
+    runner: Union[Worker, InProcess],
+    static_batch: Optional[int],
+    prof: Any,
+    batch: int,
+    threads: int,
+    latency_runs: int,
+    progress: Progress,
+) -> tuple[list[Candidate], Optional[Candidate], tuple[Path, ...]]:
+    """Produce every candidate's torch stage here and the rest in `runner`: (candidates, baseline, reference).
+
+    A candidate that fails (an exception here, or a crash, hang or exception in the worker) is recorded
+    with its reason and the search goes on; only a failed fp32 baseline stops the build.
+    """
+    candidates: list[Candidate] = []
+    baseline: Optional[Candidate] = None
+    reference: tuple[Path, ...] = ()
+    for index, spec in enumerate(specs):
+        if progress:
+            progress(f"candidate {spec.id}", index / len(specs))
+        cand = Candidate(spec=spec)
+        start = time.perf_counter()
+        try:
+            path, steps, fixed, pending = producer.prepare(spec)
+            cand.steps, cand.fixed_batch = steps, fixed or static_batch
+            first = baseline is None or baseline.path is None
+            job = Job(
+                id=spec.id,
+                source=path,
+                steps=tuple(pending),
+                modules=tuple(dict.fromkeys(step_module(name) for name, _ in pending)),
+                baseline=not reference,  # the baseline comes first in every plan
+                baseline_path=None if first or baseline is None else baseline.path,
+                reference=reference,
+                batch_size=batch,
+                threads=threads,
+                latency_runs=latency_runs,
+                precision=spec.precision,
+            )
+            measured = runner.run(job)
+            cand.path, cand.size_bytes = measured.path, measured.size_bytes
+            cand.steps = [*steps, *measured.steps]
+            cand.quality, cand.latency = measured.quality, measured.latency
+            cand.speedup, cand.speedup_noise = measured.speedup, measured.speedup_noise
+            cand.estimate_ms = (
+                measured.estimate_ms
+                if measured.estimated
+                else estimate_target_ms(measured.path, prof, batch, spec.precision)
+            )
+            reference = reference or measured.reference
+        except CandidateFailed as exc:
+            cand.status, cand.reason = "failed", exc.reason
+        except Exception as exc:  # any plug-in failure is reported and the search goes on
+            cand.status, cand.reason = "failed", failure_reason(exc)
+        if spec.baseline and cand.status == "failed":
+            raise BuildError(
+                f"the fp32 baseline ({spec.id}) failed, so nothing can be compared: {cand.reason}"
+            )
+        cand.seconds = time.perf_counter() - start
+        if spec.baseline and baseline is None:
+            baseline = cand
+        candidates.append(cand)
+    return candidates, baseline, reference
 
 
 __all__ = ["BuildResult", "Candidate", "PlanOptions", "Step", "Unavailable", "build"]

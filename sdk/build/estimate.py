@@ -7,6 +7,13 @@ FLOPs count a multiply-add as 2. Bytes moved are the op's inputs read and output
 (an initializer or constant) is counted once, by the first op that reads it. Ops that only change
 metadata (Reshape, Squeeze, Shape...) cost nothing.
 
+Each op's roofline time is divided by the efficiency of its op class (conv, dwconv, matmul,
+elementwise): the share of the profile's sustained figures that a runtime's batch-1 kernels reach for
+that kind of op. The efficiencies come from the profile's [efficiency] table; the `host` profile
+measures them with a short onnxruntime micro-benchmark (estimate_calibrate, cached); other profiles
+without a table use DEFAULT_EFFICIENCY (one host calibration, docs/profiles.md), and
+`edgefleet profiles calibrate` fits a table from the latencies devices report.
+
 Throughput per op is the profile's sustained figure at the op's precision: int8 when the op is
 quantized (ConvInteger, QLinear*, MatMulNBits, a DequantizeLinear-fed Conv/MatMul/Gemm in a QDQ graph,
 int8 TFLite weights), fp16 when its inputs are fp16, fp32 otherwise; a precision the device lacks runs at
@@ -32,6 +39,18 @@ from edgefleet.sdk.errors import EdgefleetError
 OP_OVERHEAD_US = 0.65
 HOST_CLOCK_GHZ = 2.0
 
+# Op classes an efficiency applies to ("free" ops cost nothing) and the [efficiency] keys of a profile.
+OP_CLASSES = ("conv", "dwconv", "matmul", "elementwise")
+# Share of the profile's sustained GFLOP/s (conv, matmul) and GB/s (dwconv and elementwise ops are
+# memory-bound) that onnxruntime's batch-1 kernels reach, for profiles without an [efficiency] table:
+# the host's one-thread micro-benchmark (bench/estimate.py, 2026-12-03: conv 1.58, dwconv 0.73,
+# matmul 1.74, elementwise 1.12 of the host profile's figures), conv and matmul halved because the
+# host probe counts the two hyperthreads of one core as two cores. A guess for other CPUs until their
+# fleet calibrates them (`edgefleet profiles calibrate`).
+DEFAULT_EFFICIENCY: dict[str, float] = {"conv": 0.8, "dwconv": 0.7, "matmul": 0.85, "elementwise": 1.0}
+# GPU ops: no calibration yet; a profile's efficiency.gpu replaces it.
+DEFAULT_GPU_EFFICIENCY = 0.5
+
 ProfileLike = Union[Profile, str, Path]
 
 
@@ -49,6 +68,7 @@ class OpCost:
     bytes_moved: float
     precision: str
     heavy: bool = False  # a Conv/MatMul/Gemm-like op: the one a precision override applies to
+    op_class: str = "elementwise"  # one of OP_CLASSES, or "free"
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,8 @@ class LatencyEstimate:
     bound: str
     ops: tuple[OpCost, ...] = field(default=(), repr=False)
     unknown_op_types: tuple[str, ...] = ()
+    efficiency: Mapping[str, float] = field(default_factory=dict)
+    class_ms: Mapping[str, float] = field(default_factory=dict)  # estimate per op class (+ "overhead")
 
     def to_dict(self) -> dict[str, Any]:
         """The estimate as JSON-ready values (without the per-op list)."""
@@ -104,6 +126,8 @@ class LatencyEstimate:
             "estimate_ms": self.estimate_ms,
             "bound": self.bound,
             "unknown_op_types": list(self.unknown_op_types),
+            "efficiency": dict(self.efficiency),
+            "class_ms": dict(self.class_ms),
         }
 
 
@@ -137,12 +161,14 @@ def estimate_latency(
     precision: Optional[str] = None,
     dims: Optional[Mapping[str, int]] = None,
     op_overhead_us: Optional[float] = None,
+    efficiency: Optional[Mapping[str, float]] = None,
 ) -> LatencyEstimate:
     """Estimated latency (ms) of one inference of `model_path` on `profile` (roofline per op).
 
     `batch_size` defaults to the profile's; `precision` (fp32/fp16/int8) overrides the precision read
     from the graph for the heavy ops (what a runtime like TensorRT would run them at); a mixed precision
-    such as "int8-mixed" keeps each op's own precision, as does None.
+    such as "int8-mixed" keeps each op's own precision, as does None. `efficiency` (op class → share of
+    the sustained figures, plus optional "gpu" and "op_overhead_us") replaces the profile's.
     """
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     batch = int(batch_size or prof.batch_size or 1)
@@ -151,27 +177,55 @@ def estimate_latency(
     if precision is not None and precision not in ("fp32", "fp16", "int8"):
         raise EstimateError(f"unknown precision {precision!r}; allowed: fp32, fp16, int8")
     cost = count_flops(model_path, batch, dims)
+    return estimate_cost(cost, prof, precision, op_overhead_us, efficiency)
+
+
+def estimate_cost(
+    cost: ModelCost,
+    prof: Profile,
+    precision: Optional[str] = None,
+    op_overhead_us: Optional[float] = None,
+    efficiency: Optional[Mapping[str, float]] = None,
+) -> LatencyEstimate:
+    """The latency estimate of an already costed model (estimate_latency without reading the file)."""
     device = _device(prof, cost.format)
-    overhead_us = OP_OVERHEAD_US if op_overhead_us is None else op_overhead_us
-    per_op_ms = overhead_us / 1000.0 * (HOST_CLOCK_GHZ / prof.clock_ghz)
+    eff = profile_efficiency(prof) if efficiency is None else {**DEFAULT_EFFICIENCY, **efficiency}
+    if op_overhead_us is not None:
+        overhead_us = op_overhead_us
+    elif "op_overhead_us" in eff:
+        overhead_us = float(eff["op_overhead_us"])
+    else:
+        overhead_us = OP_OVERHEAD_US * (HOST_CLOCK_GHZ / prof.clock_ghz)
+    per_op_ms = overhead_us / 1000.0
     bandwidth = prof.mem_bandwidth_gbs * 1e9
     compute_ms = memory_ms = total_ms = compute_bound_ms = memory_bound_ms = 0.0
+    class_ms: dict[str, float] = {}
     counted = 0
     for op in cost.ops:
         if op.flops == 0 and op.bytes_moved == 0:
             continue  # metadata-only ops are folded away by every runtime
         counted += 1
         op_precision = precision if precision is not None and op.heavy else op.precision
+        on_gpu = device == "gpu" and prof.gpu is not None and op_precision in prof.gpu.precisions
         c_ms = op.flops / (_throughput_gflops(prof, device, op_precision) * 1e9) * 1000.0
         m_ms = op.bytes_moved / bandwidth * 1000.0
         compute_ms += c_ms
         memory_ms += m_ms
-        total_ms += max(c_ms, m_ms)
+        factor = (
+            float(eff.get("gpu", DEFAULT_GPU_EFFICIENCY))
+            if on_gpu
+            else float(eff.get(op.op_class, DEFAULT_EFFICIENCY.get(op.op_class, 1.0)))
+        )
+        op_ms = max(c_ms, m_ms) / max(factor, 1e-6)
+        total_ms += op_ms
+        key = "gpu" if on_gpu else op.op_class
+        class_ms[key] = class_ms.get(key, 0.0) + op_ms
         if c_ms >= m_ms:
             compute_bound_ms += c_ms
         else:
             memory_bound_ms += m_ms
     overhead_ms = counted * per_op_ms
+    class_ms["overhead"] = overhead_ms
     return LatencyEstimate(
         profile=prof.name,
         device=device,
@@ -186,17 +240,28 @@ def estimate_latency(
         bound="compute" if compute_bound_ms >= memory_bound_ms else "memory",
         ops=cost.ops,
         unknown_op_types=cost.unknown_op_types,
+        efficiency=dict(eff),
+        class_ms=class_ms,
     )
+
+
+def profile_efficiency(prof: Profile) -> dict[str, float]:
+    """The efficiency table for a profile: its own, the host's measured one, or DEFAULT_EFFICIENCY."""
+    own = dict(getattr(prof, "efficiency", {}) or {})
+    if own:
+        return {**DEFAULT_EFFICIENCY, **own}
+    if prof.name == "host":
+        from edgefleet.sdk.build.estimate_calibrate import host_efficiency
+
+        return {**DEFAULT_EFFICIENCY, **host_efficiency(prof)}
+    return dict(DEFAULT_EFFICIENCY)
 
 
 def _device(prof: Profile, model_format: str) -> str:
     """ "gpu" when the profile runs this format on its GPU first, else "cpu"."""
-    if prof.gpu is None or model_format != "onnx":
-        return "cpu"
-    for runtime in prof.runtimes:
-        if runtime.startswith("onnxruntime"):
-            return "gpu" if runtime in ("onnxruntime-cuda", "onnxruntime-tensorrt") else "cpu"
-    return "cpu"
+    from edgefleet.sdk.build.profile import runs_onnx_on_gpu
+
+    return "gpu" if model_format == "onnx" and runs_onnx_on_gpu(prof) else "cpu"
 
 
 def _throughput_gflops(prof: Profile, device: str, precision: str) -> float:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from edgefleet.sdk.build.estimate import EstimateError, ModelCost, OpCost, prod
+from edgefleet.sdk.build.estimate_contrib import INT8_CONTRIB, contrib_flops, unknown_flops
 
 # FLOPs per output element of cheap ops; a multiply-add counts 2 everywhere.
 _PER_ELEMENT: dict[str, float] = {
@@ -138,11 +139,33 @@ _FREE = frozenset(
     ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Shape", "Size", "Identity", "Constant", "Dropout")
 )
 _INT8_OPS = frozenset(
-    ("ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "MatMulNBits", "DynamicQuantizeMatMul")
+    (
+        "ConvInteger",
+        "MatMulInteger",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulNBits",
+        "DynamicQuantizeMatMul",
+        *INT8_CONTRIB,
+    )
 )
+_CONVS = frozenset(("Conv", "ConvInteger", "QLinearConv", "FusedConv", "NhwcConv", "NhwcFusedConv"))
 _HEAVY = frozenset(
-    ("Conv", "ConvTranspose", "Gemm", "MatMul", "FusedMatMul", "FusedConv", "FusedGemm", *_INT8_OPS)
+    (
+        *_CONVS,
+        "ConvTranspose",
+        "Gemm",
+        "MatMul",
+        "FusedMatMul",
+        "FusedGemm",
+        "MatMulNBits",
+        "MatMulInteger",
+        "QLinearMatMul",
+        "DynamicQuantizeMatMul",
+    )
 )
+# Fused ops that add an activation to their conv / matrix product: one more FLOP per output element.
+_FUSED_ACTIVATION = frozenset(("FusedConv", "NhwcFusedConv", "FusedGemm"))
 _FP16 = 10  # onnx.TensorProto.FLOAT16
 _INT8_TYPES = (2, 3)  # UINT8, INT8
 
@@ -185,6 +208,15 @@ class _Graph:
         self._itemsize: dict[int, int] = {}
         self._onnx = onnx
 
+    def add_runtime_shapes(self, shapes: dict[str, tuple[tuple[int, ...], int]]) -> None:
+        """Fill in shapes and element types measured by running the graph (only the unknown ones)."""
+        for name, (shape, elem) in shapes.items():
+            if self.shapes.get(name) is None:
+                self.shapes[name] = shape
+                self.elem.setdefault(name, elem)
+                if not self.elem.get(name):
+                    self.elem[name] = elem
+
     def shape(self, name: str) -> Optional[tuple[int, ...]]:
         """The static shape of a tensor, None when unknown."""
         return self.shapes.get(name)
@@ -226,12 +258,19 @@ def onnx_costs(path: Path, batch_size: int, dims: dict[str, int]) -> ModelCost:
     ops: list[OpCost] = []
     unknown: list[str] = []
     read_weights: set[str] = set()
+    if any(
+        node.output and node.output[0] and graph.shape(node.output[0]) is None and node.op_type not in _FREE
+        for node in inferred.graph.node
+    ):
+        # Shape inference stopped somewhere (an op it does not know): run the graph once to learn them.
+        graph.add_runtime_shapes(_runtime_shapes(model, path))
+    fused = _runtime_fused(inferred.graph) | _qdq_pairs(inferred.graph, graph)
     for node in inferred.graph.node:
-        flops, heavy, known = _node_flops(node, graph)
+        flops, heavy, known, op_class = _node_flops(node, graph)
         if not known and node.op_type not in unknown:
             unknown.append(node.op_type)
-        if node.op_type in _FREE:
-            ops.append(OpCost(node.name or node.op_type, node.op_type, 0.0, 0.0, "fp32", False))
+        if node.op_type in _FREE or id(node) in fused:
+            ops.append(OpCost(node.name or node.op_type, node.op_type, 0.0, 0.0, "fp32", False, "free"))
             continue
         moved = 0
         for position, name in enumerate(node.input):
@@ -261,9 +300,126 @@ def onnx_costs(path: Path, batch_size: int, dims: dict[str, int]) -> ModelCost:
                 float(moved),
                 _precision(node, graph),
                 heavy,
+                op_class,
             )
         )
     return ModelCost("onnx", batch, tuple(ops), tuple(unknown))
+
+
+def _runtime_fused(graph: Any) -> set[int]:
+    """ids of the nodes every onnxruntime session folds into the convolution before them.
+
+    A BatchNormalization or activation that is the only reader of a Conv's output is folded into the
+    convolution's weights or its fused activation at session start, so the plain graph and the
+    offline-optimized one (FusedConv) cost the same.
+    """
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    for out in graph.output:
+        consumers[out.name] = consumers.get(out.name, 0) + 1
+    producer_op = {out: node.op_type for node in graph.node for out in node.output}
+    fused: set[int] = set()
+    for node in graph.node:
+        if node.op_type not in _CONV_FOLLOWERS or not node.input:
+            continue
+        source = node.input[0]
+        if producer_op.get(source) in _CONVS and consumers.get(source) == 1:
+            fused.add(id(node))
+            # the follower's own output becomes the conv's: a second follower (BN then Relu) folds too
+            producer_op[node.output[0]] = producer_op[source]
+    return fused
+
+
+def _qdq_pairs(graph: Any, shapes: _Graph) -> set[int]:
+    """ids of activation QuantizeLinear → DequantizeLinear pairs of a QDQ graph: the runtime fuses them.
+
+    onnxruntime (and TensorRT) turn DQ → Conv/MatMul → Q into one int8 kernel (QLinearConv...), so the
+    pairs between two quantized ops are not executed; the int8 tensor between them is what moves, so
+    the DequantizeLinear output is counted at the int8 size.
+    """
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    out: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or not node.output:
+            continue
+        readers = consumers.get(node.output[0], [])
+        if readers and all(r.op_type == "DequantizeLinear" for r in readers):
+            out.add(id(node))
+            for reader in readers:
+                out.add(id(reader))
+                if reader.output and reader.input:
+                    shapes.elem[reader.output[0]] = shapes.elem.get(reader.input[0], 3)
+    return out
+
+
+# Ops onnxruntime folds into a preceding convolution (Conv+BN fusion, Conv+activation fusion).
+_CONV_FOLLOWERS = frozenset(
+    ("BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "HardSigmoid")
+)
+
+
+def _runtime_shapes(model: Any, path: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """{tensor: (shape, onnx elem type)} of every node output, from one onnxruntime run on zero inputs.
+
+    Every intermediate is made a graph output and optimizations are off, so each tensor keeps its
+    name; inputs are the bound shapes filled with zeros. Any failure gives {} (shapes stay unknown).
+    """
+    import numpy as np
+    import onnx
+
+    try:
+        import onnxruntime as ort
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        known = {o.name for o in probe.graph.output}
+        for node in probe.graph.node:
+            for name in node.output:
+                if name and name not in known:
+                    probe.graph.output.append(onnx.ValueInfoProto(name=name))
+                    known.add(name)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for inp in session.get_inputs():
+            dtype = _ort_dtype(inp.type)
+            feeds[inp.name] = np.zeros([int(d) if isinstance(d, int) else 1 for d in inp.shape], dtype=dtype)
+        names = [o.name for o in session.get_outputs()]
+        values = session.run(names, feeds)
+    except Exception:  # a graph that does not run on zeros (or at all) keeps its unknown shapes
+        return {}
+    out: dict[str, tuple[tuple[int, ...], int]] = {}
+    for name, value in zip(names, values):
+        arr = np.asarray(value)
+        try:
+            elem = int(onnx.helper.np_dtype_to_tensor_dtype(arr.dtype))
+        except (KeyError, TypeError, ValueError):
+            elem = 1
+        out[name] = (tuple(int(d) for d in arr.shape), elem)
+    return out
+
+
+def _ort_dtype(type_name: str) -> Any:
+    """The numpy dtype of an onnxruntime input type name ("tensor(int64)"), float32 when unlisted."""
+    import numpy as np
+
+    return {
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(double)": np.float64,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+        "tensor(int8)": np.int8,
+        "tensor(uint8)": np.uint8,
+        "tensor(bool)": np.bool_,
+    }.get(type_name, np.float32)
 
 
 def _infer_shapes(model: Any, path: Path) -> Any:
@@ -335,24 +491,64 @@ def _attr(node: Any, name: str, default: Any = None) -> Any:
     return default
 
 
-def _node_flops(node: Any, graph: _Graph) -> tuple[float, bool, bool]:
-    """(FLOPs, is heavy, op type known) of one node; unknown shapes give 0 FLOPs."""
+def _node_flops(node: Any, graph: _Graph) -> tuple[float, bool, bool, str]:
+    """(FLOPs, is heavy, op type known, op class) of one node; unknown shapes give 0 FLOPs."""
     op = node.op_type
     out = graph.shape(node.output[0]) if node.output else None
-    if op in _FREE or op in _DATA_MOVEMENT:
-        return 0.0, False, True
+    if op in _FREE:
+        return 0.0, False, True, "free"
+    if op in _DATA_MOVEMENT:
+        return 0.0, False, True, "elementwise"
     if op in _PER_ELEMENT:
-        return (_PER_ELEMENT[op] * prod(out) if out is not None else 0.0), False, True
+        return (_PER_ELEMENT[op] * prod(out) if out is not None else 0.0), False, True, "elementwise"
     if op in _PER_INPUT_ELEMENT:
         shape = graph.shape(node.input[0])
-        return (float(prod(shape)) if shape is not None else 0.0), False, True
+        return (float(prod(shape)) if shape is not None else 0.0), False, True, "elementwise"
     if op in ("MaxPool", "AveragePool", "LpPool"):
         kernel = _attr(node, "kernel_shape", [])
-        return (float(prod(out) * prod(kernel)) if out is not None else 0.0), False, True
+        return (float(prod(out) * prod(kernel)) if out is not None else 0.0), False, True, "elementwise"
     if op in _HEAVY:
-        return _heavy_flops(node, graph, out), True, True
-    # Unknown op: one FLOP per output element, and say so in the estimate.
-    return (float(prod(out)) if out is not None else 0.0), False, False
+        flops = _heavy_flops(node, graph, out)
+        if op in _FUSED_ACTIVATION and out is not None:
+            flops += prod(out)
+        return flops, True, True, _heavy_class(node, graph)
+    contrib = contrib_flops(node, graph.shape, _attr, graph.weights.__contains__)
+    if contrib is not None:
+        return contrib[0], contrib[1], True, contrib[2]
+    if op in _CONTRIB_KNOWN:
+        return 0.0, False, True, "elementwise"  # a known op whose shapes stayed unknown
+    # Unknown op: costed like the layer it most likely fuses (estimate_contrib), and named in the report.
+    return unknown_flops(node, graph.shape, graph.weights.__contains__), False, False, "elementwise"
+
+
+# Ops estimate_contrib knows by name (their cost is 0 only when their shapes could not be found).
+_CONTRIB_KNOWN = frozenset(
+    (
+        "Attention",
+        "QAttention",
+        "MultiHeadAttention",
+        "GroupQueryAttention",
+        "PackedMultiHeadAttention",
+        "DecoderMaskedMultiHeadAttention",
+        "QGemm",
+        "GemmFastGelu",
+        "MatMulIntegerToFloat",
+        "Einsum",
+        "LSTM",
+        "GRU",
+        "RNN",
+        "QLinearGlobalAveragePool",
+        "QLinearAveragePool",
+    )
+)
+
+
+def _heavy_class(node: Any, graph: _Graph) -> str:
+    """ "conv" for dense convolutions, "dwconv" for grouped/depthwise ones, "matmul" for the rest."""
+    if node.op_type in _CONVS or node.op_type == "ConvTranspose":
+        group = int(_attr(node, "group", 1) or 1)
+        return "dwconv" if group > 1 else "conv"
+    return "matmul"
 
 
 def _heavy_flops(node: Any, graph: _Graph, out: Optional[tuple[int, ...]]) -> float:
@@ -364,7 +560,7 @@ def _heavy_flops(node: Any, graph: _Graph, out: Optional[tuple[int, ...]]) -> fl
         return 2.0 * prod(a[:-1]) * k * n if a is not None else 0.0
     if out is None:
         return 0.0
-    if op in ("Conv", "ConvInteger", "QLinearConv", "FusedConv"):
+    if op in _CONVS:
         w = graph.shape(node.input[3 if op == "QLinearConv" else 1])
         if w is None:
             return 0.0
@@ -387,11 +583,13 @@ def _heavy_flops(node: Any, graph: _Graph, out: Optional[tuple[int, ...]]) -> fl
         if len(node.input) > 2 and node.input[2]:
             flops += prod(out)
         return flops
-    # MatMul, MatMulInteger, QLinearMatMul, FusedMatMul, DynamicQuantizeMatMul: K is A's last dim.
+    # MatMul, MatMulInteger, QLinearMatMul, FusedMatMul, DynamicQuantizeMatMul: K is A's last dim
+    # (its second-to-last when FusedMatMul transposes A).
     a = graph.shape(node.input[0])
     if a is None or not a:
         return 0.0
-    return 2.0 * prod(out) * a[-1]
+    k = a[-2] if op == "FusedMatMul" and _attr(node, "transA", 0) and len(a) >= 2 else a[-1]
+    return 2.0 * prod(out) * k
 
 
 def _precision(node: Any, graph: _Graph) -> str:

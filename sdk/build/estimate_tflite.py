@@ -101,6 +101,15 @@ _DATA_MOVEMENT = frozenset(
     )
 )
 _FREE = frozenset(("RESHAPE", "SQUEEZE", "EXPAND_DIMS", "SHAPE", "DELEGATE"))
+# Op class of the heavy ops (the estimator's efficiency table); every other op is "elementwise".
+_CLASS = {
+    "CONV_2D": "conv",
+    "CONV_3D": "conv",
+    "TRANSPOSE_CONV": "conv",
+    "DEPTHWISE_CONV_2D": "dwconv",
+    "FULLY_CONNECTED": "matmul",
+    "BATCH_MATMUL": "matmul",
+}
 _HEAVY = frozenset(
     ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV", "CONV_3D")
 )
@@ -159,7 +168,15 @@ def tflite_costs(path: Path, batch_size: int) -> ModelCost:
         moved += sum(nbytes(i) for i in outs)
         precision = _precision(name, ins, tensors)
         ops.append(
-            OpCost(f"{name}#{op['index']}", name, float(flops), float(moved), precision, name in _HEAVY)
+            OpCost(
+                f"{name}#{op['index']}",
+                name,
+                float(flops),
+                float(moved),
+                precision,
+                name in _HEAVY,
+                _CLASS.get(name, "elementwise"),
+            )
         )
     return ModelCost("tflite", batch, tuple(ops), tuple(unknown))
 

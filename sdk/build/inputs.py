@@ -44,7 +44,25 @@ def torch_inputs(ds: Dataset) -> Dataset:
         k: (v.astype(np.float32) if v.dtype == np.float64 else np.ascontiguousarray(v))
         for k, v in inputs.items()
     }
-    return Dataset(inputs, ds.labels)
+    return replace(ds, inputs=inputs)
+
+
+def compress_targets(ds: Dataset, task: str) -> Any:
+    """The targets the compression steps that train read (ctx.options["calib_targets"] / ["eval_targets"]).
+
+    The form sdk/compress/distill.split_data gives: labels `y` with `y_lengths` as {"y", "y_lengths"}
+    (CTC); `y_0`, `y_1`, … as a list in that order (detection targets in the model's raw output layout);
+    else the labels themselves (class ids, CTC tokens, target embeddings). Detection labels (N, G, 5) are
+    post-NMS boxes for the scorer, not a raw-layout target: None then, so the steps use the teacher.
+    """
+    if "y_lengths" in ds.targets:
+        return {"y": ds.labels, "y_lengths": ds.targets["y_lengths"]}
+    numbered = sorted((k for k in ds.targets if k[2:].isdigit()), key=lambda k: int(k[2:]))
+    if numbered:
+        return [ds.targets[k] for k in numbered]
+    if task == "detection" or (ds.labels is not None and ds.labels.ndim == 3 and ds.labels.shape[2] == 5):
+        return None
+    return ds.labels
 
 
 def check_torch_accepts(module: Any, ds: Dataset, role: str) -> None:

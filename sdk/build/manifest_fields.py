@@ -1,7 +1,8 @@
 """The manifest fields a build fills (schema `edgefleet.manifest/1`, defined in `agent/core/manifest.py`).
 
 The health floor is the build's one quality budget: `health.min_quality` = the reference (fp32) model's
-value of `health.metric` on the bundle's eval set − `--max-accuracy-drop` (docs/quality.md).
+value of `health.metric` on the bundle's eval set − `--max-accuracy-drop` (+ for a lower-is-better metric
+such as token_error_rate: then it is a ceiling; docs/quality.md).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from edgefleet.agent.core.quality import ACCURACY, Quality, floor_for, passes
+from edgefleet.agent.core.quality import ACCURACY, ALL_METRICS, Quality, floor_for, passes
+from edgefleet.agent.core.quality_tasks import CLASSIFICATION
 from edgefleet.sdk.build.errors import BudgetError
 
 if TYPE_CHECKING:
@@ -71,14 +73,18 @@ def manifest_fields_for(
         and spec.tflite_quant.name == "tflite-int8"
     ):
         note = "int8 inside: the runtime quantizes float32 inputs and dequantizes outputs (scale/zero point)"
-    labels = subset_quality.metric == ACCURACY
+    # A task metric scores labels or reference outputs; the build's reading says which (measure.py).
+    labels = getattr(subset_quality, "against", None) == "labels" or subset_quality.metric == ACCURACY
     metric = subset_quality.metric
+    task = ALL_METRICS[metric].task
     floor = floor_for(metric, reference_quality.value, max_accuracy_drop)
+    higher = ALL_METRICS[metric].higher_is_better
     if not passes(subset_quality, floor, metric):
         raise BudgetError(
             f"the chosen candidate {chosen.id} scores {metric} {subset_quality.value:.4f} on the bundle's "
-            f"{subset_quality.samples} eval rows, below the device's floor {floor:.4f} (the fp32 model's "
-            f"{reference_quality.value:.4f} − --max-accuracy-drop {max_accuracy_drop}); raise "
+            f"{subset_quality.samples} eval rows, {'below' if higher else 'above'} the device's {'floor' if higher else 'ceiling'} "
+            f"{floor:.4f} (the fp32 model's {reference_quality.value:.4f} {'−' if higher else '+'} "
+            f"--max-accuracy-drop {max_accuracy_drop}); raise "
             "--max-accuracy-drop or give more eval data",
             [chosen.to_dict()],
         )
@@ -96,6 +102,8 @@ def manifest_fields_for(
             "file": "eval.npz",
             "kind": "labels" if labels else "reference",
             "metric": metric,
+            # Named for the task metrics only, so classification manifests keep their old form.
+            **({"task": task} if task != CLASSIFICATION else {}),
         },
         "compression": [{"candidate": chosen.id, "precision": spec.precision}, *chosen.steps],
         "metrics": {

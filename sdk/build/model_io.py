@@ -6,8 +6,9 @@ model file cannot run arbitrary code on the build host.
 
 from __future__ import annotations
 
+import re
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -190,22 +191,48 @@ def _first_line(exc: BaseException) -> str:
 
 @dataclass
 class Dataset:
-    """Model inputs (name → batch-first array) with optional integer labels."""
+    """Model inputs (name → batch-first array), optional labels `y` and training targets `y_*`.
+
+    `labels` is what the quality scorer reads (docs/quality.md): class ids (N,), detection boxes
+    (N, G, 5), CTC tokens (N, L) or target embeddings. `targets` holds the .npz's extra label arrays for
+    the compression steps that train: `y_lengths` (CTC label lengths) and `y_0`, `y_1`, … (detection
+    targets in the model's raw output layout); see `inputs.compress_targets`.
+    """
 
     inputs: dict[str, np.ndarray]
     labels: Optional[np.ndarray] = None
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values()))) if self.inputs else 0
 
+    def head(self, count: int) -> Dataset:
+        """The first `count` rows of the inputs, the labels and the training targets."""
+        return Dataset(
+            {k: v[:count] for k, v in self.inputs.items()},
+            None if self.labels is None else self.labels[:count],
+            {k: v[:count] for k, v in self.targets.items()},
+        )
+
 
 DataLike = Union[str, Path, np.ndarray, dict, tuple, Dataset, None]
+# Label arrays besides `y` that an .npz or dict may hold: training targets, never model inputs.
+TARGET_KEY = re.compile(r"y_(lengths|\d+)")
 
 
-def load_dataset(data: DataLike, role: str) -> Optional[Dataset]:
+def _pop_labels(arrays: dict[str, np.ndarray]) -> tuple[Optional[np.ndarray], dict[str, np.ndarray]]:
+    """Take `y` and the training-target keys (`y_lengths`, `y_0`, …) out of `arrays`."""
+    labels = arrays.pop("y", None)
+    targets = {k: arrays.pop(k) for k in list(arrays) if TARGET_KEY.fullmatch(k)}
+    return labels, targets
+
+
+def load_dataset(data: DataLike, role: str, task: Optional[str] = None) -> Optional[Dataset]:
     """Normalise `data` into a Dataset: an .npz path (`x`, optional `y`), an array, (x, y), or a dict.
 
-    A dict (or .npz) may instead hold one array per model input, named like the inputs; `y` is labels.
+    A dict (or .npz) may instead hold one array per model input, named like the inputs; `y` is labels,
+    `y_lengths` / `y_0`, `y_1`, … training targets. `task` (default: the build's, measure.build_task)
+    decides which labels fit: class ids (N,) for classification, the task's format otherwise.
     """
     if data is None:
         return None
@@ -219,13 +246,16 @@ def load_dataset(data: DataLike, role: str) -> Optional[Dataset]:
         if len(data) != 2:
             raise DataError(f"{role} data as a tuple must be (x, y); got {len(data)} items")
         x, y = data
-        ds = Dataset(
-            dict(x) if isinstance(x, dict) else {"x": np.asarray(x)}, None if y is None else np.asarray(y)
-        )
+        inputs = dict(x) if isinstance(x, dict) else {"x": np.asarray(x)}
+        if isinstance(y, dict):  # (x, {"y": ..., "y_lengths": ...})
+            labels, targets = _pop_labels({k: np.asarray(v) for k, v in y.items()})
+        else:
+            labels, targets = (None if y is None else np.asarray(y)), {}
+        ds = Dataset(inputs, labels, targets)
     elif isinstance(data, dict):
         arrays = {k: np.asarray(v) for k, v in data.items()}
-        labels = arrays.pop("y", None)
-        ds = Dataset(arrays, labels)
+        labels, targets = _pop_labels(arrays)
+        ds = Dataset(arrays, labels, targets)
     else:
         raise DataError(
             f"{role} data of type {type(data).__name__} is not supported; pass an .npz path or arrays"
@@ -237,14 +267,84 @@ def load_dataset(data: DataLike, role: str) -> Optional[Dataset]:
         raise DataError(f"{role} inputs have different numbers of samples: {counts}")
     if len(ds) == 0:
         raise DataError(f"{role} data has no samples")
-    if ds.labels is not None:
-        if ds.labels.ndim != 1 or len(ds.labels) != len(ds):
-            raise DataError(
-                f"{role} labels 'y' must be one integer per sample ({len(ds)}); got shape {ds.labels.shape}"
-            )
-        if not np.issubdtype(ds.labels.dtype, np.integer):
-            raise DataError(f"{role} labels 'y' must be integers (class indices); got {ds.labels.dtype}")
+    check_labels(ds, role, task)
     return ds
+
+
+def check_labels(ds: Dataset, role: str, task: Optional[str] = None) -> None:
+    """Labels `y` fit the task (one row per sample; the scorer's format, agent/core/quality_tasks.py)."""
+    from edgefleet.agent.core.quality import QualityError, check_task
+
+    if task is None:
+        from edgefleet.sdk.build.measure import build_task
+
+        task = build_task()
+    try:
+        task = check_task(task)
+    except QualityError as exc:
+        raise DataError(exc.reason) from None
+    labels = ds.labels
+    for key, target in ds.targets.items():
+        if target.ndim == 0 or len(target) != len(ds):
+            raise DataError(
+                f"{role} training targets {key!r} must have one row per sample ({len(ds)}); got shape {target.shape}"
+            )
+    if labels is None:
+        if "y_lengths" in ds.targets:
+            raise DataError(f"{role} data has 'y_lengths' but no labels 'y'; save the CTC tokens as 'y'")
+        return
+    if task == "classification" or (task == "auto" and labels.ndim <= 1):
+        _check_class_ids(labels, len(ds), role, task)
+        return
+    if labels.ndim == 0 or len(labels) != len(ds):
+        raise DataError(
+            f"{role} labels 'y' must have one row per sample ({len(ds)}); got shape {labels.shape}"
+        )
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise DataError(f"{role} labels 'y' must be numbers; got {labels.dtype}")
+    if task == "auto" and _one_hot(labels):
+        # `auto` would score these as CTC tokens or embeddings, or take their first column as the class.
+        raise DataError(
+            f"{role} labels 'y' of shape {labels.shape} look one-hot; save class indices (y.argmax(axis=1)), "
+            "or pass --task for detection, CTC or embedding labels"
+        )
+    if task in ("detection", "ctc"):
+        from edgefleet.agent.core.quality_tasks import TaskDataError, ground_truth, label_tokens
+
+        try:
+            if task == "detection":
+                ground_truth(labels)
+            else:
+                label_tokens(labels)
+        except TaskDataError as exc:
+            raise DataError(f"{role} data: {exc.reason} (--task {task})") from None
+    elif task == "embedding" and (labels.ndim < 2 or not np.issubdtype(labels.dtype, np.floating)):
+        raise DataError(
+            f"{role} labels 'y' for --task embedding must be float target vectors shaped like the model's "
+            f"first output (N, ..., D); got {labels.dtype} {labels.shape}"
+        )
+
+
+def _one_hot(labels: np.ndarray) -> bool:
+    """Whether (N, C > 1) labels hold one 1 per row and 0 elsewhere."""
+    if labels.ndim != 2 or labels.shape[1] < 2:
+        return False
+    return bool(np.isin(labels, (0, 1)).all() and (labels.sum(axis=1) == 1).all())
+
+
+def _check_class_ids(labels: np.ndarray, rows: int, role: str, task: str) -> None:
+    """Classification labels: one integer class per sample (the old, and `auto`'s 1-D, format)."""
+    if labels.ndim != 1 or len(labels) != rows:
+        hint = ""
+        if labels.ndim == 2 and len(labels) == rows:
+            hint = " (one-hot? save y.argmax(axis=1))"
+        if labels.ndim > 1:
+            hint += "; detection (N, G, 5), CTC (N, L) or embedding labels need that --task"
+        raise DataError(
+            f"{role} labels 'y' must be one integer per sample ({rows}); got shape {labels.shape}{hint}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{role} labels 'y' must be integers (class indices); got {labels.dtype}")
 
 
 def _load_npz(path: Path, role: str) -> Dataset:
@@ -257,15 +357,15 @@ def _load_npz(path: Path, role: str) -> Dataset:
         raise DataError(
             f"{role} file {path} is not a readable .npz ({_first_line(exc)}); save it with numpy.savez"
         ) from exc
-    labels = arrays.pop("y", None)
+    labels, targets = _pop_labels(arrays)
     if "x" in arrays:
-        return Dataset({"x": arrays["x"]}, labels)
+        return Dataset({"x": arrays["x"]}, labels, targets)
     if not arrays:
         raise DataError(
             f"{role} file {path} has no array 'x'; save the inputs as numpy.savez(path, x=..., y=...)"
         )
     # Several named inputs (e.g. input_ids, attention_mask) are accepted; they are checked by name.
-    return Dataset(arrays, labels)
+    return Dataset(arrays, labels, targets)
 
 
 def fit_to_inputs(ds: Dataset, specs: list[TensorSpec], role: str) -> Dataset:
@@ -296,7 +396,7 @@ def fit_to_inputs(ds: Dataset, specs: list[TensorSpec], role: str) -> Dataset:
                     f"{_shape_text(spec.shape)} (dimension {axis} differs)"
                 )
         fitted[spec.name] = _cast(array, spec, role)
-    return Dataset(fitted, ds.labels)
+    return replace(ds, inputs=fitted)
 
 
 def _cast(array: np.ndarray, spec: TensorSpec, role: str) -> np.ndarray:

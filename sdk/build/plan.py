@@ -23,6 +23,15 @@ TFLITE_NEEDS = (
     "litert-torch cannot convert {source} to TFLite; give the model as .pt2 ({export}) or as an nn.Module "
     "through the Python API"
 )
+STUDENT_NEEDS_TORCH = (
+    "a distilled student needs a teacher that runs in torch and can be switched to eval mode (TorchScript "
+    ".pt or an nn.Module); {source} cannot be"
+)
+STUDENT_AUTO_NEEDS_MODULE = (
+    "--student auto makes the student from the model's own layers (a shallower transformer or narrower "
+    "nn.Conv2d/nn.Linear layers), so it needs the model as a Python nn.Module; {source} holds a graph: "
+    "give your own student with --student STUDENT.pt (TorchScript: torch.jit.save(torch.jit.script(s), ...))"
+)
 STATIC_CALIBRATIONS = ("minmax", "entropy", "percentile")
 
 
@@ -63,6 +72,11 @@ class PlanOptions:
     mixed_precision: bool = True
     tflite: bool = True
     only: tuple[str, ...] = ()  # candidate ids to keep (empty: all)
+    # A distilled student candidate: None (none), "auto" (make_student: a shallower copy of a transformer,
+    # a narrower copy of anything else), or the student itself (an nn.Module / TorchScript module).
+    student: Any = None
+    student_epochs: int = 30
+    sensitivity: bool = True  # compute and print the per-layer sensitivity table (analysis.py)
 
 
 def _has(module: str) -> bool:
@@ -157,6 +171,39 @@ def plan_candidates(
                         onnx_steps=(Step("ort-static-int8", {"calibration": "minmax", "per_channel": True}),),
                     )
                 )
+    if (
+        stage == "torch"
+        and options.student is not None
+        and (source == "module" or (source == "torchscript" and not _is_auto(options.student)))
+        and "onnxruntime" in runtimes
+        and has_calib
+        and "student" in COMPRESSORS
+    ):
+        params: dict[str, Any] = {"epochs": options.student_epochs}
+        if not _is_auto(options.student):
+            params["student"] = options.student
+        distil = Step("student", params)
+        specs.append(
+            CandidateSpec(
+                "student-onnx-fp32",
+                "onnx",
+                "fp32",
+                "onnxruntime",
+                torch_steps=(distil,),
+                onnx_steps=(Step("onnx-optimize", {"ort_level": "extended"}),),
+            )
+        )
+        if "int8" in precision_set:
+            specs.append(
+                CandidateSpec(
+                    "student-onnx-int8-dynamic",
+                    "onnx",
+                    "int8",
+                    "onnxruntime",
+                    torch_steps=(distil,),
+                    onnx_steps=(Step("ort-dynamic-int8", {"per_channel": True}),),
+                )
+            )
     to_tflite = source != "torchscript"
     if stage == "torch" and to_tflite and "tflite" in runtimes and options.tflite and _has("litert_torch"):
         specs.append(
@@ -207,4 +254,13 @@ def source_limits(
         )
     if stage == "torch" and source != "module" and options.prune_levels and "onnxruntime" in runtimes:
         out.append(("pruned*", PRUNE_NEEDS_MODULE.format(source=label)))
+    if options.student is not None and "onnxruntime" in runtimes:
+        if stage != "torch" or source == "exported":
+            out.append(("student-*", STUDENT_NEEDS_TORCH.format(source=label)))
+        elif source != "module" and _is_auto(options.student):
+            out.append(("student-*", STUDENT_AUTO_NEEDS_MODULE.format(source=label)))
     return out
+
+
+def _is_auto(student: Any) -> bool:
+    return isinstance(student, str) and student == "auto"

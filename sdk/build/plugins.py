@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 # Compression plug-in modules under edgefleet.sdk.compress; each registers its steps on import.
-COMPRESS_MODULES = ("ort_quant", "tflite_quant", "prune", "mixed_precision", "distill", "transfer")
+COMPRESS_MODULES = ("ort_quant", "tflite_quant", "prune", "mixed_precision", "distill", "transfer", "student")
 INSTALL_HINT = "pip install 'edgefleet[host]'"
 
 

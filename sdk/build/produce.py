@@ -30,6 +30,7 @@ class Producer:
         progress: Progress,
         exporter: Optional[str] = None,
     ) -> None:
+        from edgefleet.sdk.build.measure import build_task
         from edgefleet.sdk.compress import CompressionContext
 
         self.loaded = loaded
@@ -44,6 +45,8 @@ class Producer:
             eval_inputs=eval_ds.inputs,
             eval_labels=eval_ds.labels,
             progress=progress,
+            # The build's --task, for the steps that train (distillation, fine-tuning after pruning).
+            options={} if build_task() == "auto" else {"task": build_task()},
         )
         self._variants: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
         self._onnx: dict[str, tuple[Path, list[dict[str, Any]]]] = {}
@@ -106,20 +109,77 @@ class Producer:
                 [*described, {**converter.describe(), "parity": result.parity.to_dict()}],
                 result.fixed_batch,
             )
+        path, steps, fixed, pending = self.prepare(spec)
+        if not pending:
+            return path, steps, fixed
+        path, done = apply_onnx_steps(path, spec.id, pending, self.workdir, self.samples, self.ctx)
+        return path, [*steps, *done], fixed
+
+    def prepare(
+        self, spec: CandidateSpec
+    ) -> tuple[Path, list[dict[str, Any]], Optional[int], list[tuple[str, dict[str, Any]]]]:
+        """The torch-stage work of a candidate, here: (file, steps described, fixed batch, ONNX steps left).
+
+        The ONNX steps left (quantizers, optimizers) load the graph in onnxruntime; the build runs them in
+        its worker process (isolate.py) so that a native crash there fails one candidate, not the build.
+        """
+        if self.loaded.stage == "tflite" or spec.format == "tflite":
+            path, steps, fixed = self.produce(spec)
+            return path, steps, fixed, []
         path, described = self._onnx_of(spec)
-        steps = list(described)
+        pending: list[tuple[str, dict[str, Any]]] = []
         for step in spec.onnx_steps:
-            if step.name in CONVERTERS:
-                converter = CONVERTERS.get(step.name)(**step.params)
-                result = converter.convert(path, self.workdir / f"{spec.id}.onnx", self.samples)
-                path = result.path
-                steps.append({**converter.describe(), "parity": result.parity.to_dict()})
-            else:
-                params = dict(step.params)
-                if self.loaded.static_batch is not None and step.name in BATCHED_ONNX_STEPS:
-                    # A static-batch graph takes exactly its batch: calibrate it in batches of that size.
-                    params["batch_size"] = self.loaded.static_batch
-                plugin = COMPRESSORS.get(step.name)(**params)
-                path = Path(plugin.apply(path, self.ctx))
-                steps.append(plugin.describe())
-        return path, steps, None
+            params = dict(step.params)
+            if self.loaded.static_batch is not None and step.name in BATCHED_ONNX_STEPS:
+                # A static-batch graph takes exactly its batch: calibrate it in batches of that size.
+                params["batch_size"] = self.loaded.static_batch
+            pending.append((step.name, params))
+        return path, list(described), None, pending
+
+
+def step_module(name: str) -> str:
+    """The module that registers the converter or compression step `name` (a worker imports it)."""
+    from edgefleet.converters import CONVERTERS
+    from edgefleet.sdk.compress import COMPRESSORS
+
+    registry: Any = CONVERTERS if name in CONVERTERS else COMPRESSORS
+    return str(registry.get(name).__module__)
+
+
+def known_step_modules(names: list[str]) -> list[str]:
+    """step_module of every registered name; unknown ones fail their candidate later, with the reason."""
+    from edgefleet.agent.core.registry import UnknownPluginError
+
+    out = []
+    for name in names:
+        try:
+            out.append(step_module(name))
+        except UnknownPluginError:
+            continue
+    return out
+
+
+def apply_onnx_steps(
+    path: Path,
+    candidate_id: str,
+    steps: list[tuple[str, dict[str, Any]]],
+    workdir: Path,
+    samples: dict[str, Any],
+    ctx: Any,
+) -> tuple[Path, list[dict[str, Any]]]:
+    """Run ONNX-stage steps (converters by name, else compression steps) on `path`: (new path, described)."""
+    from edgefleet.converters import CONVERTERS
+    from edgefleet.sdk.compress import COMPRESSORS
+
+    described: list[dict[str, Any]] = []
+    for name, params in steps:
+        if name in CONVERTERS:
+            converter = CONVERTERS.get(name)(**params)
+            result = converter.convert(path, workdir / f"{candidate_id}.onnx", samples)
+            path = result.path
+            described.append({**converter.describe(), "parity": result.parity.to_dict()})
+        else:
+            plugin = COMPRESSORS.get(name)(**params)
+            path = Path(plugin.apply(path, ctx))
+            described.append(plugin.describe())
+    return path, described

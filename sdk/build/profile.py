@@ -43,6 +43,34 @@ def runtime_names(profile: Any) -> list[str]:
     return out
 
 
+def runs_onnx_on_gpu(profile: Any) -> bool:
+    """Whether the profile's first onnxruntime runtime uses its GPU (CUDA or TensorRT)."""
+    if getattr(profile, "gpu", None) is None:
+        return False
+    for runtime in getattr(profile, "runtimes", ()):
+        if str(runtime).startswith("onnxruntime"):
+            return str(runtime) in ("onnxruntime-cuda", "onnxruntime-tensorrt")
+    return False
+
+
+def host_gpu_providers(profile: Any) -> list[str]:
+    """The profile's GPU execution providers that this host's onnxruntime offers ([] when no GPU is at hand).
+
+    For the build's measurement hook: a GPU profile's candidates can be timed on them instead of being
+    ranked by the estimate alone.
+    """
+    if not runs_onnx_on_gpu(profile):
+        return []
+    try:
+        import onnxruntime as ort
+
+        available = set(ort.get_available_providers())
+    except ImportError:
+        return []
+    wanted = profile.onnx_providers() if hasattr(profile, "onnx_providers") else []
+    return [p for p in wanted if p != "CPUExecutionProvider" and p in available]
+
+
 def profile_dict(prof: Any) -> dict[str, Any]:
     """The profile fields report.json records, runtimes reduced to their families."""
     keys = (

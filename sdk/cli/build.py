@@ -76,6 +76,51 @@ def candidates_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def sensitivity_table(report: dict[str, Any]) -> Optional[Table]:
+    """The per-layer sensitivity table of a build report (S and the perturbation used), or None."""
+    from rich.table import Table
+
+    sens = report.get("sensitivity") or {}
+    rows = sens.get("layers")
+    if not rows:
+        return None
+    baseline = sens.get("baseline_loss")
+    loss = f" ({sens['loss']})" if sens.get("loss") else ""
+    table = Table(
+        title=f"per-layer sensitivity: {sens.get('formula', 'S = (L − L_perturbed) / L')}; "
+        f"L = {_fmt(baseline, '.4g')}{loss}; most sensitive first",
+        caption=f"perturbation: {sens.get('description') or sens.get('perturbation', '?')} "
+        f"(from the {sens.get('source', 'build')})",
+    )
+    for column in ("#", "layer", "kind", "params", "L perturbed", "S"):
+        table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
+    for row in rows:
+        table.add_row(
+            str(row.get("rank", "")),
+            str(row.get("layer", "")),
+            str(row.get("kind", "")),
+            f"{row['params']:,}" if isinstance(row.get("params"), int) else "—",
+            _fmt(row.get("loss_perturbed"), ".4g"),
+            _fmt(row.get("S"), "+.4g"),
+        )
+    return table
+
+
+def print_sensitivity(report: dict[str, Any], console: Any) -> None:
+    """Print the sensitivity table (rich on a terminal, plain in a pipe), or one line on why there is none."""
+    from rich.markup import escape
+
+    table = sensitivity_table(report)
+    if table is not None:
+        print_table(table, console)
+    elif (report.get("sensitivity") or {}).get("unavailable"):
+        console.print(
+            f"[dim]per-layer sensitivity: {escape(report['sensitivity']['unavailable'])}[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
 def register(app: typer.Typer) -> None:
     """Attach `build` to the app."""
 
@@ -110,6 +155,12 @@ def register(app: typer.Typer) -> None:
         eval_data: Optional[Path] = typer.Option(
             None, "--eval", help=".npz with 'x' and optional labels 'y' for evaluation."
         ),
+        task: str = typer.Option(
+            "auto",
+            "--task",
+            help="Quality metric by task: classification (accuracy / top-1 agreement), detection (mAP@0.5), "
+            "ctc (token error rate), embedding (cosine), or auto (inferred; docs/quality.md).",
+        ),
         max_accuracy_drop: float = typer.Option(
             0.01,
             "--max-accuracy-drop",
@@ -131,8 +182,25 @@ def register(app: typer.Typer) -> None:
         ),
         no_prune: bool = typer.Option(False, "--no-prune", help="Skip the pruned candidates."),
         finetune_epochs: int = typer.Option(10, "--finetune-epochs", help="Fine-tune epochs after pruning."),
+        no_sensitivity: bool = typer.Option(
+            False,
+            "--no-sensitivity",
+            help="Skip the per-layer sensitivity table (one forward pass per layer).",
+        ),
+        student: Optional[str] = typer.Option(
+            None,
+            "--student",
+            help="Add a distilled-student candidate: 'auto' (a shallower copy of a transformer, a narrower "
+            "copy of a CNN; needs an nn.Module through the Python API) or a TorchScript student .pt.",
+        ),
         threads: Optional[int] = typer.Option(
             None, "--threads", help="Threads for host latency (default: the profile's)."
+        ),
+        candidate_timeout: float = typer.Option(
+            900.0,
+            "--candidate-timeout",
+            help="Seconds one candidate may take in the build's worker process before it is stopped and "
+            "reported as timed out (a crash there fails only that candidate).",
         ),
         force: bool = typer.Option(False, "--force", help="Replace an existing bundle in the output folder."),
         as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
@@ -149,6 +217,8 @@ def register(app: typer.Typer) -> None:
             prune_levels=() if no_prune else PlanOptions().prune_levels,
             finetune_epochs=finetune_epochs,
             only=tuple(s.strip() for s in only.split(",") if s.strip()) if only else (),
+            student=student,
+            sensitivity=not no_sensitivity,
         )
         log_path = build_log_path(out)
         options: dict[str, Any] = {
@@ -160,16 +230,19 @@ def register(app: typer.Typer) -> None:
             "private_key": key,
             "name": name or _safe_name(model.stem),
             "exporter": exporter,
+            "candidate_timeout": candidate_timeout,
         }
         try:
             shapes = parse_input_shape(input_shape) if input_shape else None
             options["input_shape"] = shapes
+            task = _check_task(task)
             if len(profile) > 1:
                 if out is None:
                     raise BuildError("several --profile build a release into OUT/<profile>/; pass --out OUT")
-                _build_release(console, model, profile, out, version, force, options, log_path, as_json)
+                with _task_scope(task):
+                    _build_release(console, model, profile, out, version, force, options, log_path, as_json)
                 return
-            with library_output_to(log_path):  # torch / TensorFlow / torchao warnings: into the log
+            with library_output_to(log_path), _task_scope(task):  # library warnings: into the log
                 result = _run_with_progress(
                     console,
                     lambda progress: _build()(
@@ -201,6 +274,7 @@ def register(app: typer.Typer) -> None:
             )
             return
         print_table(candidates_table(result.report), console)
+        print_sensitivity(result.report, console)
         console.print(
             f"[bold]chosen:[/] {result.chosen.id} — {result.reason}", highlight=False, soft_wrap=True
         )
@@ -212,6 +286,24 @@ def register(app: typer.Typer) -> None:
         if result.bundle_dir is not None:
             console.print(f"bundle written to {result.bundle_dir} (report.json inside)", highlight=False)
         report_build_log(console, log_path)
+
+
+def _check_task(task: str) -> str:
+    """`--task` checked before anything heavy is imported."""
+    from edgefleet.agent.core.quality_tasks import AUTO, TASKS
+    from edgefleet.sdk.build.errors import BuildError
+
+    name = (task or "").strip().lower()
+    if name not in (*TASKS, AUTO):
+        raise BuildError(f"--task {task!r} is not one of {', '.join((*TASKS, AUTO))}")
+    return name
+
+
+def _task_scope(task: str) -> Any:
+    """Score the build's candidates and bundle as `task` (sdk/build/measure.py `task_scope`)."""
+    from edgefleet.sdk.build.measure import task_scope
+
+    return task_scope(task)
 
 
 def _build() -> Any:
@@ -249,8 +341,10 @@ def _build_release(
             json.dumps({p: {**r.report, "bundle": str(r.bundle_dir)} for p, r in results.items()}, indent=2)
         )
         return
-    for pname, result in results.items():
+    for index, (pname, result) in enumerate(results.items()):
         print_table(candidates_table(result.report), console)
+        if index == 0:  # one model, one table: the profiles share it
+            print_sensitivity(result.report, console)
         console.print(
             f"[bold]{pname}:[/] {result.chosen.id} — {result.reason}", highlight=False, soft_wrap=True
         )
@@ -292,12 +386,19 @@ def _run_with_progress(console: Any, work: Any, quiet: bool) -> Any:
         disable=not console.is_terminal,  # a pipe or a file gets the results, not bar frames
     ) as bar:
         task = bar.add_task("building", total=1.0)
+        step = bar.add_task("", total=1.0, visible=False)
         overall = {"value": 0.0}
 
         def progress(message: str, fraction: float) -> None:
-            # Candidate-level messages move the bar; step-level ones only change its text.
+            # Candidate-level messages move the top bar; a step's own (distillation epochs, calibration,
+            # sensitivity) move the second one, which restarts with each candidate.
             if message.startswith("candidate ") or message.startswith("measured"):
                 overall["value"] = fraction
-            bar.update(task, completed=overall["value"], description=message[:60])
+                bar.update(task, completed=fraction, description=message[:60])
+                bar.update(step, completed=0.0, description="", visible=False)
+                return
+            bar.update(
+                step, completed=max(0.0, min(1.0, fraction)), description=f"  {message[:58]}", visible=True
+            )
 
         return work(progress)

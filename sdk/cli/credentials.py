@@ -104,7 +104,9 @@ def register(app: typer.Typer) -> None:
             f"  CA:            {creds.layout.ca_cert} (key {creds.layout.ca_key}, 0600: keep it offline)"
         )
         typer.echo(f"  broker:        {creds.layout.server_cert} for {', '.join(creds.broker_hosts)}")
-        typer.echo(f"  host identity: {host.name} in {host.folder}")
+        typer.echo(
+            f"  host identity: {host.name} in {host.folder} (connects to the host listener, port 8884)"
+        )
         typer.echo("Next: edgefleet credentials add-device ID ... and edgefleet credentials mosquitto-conf")
 
     @creds_app.command("add-device")
@@ -178,7 +180,10 @@ def register(app: typer.Typer) -> None:
     @creds_app.command("mosquitto-conf")
     def mosquitto_conf(
         directory: Optional[Path] = _DIR,
-        port: int = typer.Option(8883, "--port", help="TLS listener port."),
+        port: int = typer.Option(8883, "--port", help="Devices' TLS listener port."),
+        host_port: Optional[int] = typer.Option(
+            None, "--host-port", help="The host identity's TLS listener port (default: --port + 1)."
+        ),
         bind: Optional[str] = typer.Option(None, "--bind", help="Address to listen on (default: all)."),
         base: Optional[str] = typer.Option(
             None, "--base", help="Where the credentials folder lies on the broker machine, if elsewhere."
@@ -187,12 +192,22 @@ def register(app: typer.Typer) -> None:
             None, "--write", help="Write the config to this file instead of printing it."
         ),
     ) -> None:
-        """Print (or write) a Mosquitto 2.0 config: TLS listener, CA, certificate, CRL or passwords, ACL."""
+        """Print (or write) a Mosquitto 2.0 config: device and host TLS listeners, CA, CRL or passwords, ACL."""
         from edgefleet.sdk.trust.credentials import Credentials, CredentialsError, default_dir
 
         try:
             creds = Credentials.open(directory or default_dir())
-            text = creds.mosquitto_conf(port=port, bind=bind, base=base)
+            if creds.upgrade_host_listener():
+                typer.echo(
+                    f"note: {creds.root} predates the host listener; wrote "
+                    + (
+                        "a host CA and a new host certificate (restart host processes to use it)"
+                        if creds.auth == "cert"
+                        else "broker/host.passwd"
+                    ),
+                    err=True,
+                )
+            text = creds.mosquitto_conf(port=port, bind=bind, base=base, host_port=host_port)
         except CredentialsError as exc:
             raise _fail(str(exc)) from None
         if write is None:
@@ -203,4 +218,7 @@ def register(app: typer.Typer) -> None:
             write.write_text(text)
         except OSError as exc:
             raise _fail(f"cannot write {write}: {exc}") from None
-        typer.echo(f"wrote {write}: start the broker with mosquitto -c {write}")
+        typer.echo(
+            f"wrote {write}: start the broker with mosquitto -c {write}; devices connect to port {port}, "
+            f"the host identity to port {host_port or port + 1}"
+        )

@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"Give the agents the public key: edgefleet-agent --trusted-key {pair.public_path}")
         typer.echo(
             f"online command key: {pair.private_path.parent / 'online.key'} (0600; signs every command, "
-            "delegated by the fleet key in online.json; agents with require_signed_commands refuse unsigned ones)"
+            "delegated by the fleet key in online.json; agents refuse unsigned commands: keep it on the host)"
         )
 
     @keys_app.command("online")

@@ -18,15 +18,33 @@ def _home() -> Path:
     return edgefleet_home()
 
 
-def _attach_fleet(options: Any, store: Any, fleet: str, trusted_keys: list[Path]) -> Any:
+def _attach_fleet(
+    options: Any,
+    store: Any,
+    fleet: str,
+    trusted_keys: list[Path],
+    worker: Optional[str] = None,
+    share_group: Optional[str] = None,
+    partition: Optional[tuple[int, int]] = None,
+    lease_s: Optional[float] = None,
+) -> Any:
     """Connect the fleet control plane to the broker and start ingesting state, events and telemetry.
 
-    Ingest also resumes any rollout whose host process died, as `edgefleet deploy` would.
+    Ingest also resumes any rollout whose host process died, as `edgefleet deploy` would, and keeps
+    taking over the rollouts of workers that stop renewing their lease.
     """
     from edgefleet.sdk.fleet.client import Fleet
 
-    client = Fleet(broker=options, store=store, fleet=fleet, trusted_keys=trusted_keys)
-    client.start_ingest()
+    extra: dict[str, Any] = {} if lease_s is None else {"lease_s": lease_s}
+    client = Fleet(
+        broker=options, store=store, fleet=fleet, trusted_keys=trusted_keys, worker=worker, **extra
+    )
+    if worker is None:
+        client.start_ingest()
+    else:
+        # A worker's ingest session lease is shorter than its rollout lease: telemetry waits less.
+        session_lease = None if lease_s is None else max(3.0, lease_s / 2)
+        client.start_ingest(share_group, partition=partition, ingest_lease_s=session_lease)
     return client
 
 
@@ -74,6 +92,28 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option(
             "info", help="uvicorn log level: critical, error, warning, info, debug."
         ),
+        worker: Optional[str] = typer.Option(
+            None,
+            envvar="EDGEFLEET_WORKER",
+            help="Name of this process among several `serve` on one store (with --share-group or "
+            "--partition): they split ingest, and each rollout is driven by one of them at a time.",
+        ),
+        share_group: Optional[str] = typer.Option(
+            None,
+            help="With --worker: share ingest through the MQTT shared subscription $share/GROUP/... "
+            "(default 'ingest'; brokers with MQTT 5 shared subscriptions, e.g. Mosquitto).",
+        ),
+        partition: Optional[str] = typer.Option(
+            None,
+            help="With --worker, instead of --share-group: store the devices whose id hashes to K of N "
+            "(K/N, 0-based), for brokers without shared subscriptions (NATS); the worker's name must be K.",
+        ),
+        lease_s: Optional[float] = typer.Option(
+            None,
+            min=3.0,
+            help="Seconds a worker's rollout lease lasts without renewal; a dead worker's rollouts "
+            "and ingest share are taken over after about this long (default 10).",
+        ),
     ) -> None:
         """Serve the REST API (/docs), Prometheus /metrics and the live dashboard (/) over the fleet's store."""
         from rich.console import Console
@@ -113,6 +153,38 @@ def register(app: typer.Typer) -> None:
             except VerifyError as exc:
                 err.print(f"[red]--trusted-key:[/] {exc.reason}")
                 raise typer.Exit(2) from exc
+        split: Optional[tuple[int, int]] = None
+        group: Optional[str] = None
+        if worker is not None:
+            from edgefleet.agent.core.protocol import valid_name
+            from edgefleet.sdk.fleet.ingest_sessions import parse_partition
+
+            if not valid_name(worker):
+                err.print(f"[red]--worker {worker!r}:[/] use 1-128 letters, digits, '.', '_' or '-'")
+                raise typer.Exit(2)
+            if partition is not None and share_group is not None:
+                err.print("[red]--partition and --share-group exclude each other:[/] pass one of them")
+                raise typer.Exit(2)
+            if partition is not None:
+                try:
+                    split = parse_partition(partition)
+                except ValueError as exc:
+                    err.print(f"[red]--partition:[/] {exc}")
+                    raise typer.Exit(2) from exc
+                if worker != str(split[0]):
+                    err.print(
+                        f"[red]--worker {worker} with --partition {partition}:[/] a partition worker is "
+                        f"named by its partition; pass --worker {split[0]}"
+                    )
+                    raise typer.Exit(2)
+            else:
+                group = share_group or "ingest"
+                if not valid_name(group):
+                    err.print(f"[red]--share-group {group!r}:[/] use letters, digits, '.', '_' or '-'")
+                    raise typer.Exit(2)
+        elif share_group is not None or partition is not None:
+            err.print("[red]--share-group and --partition name a worker's share:[/] pass --worker NAME too")
+            raise typer.Exit(2)
         try:
             store = Store(db)
         except StoreError as exc:
@@ -137,7 +209,7 @@ def register(app: typer.Typer) -> None:
                     tls_cert=tls_cert,
                     tls_key=tls_key,
                 )
-                control = _attach_fleet(options, store, fleet, keys)
+                control = _attach_fleet(options, store, fleet, keys, worker, group, split, lease_s)
             except (FleetError, OSError) as exc:
                 err.print(
                     f"[red]cannot use the broker {broker}:[/] {exc}. Check that it runs, or drop --broker"
@@ -157,7 +229,13 @@ def register(app: typer.Typer) -> None:
         shown = f"[{host}]" if ":" in host else host
         Console(soft_wrap=True).print(
             f"edgefleet serve: fleet [bold]{fleet}[/], store {store.engine.url.render_as_string(hide_password=True)}, "
-            f"{'ingesting from ' + broker if broker else 'read-only (no --broker)'}\n"
+            f"{'ingesting from ' + broker if broker else 'read-only (no --broker)'}"
+            + (
+                f", worker [bold]{worker}[/] ({f'partition {partition}' if split else f'group {group}'})"
+                if worker
+                else ""
+            )
+            + "\n"
             f"dashboard [bold]http://{shown}:{port}/[/]  API docs http://{shown}:{port}/docs"
             + ("  (bearer token required)" if the_token else "")
         )

@@ -1,21 +1,28 @@
-"""Knowledge distillation: teach a student classifier from a teacher's temperature-softened outputs.
+"""Knowledge distillation: teach a student from a teacher's outputs, for any task and any number of inputs.
 
 Public API:
-    distill(teacher, student, x, y=None, *, x_val=None, y_val=None, temperature=4.0, alpha=0.7,
-            epochs=30, lr=3e-3, batch_size=64, patience=5, seed=0, on_epoch=None) -> DistillResult
-    DistillStep(student=<nn.Module>, temperature=4.0, alpha=0.7, epochs=30, patience=5)
+    distill(teacher, student, x, y=None, *, task="classification", x_val=None, y_val=None,
+            temperature=4.0, alpha=0.7, epochs=30, lr=3e-3, batch_size=64, patience=5, seed=0,
+            on_epoch=None, on_batch=None) -> DistillResult
+    distill_student(teacher, student, data, task, **options) -> DistillResult
+        `data` is a dict input name → array (labels under "y", CTC lengths "y_lengths", detection
+        targets "y_0", "y_1", …) or a (inputs, targets) pair; the build's `--student` candidate.
+    kd_loss(student_logits, teacher_logits, labels, temperature, alpha)   (classification)
+    DistillStep(student=<nn.Module>, task=..., temperature=4.0, alpha=0.7, epochs=30, patience=5)
         .apply(teacher: nn.Module, ctx) -> nn.Module   (registered as "distill", stage "torch")
 
-The loss is α·T²·KL(softmax(s/T) ‖ softmax(t/T)) + (1−α)·CE(s, y) (Hinton et al.); without labels it is
-the distillation term alone. The best student on the validation data (accuracy with labels, else the
-distillation loss) is kept and training stops after `patience` epochs without improvement.
+`x` is one array, a list of arrays in argument order, or a dict name → array (ids stay int64). The
+loss is α·distillation + (1−α)·supervised when targets are given, else distillation alone; the
+per-task terms are in `tasks.py` (Hinton's T²-scaled KL for classification, per-frame KL for CTC,
+variance-normalised MSE on raw head outputs for detection, cosine for embeddings). The best student
+on the validation data is kept; training stops after `patience` epochs without improvement.
 """
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -26,12 +33,28 @@ from edgefleet.sdk.compress.base import (
     CompressionStep,
     Requirements,
 )
+from edgefleet.sdk.compress.tasks import (
+    Batch,
+    ModelInputs,
+    Targets,
+    as_batch,
+    check_task,
+    clone_model,
+    combined_loss,
+    forward,
+    metric_name,
+    reported,
+    run_batched,
+    set_mode,
+    take_targets,
+    target_tensors,
+    validation_score,
+)
+from edgefleet.sdk.compress.training import BatchCallback, EpochCallback, fit
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-EpochCallback = Callable[[int, float, float], None]
 
 
 @dataclass
@@ -41,29 +64,22 @@ class DistillResult:
     student: nn.Module
     teacher_metric: Optional[float]
     student_metric: Optional[float]
-    metric: str  # "accuracy" with validation labels, "kd_loss" without
+    metric: str  # accuracy / cosine (higher is better), loss / kd_loss (lower is better)
     epochs_run: int
     stopped_early: bool
+    task: str = "classification"
     history: list[dict[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers for reports."""
         return {
+            "task": self.task,
             "metric": self.metric,
             "teacher": self.teacher_metric,
             "student": self.student_metric,
             "epochs_run": self.epochs_run,
             "stopped_early": self.stopped_early,
         }
-
-
-def _logits(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Model outputs on x in eval mode, without gradients."""
-    import torch
-
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def kd_loss(
@@ -74,34 +90,45 @@ def kd_loss(
     alpha: float,
 ) -> torch.Tensor:
     """Hinton's distillation loss; the T² factor keeps soft-target gradients on the hard-label scale."""
-    import torch.nn.functional as F
-
-    soft = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    ) * (temperature**2)
-    if labels is None:
-        return soft
-    return alpha * soft + (1.0 - alpha) * F.cross_entropy(student_logits, labels)
+    return combined_loss(
+        "classification",
+        [student_logits],
+        [teacher_logits],
+        [labels] if labels is not None else None,
+        temperature=temperature,
+        alpha=alpha,
+    )
 
 
-def _check_data(x: np.ndarray, y: Optional[np.ndarray], what: str) -> None:
-    if not isinstance(x, np.ndarray) or x.ndim < 2 or len(x) == 0:
-        raise CompressionError(f"{what} inputs must be a non-empty array of samples [N, ...]")
-    if y is not None and len(y) != len(x):
-        raise CompressionError(f"{what}: {len(y)} labels for {len(x)} samples; give one per sample")
+def _same_outputs(student: list[torch.Tensor], teacher: list[torch.Tensor], task: str) -> None:
+    if len(student) < len(teacher) and task == "detection":
+        raise CompressionError(f"the student has {len(student)} outputs, the teacher {len(teacher)}")
+    s, t = student[0], teacher[0]
+    if task == "embedding":
+        if s.shape[-1] != t.shape[-1]:
+            raise CompressionError(
+                f"student embeddings have {s.shape[-1]} dimensions, the teacher's {t.shape[-1]}: "
+                "give the student the teacher's embedding size"
+            )
+        return
+    for i, (so, to) in enumerate(zip(student, teacher)):
+        if so.shape[1:] != to.shape[1:] and not (task == "ctc" and so.shape[-1] == to.shape[-1]):
+            what = "number of classes" if task == "classification" else "output layout"
+            raise CompressionError(
+                f"student output {i} is {tuple(so.shape[1:])} but the teacher's is {tuple(to.shape[1:])}: "
+                f"give the student the teacher's {what}"
+            )
 
 
 def distill(
     teacher: nn.Module,
     student: nn.Module,
-    x: np.ndarray,
-    y: Optional[np.ndarray] = None,
+    x: ModelInputs,
+    y: Targets = None,
     *,
-    x_val: Optional[np.ndarray] = None,
-    y_val: Optional[np.ndarray] = None,
+    task: str = "classification",
+    x_val: Optional[ModelInputs] = None,
+    y_val: Targets = None,
     temperature: float = 4.0,
     alpha: float = 0.7,
     epochs: int = 30,
@@ -110,100 +137,148 @@ def distill(
     patience: int = 5,
     seed: int = 0,
     on_epoch: Optional[EpochCallback] = None,
+    on_batch: Optional[BatchCallback] = None,
 ) -> DistillResult:
     """Train `student` (in place) to imitate `teacher` on x (and fit y when given); see module doc."""
-    import torch
-
+    check_task(task)
     if temperature <= 0:
         raise CompressionError(f"temperature must be positive, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise CompressionError(f"alpha must be within 0..1, got {alpha}")
-    if epochs < 1 or patience < 1:
-        raise CompressionError("epochs and patience must be at least 1")
-    _check_data(x, y, "training")
+    train = as_batch(x)
+    targets = target_tensors(task, y, len(train))
     if x_val is None:
-        x_val, y_val = x, y
-    _check_data(x_val, y_val, "validation")
-
-    torch.manual_seed(seed)
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    yt = torch.from_numpy(np.asarray(y, dtype=np.int64)) if y is not None else None
-    xv = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32))
-    yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64)) if y_val is not None else None
-    teacher_train = _logits(teacher, xt)
-    teacher_val = _logits(teacher, xv)
+        val, val_targets = train, targets
+    else:
+        val = as_batch(x_val)
+        val_targets = target_tensors(task, y_val, len(val))
+    teacher_train = run_batched(set_mode(teacher), train)
+    teacher_val = run_batched(teacher, val)
     try:
-        student_out = _logits(student, xv[:1])
+        set_mode(student)
+        probe = run_batched(student, val.take(slice(0, 2)))
+    except CompressionError:
+        raise
     except Exception as exc:
         raise CompressionError(f"the student cannot run on these inputs: {exc}") from exc
-    if student_out.shape[1:] != teacher_val.shape[1:]:
-        raise CompressionError(
-            f"student outputs {tuple(student_out.shape[1:])} but the teacher outputs "
-            f"{tuple(teacher_val.shape[1:])}: give the student the teacher's number of classes"
+    _same_outputs(probe, teacher_val, task)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        part = train.take(idx)
+        return combined_loss(
+            task,
+            forward(student, part),
+            [t[idx] for t in teacher_train],
+            take_targets(targets, idx),
+            temperature=temperature,
+            alpha=alpha,
+            mask=part.mask,
         )
 
     def validate() -> float:
-        logits = _logits(student, xv)
-        if yv is not None:
-            return float((logits.argmax(1) == yv).float().mean())
-        return -float(kd_loss(logits, teacher_val, None, temperature, alpha))
+        outs = run_batched(student, val)
+        return validation_score(task, outs, val_targets, teacher_val, temperature=temperature, mask=val.mask)
 
-    metric = "accuracy" if yv is not None else "kd_loss"
-    teacher_metric = float((teacher_val.argmax(1) == yv).float().mean()) if yv is not None else 0.0
-    optimizer = torch.optim.Adam(student.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    best_score = validate()
-    best_state = copy.deepcopy(student.state_dict())
-    history: list[dict[str, float]] = []
-    stale = 0
-    epoch = 0
-    for epoch in range(1, epochs + 1):
-        student.train()
-        order = torch.randperm(len(xt), generator=generator)
-        total = 0.0
-        for start in range(0, len(xt), batch_size):
-            idx = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss = kd_loss(
-                student(xt[idx]),
-                teacher_train[idx],
-                yt[idx] if yt is not None else None,
-                temperature,
-                alpha,
-            )
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-        score = validate()
-        history.append({"epoch": epoch, "train_loss": total / len(xt), "val": score})
-        if on_epoch is not None:
-            on_epoch(epoch, total / len(xt), score)
-        if score > best_score:
-            best_score, best_state, stale = score, copy.deepcopy(student.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    student.load_state_dict(best_state)
-    student.eval()
-    student_metric = best_score if metric == "accuracy" else -best_score
+    has_targets = val_targets is not None
+    teacher_score = (
+        validation_score(task, teacher_val, val_targets, teacher_val, temperature=temperature, mask=val.mask)
+        if has_targets or task == "embedding"
+        else 0.0
+    )
+    result = fit(
+        student,
+        list(student.parameters()),
+        len(train),
+        batch_loss,
+        validate,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        patience=patience,
+        seed=seed,
+        on_epoch=on_epoch,
+        on_batch=on_batch,
+    )
     return DistillResult(
         student=student,
-        teacher_metric=teacher_metric if metric == "accuracy" else 0.0,
-        student_metric=student_metric,
-        metric=metric,
-        epochs_run=epoch,
-        stopped_early=epoch < epochs,
-        history=history,
+        teacher_metric=reported(task, has_targets, teacher_score),
+        student_metric=reported(task, has_targets, result.best_score),
+        metric=metric_name(task, has_targets),
+        epochs_run=result.epochs_run,
+        stopped_early=result.stopped_early,
+        task=task,
+        history=result.history,
     )
+
+
+def split_data(data: Any) -> tuple[ModelInputs, Targets]:
+    """(inputs, targets) from a dict with label keys ("y", "y_*"), a Dataset, or an (x, y) pair."""
+    if isinstance(data, tuple) and len(data) == 2:
+        return data[0], data[1]
+    if hasattr(data, "inputs") and hasattr(data, "labels"):  # the build's Dataset
+        return data.inputs, data.labels
+    if isinstance(data, Mapping):
+        inputs = {k: v for k, v in data.items() if k != "y" and not str(k).startswith("y_")}
+        labels = {k: v for k, v in data.items() if k == "y" or str(k).startswith("y_")}
+        if not labels:
+            return inputs, None
+        if set(labels) == {"y"}:
+            return inputs, labels["y"]
+        if "y_lengths" in labels:
+            return inputs, labels
+        return inputs, [labels[k] for k in sorted(labels, key=_target_order)]
+    if isinstance(data, np.ndarray):
+        return data, None
+    raise CompressionError(
+        f"training data of type {type(data).__name__} is not supported; give a dict name → array "
+        "(labels as 'y') or an (inputs, labels) pair"
+    )
+
+
+def _target_order(key: str) -> tuple[int, str]:
+    suffix = key[2:] if key.startswith("y_") else ""
+    return (int(suffix), key) if suffix.isdigit() else (-1 if key == "y" else 10**6, key)
+
+
+def distill_student(
+    teacher: nn.Module,
+    student: nn.Module,
+    data: Any,
+    task: str = "classification",
+    *,
+    val_data: Any = None,
+    **options: Any,
+) -> DistillResult:
+    """Distil `teacher` into `student` on `data` (see module doc); options go to `distill`."""
+    x, y = split_data(data)
+    x_val, y_val = split_data(val_data) if val_data is not None else (None, None)
+    return distill(teacher, student, x, y, task=task, x_val=x_val, y_val=y_val, **options)
+
+
+def context_data(ctx: CompressionContext) -> tuple[dict[str, np.ndarray], Any, Any, Any]:
+    """(train inputs, train targets, eval inputs or None, eval targets) from a compression context.
+
+    Structured targets (CTC lengths, detection outputs) travel in ctx.options["calib_targets"] /
+    ["eval_targets"]; plain class ids in ctx.calib_labels / ctx.eval_labels.
+    """
+    if not ctx.calib:
+        raise CompressionError("this step needs training inputs in ctx.calib (the build's --calib data)")
+    y = ctx.options.get("calib_targets", ctx.calib_labels)
+    x_val = ctx.eval_inputs or None
+    y_val = ctx.options.get("eval_targets", ctx.eval_labels) if x_val is not None else None
+    return ctx.calib, y, x_val, y_val
+
+
+def context_task(params: dict[str, Any], ctx: CompressionContext) -> str:
+    """The step's task: its own parameter, else the build's (ctx.options["task"]), else classification."""
+    return check_task(str(params.get("task") or ctx.options.get("task") or "classification"))
 
 
 @COMPRESSORS.register("distill")
 class DistillStep(CompressionStep):
     """Distil the incoming (teacher) model into the `student` given as a parameter.
 
-    Trains on ctx.calib's first array (+ ctx.calib_labels) and validates on ctx.eval_inputs
-    (+ ctx.eval_labels) when present.
+    Trains on every input of ctx.calib (+ targets) and validates on ctx.eval_inputs when present.
     """
 
     name = "distill"
@@ -214,7 +289,7 @@ class DistillStep(CompressionStep):
         self.result: Optional[DistillResult] = None
 
     def describe(self) -> dict[str, Any]:
-        """Parameters (without the student object) and the accuracies reached."""
+        """Parameters (without the student object) and the metrics reached."""
         params = {k: v for k, v in self.params.items() if k != "student"}
         out: dict[str, Any] = {"step": self.name, "params": params}
         if self.result is not None:
@@ -228,17 +303,15 @@ class DistillStep(CompressionStep):
         student = self.params.get("student")
         if not isinstance(student, nn.Module):
             raise CompressionError("the distill step needs student=<nn.Module> to train")
-        if not ctx.calib:
-            raise CompressionError("distillation needs training inputs in ctx.calib")
-        x = next(iter(ctx.calib.values()))
-        x_val = next(iter(ctx.eval_inputs.values())) if ctx.eval_inputs else None
-        y_val = ctx.eval_labels if x_val is not None else None
+        task = context_task(self.params, ctx)
+        x, y, x_val, y_val = context_data(ctx)
         epochs = int(self.params.get("epochs", 30))
         self.result = distill(
             model,
-            student,
+            clone_model(student),
             x,
-            ctx.calib_labels,
+            y,
+            task=task,
             x_val=x_val,
             y_val=y_val,
             temperature=float(self.params.get("temperature", 4.0)),
@@ -251,3 +324,6 @@ class DistillStep(CompressionStep):
             ),
         )
         return self.result.student
+
+
+__all__ = ["Batch", "DistillResult", "DistillStep", "distill", "distill_student", "kd_loss"]

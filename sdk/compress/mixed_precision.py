@@ -154,9 +154,11 @@ def mixed_precision_int8(
     for index, (name, info) in enumerate(nodes.items()):
         cos = batch_cosines(calib_ref, graph.run_batches({name}, calib_list), calib_list, mask_input)
         loss = float(1.0 - cos.mean())
-        layers.append(LayerSensitivity(name, info.op_type, info.params, loss, loss))
+        layers.append(LayerSensitivity(name, info.op_type, info.params, loss, -loss))  # S = 0 − L_i
         note(f"sensitivity {index + 1}/{len(nodes)}", 0.3 + 0.3 * (index + 1) / len(nodes))
-    table = SensitivityTable("int8-dynamic-per-channel", 0.0, layers)
+    table = SensitivityTable(
+        "int8-dynamic-per-channel", 0.0, layers, loss="1 − mean cosine", normalized=False
+    )
 
     fp32_size = fp32_path.stat().st_size
     # int8 stores one byte per weight instead of four; keeping a node fp32 costs 3 bytes a weight

@@ -1,19 +1,31 @@
-"""Per-layer sensitivity analysis: how much the loss grows when one layer alone is pruned or quantized.
+"""Per-layer sensitivity as the seed defines it, and the table `edgefleet build` prints and keeps.
 
-For every layer i we perturb only that layer and measure the loss on calibration data:
+For every layer i we perturb only that layer (θ_i → perturbed, the rest as trained) and compare the
+loss on calibration data:
 
-    S_i = (L(θ with layer i perturbed) − L(θ)) / L(θ)
+    S_i = (L(θ) − L(θ with layer i perturbed)) / L(θ)
 
-i.e. the relative loss increase (the issue's S_i written with L as a loss, so a layer whose
-perturbation hurts more gets a larger S_i and ranks higher). With labels L is the cross-entropy of the
-model's logits; without labels the fp32 outputs are the reference and S_i is the relative output
-distortion ‖y_i − y‖² / ‖y‖² (L(θ) is 0 there, so no ratio is taken).
+L is the task's loss against the labels (cross-entropy, CTC, detection, 1 − cosine; see tasks.py).
+Perturbing a layer that matters makes the loss rise, so its S_i is **negative**, and the more
+negative, the more sensitive the layer; S_i ≈ 0 means the layer can be perturbed for free, and S_i > 0
+means the perturbation happened to lower the calibration loss. The table is sorted most sensitive
+(lowest S_i) first. Without labels L(θ) is a distortion against the model's own outputs, which is 0
+at θ: then no ratio is taken and S_i = −‖y_i − y‖² / ‖y‖² (summed over the float outputs), again
+negative for layers that matter (`normalized` is False in the table).
+
+The perturbation used is part of the table (`perturbation`, `description`): "zero" is the seed's
+θ_i = 0 for the whole layer; "prune", "channels" and "quantize" apply what a compression step would
+(the smallest-|w| weights, the smallest-L1 output channels, per-channel fake quantization).
+
+Per-channel scores (`channel_scores`, filled by `prune.channel_scores`) approximate S for one output
+channel at a time; see docs/compress.md for why a first-order Taylor estimate replaces running the
+model once per channel.
 
 Public API:
-    torch_sensitivity(model, inputs, labels=None, *, perturbation="prune", ratio=0.5, bits=8,
-                      layers=None, batch_size=256, progress=None) -> SensitivityTable
-    onnx_sensitivity(model_path, feeds, *, nodes=None, output_index=0, reference=None,
-                     progress=None) -> SensitivityTable           (per-node INT8 quantization)
+    torch_sensitivity(model, inputs, labels=None, *, task="classification", perturbation="prune",
+                      ratio=0.5, bits=8, layers=None, batch_size=256, progress=None) -> SensitivityTable
+    SensitivityTable.to_rows() -> list[dict]; .to_json() -> dict (report.json); .to_rich() -> Table
+    onnx_sensitivity(model_path, feeds, *, nodes=None, output_index=0, progress=None) -> SensitivityTable
     pruning_ratios(table, target, *, max_ratio=0.9, weights=None) -> dict[str, float]
 """
 
@@ -26,6 +38,15 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional, Sequence, Un
 import numpy as np
 
 from edgefleet.sdk.compress.base import CompressionError
+from edgefleet.sdk.compress.tasks import (
+    ModelInputs,
+    Targets,
+    as_batch,
+    check_task,
+    run_batched,
+    supervised_loss,
+    target_tensors,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -33,13 +54,27 @@ if TYPE_CHECKING:
     from torch import nn
 
 Perturbation = Literal["prune", "channels", "quantize", "zero"]
-ModelInputs = Union[np.ndarray, Sequence[np.ndarray]]
 Progress = Optional[Callable[[str, float], None]]
+FORMULA = "S = (L − L_perturbed) / L"
+
+__all__ = [
+    "FORMULA",
+    "LayerSensitivity",
+    "ModelInputs",
+    "SensitivityTable",
+    "as_tensors",
+    "describe_perturbation",
+    "layer_weight",
+    "onnx_sensitivity",
+    "prunable_layers",
+    "pruning_ratios",
+    "torch_sensitivity",
+]
 
 
 @dataclass(frozen=True)
 class LayerSensitivity:
-    """One layer's (or ONNX node's) sensitivity: its loss when perturbed alone and the score S_i."""
+    """One layer's (or ONNX node's) sensitivity: its loss when perturbed alone and S_i (see module doc)."""
 
     name: str
     kind: str
@@ -50,14 +85,21 @@ class LayerSensitivity:
 
 @dataclass
 class SensitivityTable:
-    """Layers sorted from most to least sensitive, with the unperturbed loss they were compared to."""
+    """Layers sorted most sensitive (lowest S) first, with the unperturbed loss they were compared to."""
 
     perturbation: str
     baseline_loss: float
     layers: list[LayerSensitivity] = field(default_factory=list)
+    description: str = ""
+    loss: str = ""
+    normalized: bool = True
+    channel_scores: dict[str, list[float]] = field(default_factory=dict)
+    channel_method: str = ""
 
     def __post_init__(self) -> None:
-        self.layers.sort(key=lambda layer: layer.score, reverse=True)
+        self.layers.sort(key=lambda layer: layer.score)
+        if not self.description:
+            self.description = describe_perturbation(self.perturbation)
 
     def ranking(self) -> list[str]:
         """Layer names, most sensitive first."""
@@ -67,8 +109,42 @@ class SensitivityTable:
         """S_i by layer name."""
         return {layer.name: layer.score for layer in self.layers}
 
+    def to_rows(self) -> list[dict[str, Any]]:
+        """One dict per layer, most sensitive first: rank, layer, kind, params, loss, S, channels."""
+        rows = []
+        for rank, layer in enumerate(self.layers, start=1):
+            row: dict[str, Any] = {
+                "rank": rank,
+                "layer": layer.name,
+                "kind": layer.kind,
+                "params": layer.params,
+                "loss_perturbed": layer.loss,
+                "S": layer.score,
+            }
+            channels = self.channel_scores.get(layer.name)
+            if channels:
+                row["channels"] = len(channels)
+                row["channel_score_min"] = float(min(channels))
+                row["channel_score_max"] = float(max(channels))
+            rows.append(row)
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-ready form for report.json: formula, perturbation, baseline, rows and channel scores."""
+        return {
+            "formula": FORMULA if self.normalized else "S = −(L_perturbed − L), L(θ) = 0 (no labels)",
+            "perturbation": self.perturbation,
+            "description": self.description,
+            "loss": self.loss,
+            "baseline_loss": self.baseline_loss,
+            "normalized": self.normalized,
+            "layers": self.to_rows(),
+            "channel_method": self.channel_method,
+            "channel_scores": {name: list(values) for name, values in self.channel_scores.items()},
+        }
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for report.json."""
+        """The raw layer records (kept for callers of the first version); prefer to_json()."""
         return {
             "perturbation": self.perturbation,
             "baseline_loss": self.baseline_loss,
@@ -76,22 +152,49 @@ class SensitivityTable:
         }
 
     def to_rich(self, title: str = "Per-layer sensitivity") -> Table:
-        """A rich table, most sensitive layer first."""
+        """A rich table, most sensitive layer first; print it with sdk.cli.output.print_table."""
         from rich.table import Table
 
-        table = Table(title=f"{title} ({self.perturbation}; baseline loss {self.baseline_loss:.4g})")
-        for column in ("#", "layer", "kind", "params", "loss perturbed", "S_i"):
+        formula = FORMULA if self.normalized else "S = L − L_perturbed (L = 0 without labels)"
+        table = Table(
+            title=f"{title}: {formula}; baseline L = {self.baseline_loss:.4g}{f' ({self.loss})' if self.loss else ''}",
+            caption=f"perturbation: {self.description}",
+        )
+        columns = ["#", "layer", "kind", "params", "L perturbed", "S"]
+        if self.channel_scores:
+            columns.append("channel scores min–max")
+        for column in columns:
             table.add_column(column, justify="left" if column in ("layer", "kind") else "right")
-        for rank, layer in enumerate(self.layers, start=1):
-            table.add_row(
-                str(rank),
-                layer.name,
-                layer.kind,
-                f"{layer.params:,}",
-                f"{layer.loss:.4g}",
-                f"{layer.score:.4g}",
-            )
+        for row in self.to_rows():
+            cells = [
+                str(row["rank"]),
+                row["layer"],
+                row["kind"],
+                f"{row['params']:,}",
+                f"{row['loss_perturbed']:.4g}",
+                f"{row['S']:+.4g}",
+            ]
+            if self.channel_scores:
+                cells.append(
+                    f"{row['channel_score_min']:.3g}–{row['channel_score_max']:.3g}"
+                    if "channels" in row
+                    else "—"
+                )
+            table.add_row(*cells)
         return table
+
+
+def describe_perturbation(perturbation: str, ratio: float = 0.5, bits: int = 8) -> str:
+    """What a perturbation does to one layer, in words (shown under the table)."""
+    texts = {
+        "zero": "every weight of the layer set to 0 (θ_i = 0)",
+        "prune": f"the {ratio:.0%} smallest-|w| weights of the layer set to 0",
+        "channels": f"the {ratio:.0%} output channels with the smallest L1 norm set to 0",
+        "quantize": f"weights fake-quantized to {bits}-bit, symmetric, per output channel",
+        "int8-dynamic-per-channel": "node quantized alone to INT8 (dynamic activations, per-channel weights), "
+        "simulated in fp32; L = 1 − mean cosine to fp32",
+    }
+    return texts.get(perturbation, perturbation)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,40 +223,19 @@ def layer_weight(module: nn.Module) -> torch.Tensor:
 
 
 def as_tensors(inputs: ModelInputs) -> tuple[torch.Tensor, ...]:
-    """Positional model inputs as tensors (one array, or a sequence of arrays in argument order)."""
-    import torch
-
-    arrays = [inputs] if isinstance(inputs, np.ndarray) else list(inputs)
-    if not arrays:
-        raise CompressionError("no model inputs given: pass at least one array of samples")
-    lengths = {len(a) for a in arrays}
-    if len(lengths) != 1:
-        raise CompressionError(f"input arrays have different sample counts {sorted(lengths)}")
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    """Positional model inputs as tensors (array, arrays in argument order, or dict); ids stay int64."""
+    return as_batch(inputs).tensors
 
 
-def run_batched(model: nn.Module, tensors: tuple[torch.Tensor, ...], batch_size: int = 256) -> torch.Tensor:
-    """Run `model` over the samples in batches under no_grad and concatenate the outputs."""
-    import torch
-
-    outputs = []
-    with torch.no_grad():
-        for start in range(0, len(tensors[0]), batch_size):
-            out = model(*(t[start : start + batch_size] for t in tensors))
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            outputs.append(out.float())
-    return torch.cat(outputs)
-
-
-def _loss(outputs: torch.Tensor, labels: Optional[torch.Tensor], reference: torch.Tensor) -> float:
-    """Cross-entropy against labels, or relative squared distortion against the fp32 outputs."""
-    import torch
-
-    if labels is not None:
-        return float(torch.nn.functional.cross_entropy(outputs, labels))
-    denom = float((reference**2).sum()) or 1.0
-    return float(((outputs - reference) ** 2).sum()) / denom
+def _distortion(outs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """Σ over float outputs of ‖y − y_ref‖² / ‖y_ref‖²."""
+    total = 0.0
+    for out, ref in zip(outs, reference):
+        if not ref.is_floating_point():
+            continue
+        denom = float((ref**2).sum()) or 1.0
+        total += float(((out - ref) ** 2).sum()) / denom
+    return total
 
 
 def _perturbed_weight(
@@ -196,8 +278,9 @@ def fake_quantize_per_channel(weight: torch.Tensor, bits: int = 8, axis: int = 0
 def torch_sensitivity(
     model: nn.Module,
     inputs: ModelInputs,
-    labels: Optional[np.ndarray] = None,
+    labels: Targets = None,
     *,
+    task: str = "classification",
     perturbation: Perturbation = "prune",
     ratio: float = 0.5,
     bits: int = 8,
@@ -205,13 +288,14 @@ def torch_sensitivity(
     batch_size: int = 256,
     progress: Progress = None,
 ) -> SensitivityTable:
-    """Perturb each layer alone (prune `ratio` of its weights, its channels, or quantize to `bits`)
-    and rank the layers by the relative loss increase S_i on (inputs, labels).
+    """Perturb each layer alone (all weights zero, the smallest `ratio` of its weights or channels, or
+    quantize to `bits`) and score it with S_i = (L − L_i) / L on (inputs, labels) (see module doc).
 
     The model is restored exactly after each layer; it is left in eval mode.
     """
     import torch
 
+    check_task(task)
     if not 0.0 <= ratio <= 1.0:
         raise CompressionError(f"ratio must be within 0..1, got {ratio}")
     candidates = prunable_layers(model)
@@ -227,14 +311,18 @@ def torch_sensitivity(
         raise CompressionError("the model has no convolution or linear layers to analyse")
 
     model.eval()
-    tensors = as_tensors(inputs)
-    label_tensor = torch.from_numpy(np.asarray(labels, dtype=np.int64)) if labels is not None else None
-    if label_tensor is not None and len(label_tensor) != len(tensors[0]):
-        raise CompressionError(
-            f"{len(label_tensor)} labels for {len(tensors[0])} samples: give one label per sample"
-        )
-    reference = run_batched(model, tensors, batch_size)
-    base = _loss(reference, label_tensor, reference)
+    batch = as_batch(inputs)
+    targets = target_tensors(task, labels, len(batch))
+    reference = run_batched(model, batch, batch_size)
+
+    def loss_of(outs: list[torch.Tensor]) -> float:
+        if targets is None:
+            return _distortion(outs, reference)
+        with torch.no_grad():
+            return float(supervised_loss(task, outs, targets, batch.mask))
+
+    base = loss_of(reference)
+    normalized = targets is not None and base > 0
     results = []
     for index, (name, module) in enumerate(candidates.items()):
         weight = layer_weight(module)
@@ -242,15 +330,28 @@ def torch_sensitivity(
         try:
             with torch.no_grad():
                 weight.copy_(_perturbed_weight(saved, perturbation, ratio, bits))
-            loss = _loss(run_batched(model, tensors, batch_size), label_tensor, reference)
+            loss = loss_of(run_batched(model, batch, batch_size))
         finally:
             with torch.no_grad():
                 weight.copy_(saved)
-        score = (loss - base) / base if label_tensor is not None and base > 0 else loss - base
+        score = (base - loss) / base if normalized else base - loss  # the seed's sign: harm → S < 0
         results.append(LayerSensitivity(name, type(module).__name__, int(weight.numel()), loss, score))
         if progress is not None:
             progress(f"sensitivity {name}", (index + 1) / len(candidates))
-    return SensitivityTable(perturbation, base, results)
+    loss_name = {
+        "classification": "cross-entropy",
+        "ctc": "CTC",
+        "detection": "BCE + L1",
+        "embedding": "1 − cosine",
+    }[task]
+    return SensitivityTable(
+        perturbation,
+        base,
+        results,
+        description=describe_perturbation(perturbation, ratio, bits),
+        loss=loss_name if targets is not None else "relative output distortion (no labels)",
+        normalized=normalized,
+    )
 
 
 def pruning_ratios(
@@ -333,7 +434,9 @@ def onnx_sensitivity(
     for index, (name, info) in enumerate(candidates.items()):
         outputs = graph.run_batches({name}, batches, output_index)
         loss = float(1.0 - batch_cosines(reference, outputs, batches, mask_input).mean())
-        results.append(LayerSensitivity(name, info.op_type, info.params, loss, loss))
+        results.append(LayerSensitivity(name, info.op_type, info.params, loss, -loss))  # S = 0 − L_i
         if progress is not None:
             progress(f"sensitivity {name}", (index + 1) / len(candidates))
-    return SensitivityTable("int8-dynamic-per-channel", 0.0, results)
+    return SensitivityTable(
+        "int8-dynamic-per-channel", 0.0, results, loss="1 − mean cosine", normalized=False
+    )

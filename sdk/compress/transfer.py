@@ -1,24 +1,29 @@
-"""Transfer learning: freeze a trained backbone and train a new classification head on the user's data.
+"""Transfer learning and fine-tuning: train a model's head, its last N layers or all of it on labelled data.
 
 Public API:
-    transfer_learn(model, x, y, *, num_classes, head=None, x_val=None, y_val=None, epochs=30,
-                   lr=3e-3, batch_size=64, patience=5, seed=0, on_epoch=None) -> TransferResult
-    TransferStep(num_classes=N, head=None, epochs=30, patience=5)
-        .apply(model: nn.Module, ctx) -> nn.Module   (registered as "transfer", stage "torch";
-        trains on ctx.calib + ctx.calib_labels, validates on ctx.eval_inputs + ctx.eval_labels)
+    finetune_model(model, x, y, *, task="classification", train="head", num_classes=None,
+                   x_val=None, y_val=None, epochs=30, lr=1e-3, batch_size=64, patience=5, seed=0,
+                   on_epoch=None, on_batch=None) -> TransferResult
+        a trained copy; `train` is "head", "last:N" or "full"; with `num_classes` (classification)
+        the head is replaced by a new nn.Linear with that many outputs.
+    transfer_learn(model, x, y, *, num_classes, head=None, ...) -> TransferResult
+        the classic recipe: frozen backbone, new classification head.
+    trainable_layers(model, batch) -> list[str]: layers with parameters in execution order.
+    TransferStep(num_classes=N, head=None, epochs=30, patience=5, task=..., train="head")
+        .apply(model: nn.Module, ctx) -> nn.Module   (registered as "transfer", stage "torch")
 
-`head` is the dotted name of the final nn.Linear to replace (default: the last nn.Linear in the
-model). The backbone's parameters are frozen and it runs in eval mode, so BatchNorm statistics and
-dropout stay as they were trained.
+`x` is one array, a list of arrays in argument order, or a dict name → array (token ids stay int64).
+The "layers" of `last:N` are the modules that own parameters directly (Linear, Conv, LayerNorm,
+Embedding, …) and that the outputs depend on, ordered by when they first run in a forward pass; the head is the last of them, or
+the last nn.Linear with `num_classes`. Frozen parts run in eval mode (BatchNorm statistics and
+dropout as trained); with `train="full"` the whole model trains in train mode.
 """
 
 from __future__ import annotations
 
-import copy
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Optional
-
-import numpy as np
 
 from edgefleet.sdk.compress.base import (
     COMPRESSORS,
@@ -27,28 +32,60 @@ from edgefleet.sdk.compress.base import (
     CompressionStep,
     Requirements,
 )
+from edgefleet.sdk.compress.distill import context_data, context_task
+from edgefleet.sdk.compress.tasks import (
+    Batch,
+    ModelInputs,
+    Targets,
+    as_batch,
+    check_task,
+    clone_model,
+    forward,
+    metric_name,
+    reported,
+    run_batched,
+    set_mode,
+    supervised_loss,
+    take_targets,
+    target_tensors,
+    validation_score,
+)
+from edgefleet.sdk.compress.training import BatchCallback, fit
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 
 @dataclass
 class TransferResult:
-    """The adapted model, its validation accuracy, and how many parameters were trained vs frozen."""
+    """The adapted model, its validation metric, and how many parameters were trained vs frozen."""
 
     model: nn.Module
-    accuracy: float
+    value: float
     trainable_params: int
     frozen_params: int
     epochs_run: int
+    metric: str = "accuracy"
+    trained_layers: list[str] = field(default_factory=list)
+    initial_value: Optional[float] = None
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        """The validation metric (accuracy for classification with labels)."""
+        return self.value
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready numbers for reports."""
         return {
-            "accuracy": self.accuracy,
+            "metric": self.metric,
+            "value": self.value,
+            self.metric: self.value,  # e.g. "accuracy": the key reports of the first version read
+            "before": self.initial_value,
             "trainable_params": self.trainable_params,
             "frozen_params": self.frozen_params,
+            "trained_layers": list(self.trained_layers),
             "epochs_run": self.epochs_run,
         }
 
@@ -78,15 +115,187 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def trainable_layers(model: nn.Module, batch: Batch) -> list[str]:
+    """Modules owning parameters directly, in the order they first run on `batch` (see module doc)."""
+    import torch
+
+    owners = {
+        name: module
+        for name, module in model.named_modules()
+        if any(True for _ in module.parameters(recurse=False))
+    }
+    order: list[str] = []
+    handles: list[Any] = []
+    try:
+        for name, module in owners.items():
+            handles.append(module.register_forward_pre_hook(lambda _m, _i, name=name: order.append(name)))
+    except RuntimeError:
+        # TorchScript modules take no hooks: their definition order is the best order known.
+        for handle in handles:
+            handle.remove()
+        handles = []
+    try:
+        with torch.enable_grad():
+            outs = forward(set_mode(model), batch.take(slice(0, 1)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen: list[str] = []
+    for name in order:
+        if name not in seen:
+            seen.append(name)
+    # Modules whose parameters are used without calling them (tied weights) never fire a hook.
+    seen.extend(name for name in owners if name not in seen and name)
+    # Only layers the outputs depend on can learn (BERT's pooler runs last but feeds no output here).
+    params = {name: [p for p in owners[name].parameters(recurse=False) if p.requires_grad] for name in seen}
+    flat = [p for name in seen for p in params[name]]
+    total = sum(o.float().sum() for o in outs if o.requires_grad)
+    if not flat or not isinstance(total, torch.Tensor):
+        return seen
+    grads = iter(torch.autograd.grad(total, flat, allow_unused=True))
+    used = {name: [next(grads) is not None for _ in params[name]] for name in seen}
+    return [name for name in seen if any(used[name]) or not params[name]]
+
+
+def parse_train(spec: str) -> tuple[str, int]:
+    """("head", 1) / ("last", N) / ("full", 0) from "head", "last:N", "full"."""
+    text = spec.strip().lower()
+    if text in ("head", "full"):
+        return text, 1 if text == "head" else 0
+    match = re.fullmatch(r"last:(\d+)", text)
+    if match and int(match.group(1)) >= 1:
+        return "last", int(match.group(1))
+    raise CompressionError(f"--train {spec!r} is not understood; use head, last:N (N ≥ 1) or full")
+
+
+def finetune_model(
+    model: nn.Module,
+    x: ModelInputs,
+    y: Targets,
+    *,
+    task: str = "classification",
+    train: str = "head",
+    num_classes: Optional[int] = None,
+    head: Optional[str] = None,
+    x_val: Optional[ModelInputs] = None,
+    y_val: Targets = None,
+    epochs: int = 30,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    patience: int = 5,
+    seed: int = 0,
+    on_epoch: Optional[Callable[[int, float, float], None]] = None,
+    on_batch: Optional[BatchCallback] = None,
+) -> TransferResult:
+    """A copy of `model` with the chosen layers trained on (x, y) for `task` (see module doc)."""
+    import torch
+    from torch import nn
+
+    check_task(task)
+    mode, count = parse_train(train)
+    batch = as_batch(x)
+    if y is None:
+        raise CompressionError("fine-tuning needs labelled samples: save the labels as 'y' in the .npz")
+    targets = target_tensors(task, y, len(batch))
+    assert targets is not None
+    if x_val is None or y_val is None:
+        val, val_targets = batch, targets
+    else:
+        val = as_batch(x_val)
+        val_targets = target_tensors(task, y_val, len(val)) or targets
+    adapted = set_mode(clone_model(model))
+    torch.manual_seed(seed)
+    replaced: Optional[str] = None
+    if num_classes is not None:
+        if task != "classification":
+            raise CompressionError("num_classes replaces a classification head; it does not apply to " + task)
+        if num_classes < 2:
+            raise CompressionError(f"num_classes must be at least 2, got {num_classes}")
+        labels = targets[0]
+        if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+            raise CompressionError(
+                f"labels span {int(labels.min())}..{int(labels.max())} but num_classes is {num_classes}"
+            )
+        if isinstance(adapted, torch.jit.ScriptModule):
+            raise CompressionError(
+                "a TorchScript model's head cannot be replaced (num_classes): fine-tune the Python "
+                "nn.Module, or train its existing head with --train head"
+            )
+        replaced = find_head(adapted, head)
+        old = adapted.get_submodule(replaced)
+        assert isinstance(old, nn.Linear)  # find_head checked it
+        replace_module(adapted, replaced, nn.Linear(old.in_features, num_classes))
+    try:
+        layers = trainable_layers(adapted, batch)
+    except Exception as exc:
+        raise CompressionError(f"the model cannot run on these inputs: {exc}") from exc
+    if mode == "full":
+        chosen = layers
+    elif mode == "head" and (replaced is not None or head is not None):
+        chosen = [replaced or find_head(adapted, head)]
+    else:
+        if count > len(layers):
+            raise CompressionError(
+                f"--train last:{count} but the model has {len(layers)} layers with parameters"
+            )
+        chosen = layers[-count:]
+    for p in adapted.parameters():
+        p.requires_grad_(False)
+    params = []
+    modules = dict(adapted.named_modules())  # ScriptModules have no get_submodule
+    for name in chosen:
+        for p in modules[name].parameters(recurse=False):
+            p.requires_grad_(True)
+            params.append(p)
+    trainable = sum(p.numel() for p in params)
+    frozen = sum(p.numel() for p in adapted.parameters()) - trainable
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        part = batch.take(idx)
+        return supervised_loss(task, forward(adapted, part), take_targets(targets, idx) or [], part.mask)
+
+    def validate() -> float:
+        return validation_score(task, run_batched(adapted, val), val_targets, None, mask=val.mask)
+
+    result = fit(
+        adapted,
+        params,
+        len(batch),
+        batch_loss,
+        validate,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        patience=patience,
+        seed=seed,
+        train_mode=mode == "full",
+        on_epoch=on_epoch,
+        on_batch=on_batch,
+    )
+    for p in adapted.parameters():
+        p.requires_grad_(True)
+    return TransferResult(
+        set_mode(adapted),
+        reported(task, True, result.best_score),
+        trainable,
+        frozen,
+        result.epochs_run,
+        metric=metric_name(task, True),
+        trained_layers=chosen,
+        initial_value=reported(task, True, result.initial_score),
+        history=result.history,
+    )
+
+
 def transfer_learn(
     model: nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
+    x: ModelInputs,
+    y: Any,
     *,
     num_classes: int,
     head: Optional[str] = None,
-    x_val: Optional[np.ndarray] = None,
-    y_val: Optional[np.ndarray] = None,
+    x_val: Optional[ModelInputs] = None,
+    y_val: Any = None,
     epochs: int = 30,
     lr: float = 3e-3,
     batch_size: int = 64,
@@ -95,75 +304,28 @@ def transfer_learn(
     on_epoch: Optional[Callable[[int, float, float], None]] = None,
 ) -> TransferResult:
     """A copy of `model` with a frozen backbone and a new `num_classes` head trained on (x, y)."""
-    import torch
-    from torch import nn
-
-    if num_classes < 2:
-        raise CompressionError(f"num_classes must be at least 2, got {num_classes}")
-    if y is None or len(y) != len(x) or len(x) == 0:
-        raise CompressionError("transfer learning needs labelled samples: one label per input")
-    labels = np.asarray(y, dtype=np.int64)
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise CompressionError(f"labels span {labels.min()}..{labels.max()} but num_classes is {num_classes}")
-    if x_val is None or y_val is None:
-        x_val, y_val = x, y
-
-    adapted = copy.deepcopy(model).eval()
-    head_name = find_head(adapted, head)
-    old = adapted.get_submodule(head_name)
-    if not isinstance(old, nn.Linear):  # find_head checked it; this narrows the type
-        raise CompressionError(f"{head_name!r} is not an nn.Linear")
-    torch.manual_seed(seed)
-    for p in adapted.parameters():
-        p.requires_grad_(False)
-    new_head = nn.Linear(old.in_features, num_classes)
-    replace_module(adapted, head_name, new_head)
-    trainable = sum(p.numel() for p in new_head.parameters())
-    frozen = sum(p.numel() for p in adapted.parameters()) - trainable
-
-    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    yt = torch.from_numpy(labels)
-    xv = torch.from_numpy(np.ascontiguousarray(x_val, dtype=np.float32))
-    yv = torch.from_numpy(np.asarray(y_val, dtype=np.int64))
-    optimizer = torch.optim.Adam(new_head.parameters(), lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(seed)
-
-    def validate() -> float:
-        with torch.no_grad():
-            return float((adapted(xv).argmax(1) == yv).float().mean())
-
-    best, best_state, stale, history = validate(), copy.deepcopy(new_head.state_dict()), 0, []
-    epoch = 0
-    for epoch in range(1, epochs + 1):
-        order = torch.randperm(len(xt), generator=generator)
-        total = 0.0
-        for start in range(0, len(xt), batch_size):
-            idx = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss = loss_fn(adapted(xt[idx]), yt[idx])
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-        acc = validate()
-        history.append({"epoch": epoch, "train_loss": total / len(xt), "val_accuracy": acc})
-        if on_epoch is not None:
-            on_epoch(epoch, total / len(xt), acc)
-        if acc > best:
-            best, best_state, stale = acc, copy.deepcopy(new_head.state_dict()), 0
-        else:
-            stale += 1
-            if stale >= patience:
-                break
-    new_head.load_state_dict(best_state)
-    for p in adapted.parameters():
-        p.requires_grad_(True)
-    return TransferResult(adapted.eval(), best, trainable, frozen, epoch, history)
+    return finetune_model(
+        model,
+        x,
+        y,
+        task="classification",
+        train="head",
+        num_classes=num_classes,
+        head=head,
+        x_val=x_val,
+        y_val=y_val,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        patience=patience,
+        seed=seed,
+        on_epoch=on_epoch,
+    )
 
 
 @COMPRESSORS.register("transfer")
 class TransferStep(CompressionStep):
-    """Freeze the backbone and train a new head on ctx.calib / ctx.calib_labels."""
+    """Train a new head (num_classes) or the chosen layers (`train`) on the context's labelled data."""
 
     name = "transfer"
     requires = Requirements(stage="torch")
@@ -173,7 +335,7 @@ class TransferStep(CompressionStep):
         self.result: Optional[TransferResult] = None
 
     def describe(self) -> dict[str, Any]:
-        """Parameters and the accuracy the new head reached."""
+        """Parameters and the metric the trained layers reached."""
         out: dict[str, Any] = {"step": self.name, "params": dict(self.params)}
         if self.result is not None:
             out["result"] = self.result.summary()
@@ -181,24 +343,29 @@ class TransferStep(CompressionStep):
 
     def apply(self, model: Any, ctx: CompressionContext) -> Any:
         """Return the adapted copy of `model`; raises CompressionError without labelled data."""
-        if "num_classes" not in self.params:
-            raise CompressionError("the transfer step needs num_classes=<number of new classes>")
-        if not ctx.calib or ctx.calib_labels is None:
+        task = context_task(self.params, ctx)
+        if task == "classification" and "num_classes" not in self.params and "train" not in self.params:
+            raise CompressionError("the transfer step needs num_classes=<number of new classes> or train=")
+        x, y, x_val, y_val = context_data(ctx)
+        if y is None:
             raise CompressionError("transfer learning needs labelled training data (ctx.calib + labels)")
         epochs = int(self.params.get("epochs", 30))
-        x_val = next(iter(ctx.eval_inputs.values())) if ctx.eval_inputs else None
-        self.result = transfer_learn(
+        num_classes = self.params.get("num_classes")
+        self.result = finetune_model(
             model,
-            next(iter(ctx.calib.values())),
-            ctx.calib_labels,
-            num_classes=int(self.params["num_classes"]),
+            x,
+            y,
+            task=task,
+            train=str(self.params.get("train", "head")),
+            num_classes=int(num_classes) if num_classes is not None else None,
             head=self.params.get("head"),
             x_val=x_val,
-            y_val=ctx.eval_labels if x_val is not None else None,
+            y_val=y_val,
             epochs=epochs,
+            lr=float(self.params.get("lr", 3e-3)),
             patience=int(self.params.get("patience", 5)),
-            on_epoch=lambda e, loss, acc: ctx.report(
-                f"transfer epoch {e} loss {loss:.4f} acc {acc:.3f}", e / epochs
+            on_epoch=lambda e, loss, val: ctx.report(
+                f"transfer epoch {e} loss {loss:.4f} val {val:.4f}", e / epochs
             ),
         )
         return self.result.model

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgefleet.agent.core.codes import ACTIVE_ROLLOUT, ENDED_ROLLOUT, RolloutStatus
+from edgefleet.agent.core.codes import ENDED_ROLLOUT, RolloutStatus
 from edgefleet.agent.core.events import Telemetry
 from edgefleet.agent.core.paths import edgefleet_home
 from edgefleet.sdk.fleet import registry
@@ -19,10 +22,11 @@ from edgefleet.sdk.fleet.errors import BundleRefused, FleetError, RolloutConflic
 from edgefleet.sdk.fleet.ingest import Ingest
 from edgefleet.sdk.fleet.mqtt_url import MqttOptions, default_broker_url
 from edgefleet.sdk.fleet.progress import EngineView, engine_alive
-from edgefleet.sdk.fleet.rollout import RolloutEngine
+from edgefleet.sdk.fleet.rollout import DEFAULT_LEASE_S, RolloutEngine
 from edgefleet.sdk.fleet.selectors import parse_selector, resolve
 from edgefleet.sdk.fleet.strategy import AbortRules, parse_strategy, rules_with
 from edgefleet.sdk.store import Store
+from edgefleet.sdk.trust.command_signing import use_command_keys
 
 
 @dataclass
@@ -67,7 +71,12 @@ class Fleet:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         trusted_keys: Sequence[str | Path] | None = None,
+        worker: str | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
+        """`worker` names this host process among several on one store (`edgefleet serve --worker`):
+        it owns the rollouts it starts through a lease of `lease_s` seconds and takes over those of a
+        dead worker. Default: HOST-PID."""
         from edgefleet.agent.core.protocol import valid_name
 
         if not valid_name(fleet):
@@ -90,8 +99,20 @@ class Fleet:
             default = edgefleet_home() / "keys" / "fleet.pub"
             trusted_keys = [default] if default.is_file() else []
         self.trusted_keys = list(trusted_keys)
+        # Commands for this fleet are signed with the online key beside a trusted fleet key (`keys init`
+        # writes fleet.pub and online.key into one folder): agents refuse unsigned commands by default.
+        use_command_keys(fleet, self.trusted_keys)
+        if worker is not None and not valid_name(worker):
+            raise FleetError(f"worker name {worker!r}: use 1-128 letters, digits, '.', '_' or '-'")
+        if lease_s <= 2.0:
+            raise FleetError(f"a rollout lease of {lease_s:g} s is too short: use more than 2 s")
+        self.worker = worker
+        self.owner = worker or f"{socket.gethostname()}-{os.getpid()}"[:128]
+        self.lease_s = lease_s
         self._ingest: Ingest | None = None
         self._handles: dict[str, RolloutHandle] = {}
+        self._takeover_stop = threading.Event()
+        self._takeover_thread: threading.Thread | None = None
 
     # ---- registry -----------------------------------------------------------------------------
 
@@ -262,6 +283,8 @@ class Fleet:
             strategy=plan["strategy"].text,
             settings=settings,
             targets=targets,
+            owner=self.owner,
+            lease_s=self.lease_s,
         )
         return self._drive(rollout_id, wait=wait, on_change=on_change)
 
@@ -302,7 +325,9 @@ class Fleet:
     def _drive(
         self, rollout_id: str, *, wait: bool, on_change: Callable[[EngineView], None] | None
     ) -> RolloutHandle:
-        engine = RolloutEngine(self.store, self.options, rollout_id, on_change=on_change)
+        engine = RolloutEngine(
+            self.store, self.options, rollout_id, on_change=on_change, owner=self.owner, lease_s=self.lease_s
+        )
         handle = RolloutHandle(rollout_id, engine)
         self._handles[rollout_id] = handle
         if wait:
@@ -342,20 +367,69 @@ class Fleet:
         row = self.rollout(rollout_id)
         if row["status"] in ENDED_ROLLOUT:
             raise RolloutConflict(f"rollout {rollout_id} already ended ({row['status']}); nothing to resume")
-        if engine_alive(row):
+        if engine_alive(row) or not self._claim_when_free(rollout_id):
             raise RolloutConflict(
-                f"rollout {rollout_id} is driven by another process right now (heartbeat fresh); "
-                "watch it with `edgefleet rollout ID`"
+                f"rollout {rollout_id} is driven by another process right now (heartbeat fresh or "
+                f"lease held by {row.get('owner')!r}); watch it with `edgefleet rollout ID`"
             )
         return self._drive(rollout_id, wait=wait, on_change=on_change)
 
+    def _claim_when_free(self, rollout_id: str) -> bool:
+        """Take a rollout's lease, waiting out what is left of a dead owner's (its heartbeat went stale first)."""
+        deadline = time.time() + self.lease_s + 1.0
+        while not self.store.claim_rollout(rollout_id, self.owner, self.lease_s):
+            row = self.store.rollout(rollout_id) or {}
+            expires = float(row.get("lease_expires") or 0.0)
+            if engine_alive(row) or expires > deadline or time.time() >= deadline:
+                return False  # alive again, or a lease longer than ours: a live owner
+            time.sleep(min(0.5, max(0.05, expires - time.time())))
+        return True
+
     def resume_all(self) -> list[RolloutHandle]:
-        """Resume, in the background, every unfinished rollout no process drives (after a host restart)."""
+        """Take over, in the background, every unfinished rollout no live worker drives.
+
+        A rollout qualifies once its owner's lease ran out and its heartbeat went stale; the lease is
+        taken with one conditional UPDATE, so of several workers trying at once exactly one drives it.
+        The engine carries on from the stored per-device state (`RolloutEngine` docstring).
+        """
         out = []
-        for row in self.store.rollouts(self.fleet, status=ACTIVE_ROLLOUT):
-            if not engine_alive(row) and row["id"] not in self._handles:
-                out.append(self._drive(row["id"], wait=False, on_change=None))
+        for row in self.store.orphaned_rollouts(self.fleet):
+            rid = str(row["id"])
+            mine = self._handles.get(rid)
+            if (
+                mine is not None
+                and not mine.engine.lost_lease
+                and (mine.thread is None or mine.thread.is_alive())
+            ):
+                continue  # this process drives it already
+            if engine_alive(row) or not self.store.claim_rollout(rid, self.owner, self.lease_s):
+                continue
+            if row.get("owner") not in (None, self.owner):
+                logging.getLogger(__name__).warning(
+                    "rollout %s: worker %s stopped renewing its lease; %s takes it over",
+                    rid,
+                    row.get("owner"),
+                    self.owner,
+                )
+            out.append(self._drive(rid, wait=False, on_change=None))
         return out
+
+    def start_takeovers(self, every_s: float | None = None) -> None:
+        """Check for orphaned rollouts in the background (every `every_s`, default a third of the lease)."""
+        if self._takeover_thread is not None:
+            return
+        self._takeover_stop.clear()  # a Fleet closed and started again checks again
+        period = every_s or self.lease_s / 3
+
+        def loop() -> None:
+            while not self._takeover_stop.wait(period):
+                try:
+                    self.resume_all()
+                except Exception:  # a store or broker hiccup: the next round tries again
+                    logging.getLogger(__name__).exception("rollout takeover check failed")
+
+        self._takeover_thread = threading.Thread(target=loop, name="edgefleet-takeovers", daemon=True)
+        self._takeover_thread.start()
 
     def abort(self, rollout_id: str, reason: str = "aborted by request", *, wait: bool = False) -> None:
         """Abort a rollout: the engine driving it (here or in another process) rolls back the devices reached."""
@@ -446,14 +520,37 @@ class Fleet:
 
     # ---- ingest -------------------------------------------------------------------------------
 
-    def start_ingest(self, share_group: str | None = None, client_id: str | None = None) -> Ingest:
-        """Start writing the fleet's state, events and telemetry into the store (in the background)."""
+    def start_ingest(
+        self,
+        share_group: str | None = None,
+        client_id: str | None = None,
+        *,
+        partition: tuple[int, int] | None = None,
+        ingest_lease_s: float | None = None,
+    ) -> Ingest:
+        """Start writing the fleet's state, events and telemetry into the store (in the background).
+
+        With this Fleet's `worker` name and a `share_group` (MQTT shared subscription) or a `partition`
+        (K, N) of the devices, it is one of several workers: its session is leased in the store and it
+        adopts a dead peer's. It also resumes rollouts nobody drives, now and every third of the lease.
+        """
         if self._ingest is None:
+            extra: dict[str, Any] = {}
+            if ingest_lease_s is not None:
+                extra["lease_s"] = ingest_lease_s
             self._ingest = Ingest(
-                self.store, self.options, self.fleet, share_group=share_group, client_id=client_id
+                self.store,
+                self.options,
+                self.fleet,
+                share_group=share_group,
+                client_id=client_id,
+                worker=self.worker if partition is None else None,
+                partition=partition,
+                **extra,
             )
             self._ingest.start()
             self.resume_all()
+            self.start_takeovers()
         return self._ingest
 
     def federate(self, bundle: str | Path, to: str, out: str | Path, **options: Any) -> dict[str, Any]:
@@ -473,6 +570,10 @@ class Fleet:
 
     def close(self) -> None:
         """Stop ingest and release the store if this Fleet opened it (running rollouts are left to resume)."""
+        self._takeover_stop.set()
+        if self._takeover_thread is not None:
+            self._takeover_thread.join(10)
+            self._takeover_thread = None
         if self._ingest is not None:
             self._ingest.close()
             self._ingest = None

@@ -1,8 +1,12 @@
 """Ingest: subscribe to the fleet's state, events and telemetry and write them to the store in batches.
 
-Several ingest processes can share the load through an MQTT shared subscription (`$share/GROUP/...`):
-the broker hands each message to one member of the group. One writer thread per process keeps each
-device's messages in arrival order, so the store's sequence tracking sees them as the device sent them.
+Several ingest processes (`edgefleet serve --worker NAME`) can share the load through an MQTT shared
+subscription (`$share/GROUP/...`: the broker hands each message to one member of the group) or, on a
+broker without them, a partition of the devices by a stable hash of their id. A named worker
+acknowledges each message only once it is stored and adopts the session of a peer that died
+(`ingest_sessions`), so killing one loses nothing; redeliveries are dropped by the store's unique
+keys. One writer thread per process keeps each device's messages in arrival order, so the store's
+sequence tracking sees them as the device sent them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,14 @@ from typing import Any
 
 from edgefleet.agent.core.errors import ProtocolError
 from edgefleet.agent.core.protocol import State, Telemetry, Topics, parse_device_message
-from edgefleet.sdk.fleet.mqtt_url import Connection, MqttOptions, connect
+from edgefleet.sdk.fleet.ingest_sessions import (
+    DEFAULT_LEASE_S,
+    SessionLeases,
+    connect_manual_ack,
+    partition_of,
+)
+from edgefleet.sdk.fleet.mqtt_url import AckToken, Connection, MqttOptions, connect
+from edgefleet.sdk.fleet.mqtt_url import ack_message as ack
 from edgefleet.sdk.fleet.registry import apply_state, device_from_topic
 from edgefleet.sdk.store import Store, StoreError
 
@@ -31,6 +42,10 @@ FORGET_AFTER_S = 600.0
 # How long the broker keeps an absent ingest's session and queues the fleet's messages for it: a
 # `serve` restarted (or a broker outage) within this loses nothing.
 INGEST_SESSION_EXPIRY_S = 3600
+# A batch also ends when no message came for this long: a worker that acknowledges after writing has
+# only the broker's in-flight window (Mosquitto: 20 by default) outstanding, so waiting out
+# `max_delay_s` for a full batch would cap it at one window per delay.
+IDLE_FLUSH_S = 0.005
 
 
 def liveness_limit(info: Mapping[str, Any]) -> float | None:
@@ -47,6 +62,11 @@ def liveness_limit(info: Mapping[str, Any]) -> float | None:
     if keepalive is None or interval is None or keepalive <= 0 or interval <= 0:
         return None
     return max(keepalive, 2.0 * interval)
+
+
+def partition_group(count: int) -> str:
+    """The group name of the workers that split a fleet's devices `count` ways (client ids, leases)."""
+    return f"part{count}"
 
 
 def default_client_id(fleet: str, share_group: str | None = None, worker: str | None = None) -> str | None:
@@ -103,14 +123,29 @@ class Ingest:
         client_id: str | None = None,
         worker: str | None = None,
         session_expiry_s: int = INGEST_SESSION_EXPIRY_S,
+        partition: tuple[int, int] | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
+        if partition is not None:
+            if share_group is not None:
+                raise ValueError("a worker either shares a subscription or takes a partition, not both")
+            if worker is not None and worker != str(partition[0]):
+                raise ValueError("a partition worker's name is its partition number K of K/N")
+            worker = str(partition[0])
+            share_group = None
         self.store = store
         self.options = options
         self.fleet = fleet
         self.share_group = share_group
+        self.partition = partition
+        self.worker = worker
+        self.lease_s = lease_s
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
-        self.client_id = client_id or default_client_id(fleet, share_group, worker)
+        group = partition_group(partition[1]) if partition is not None else share_group
+        self.client_id = client_id or default_client_id(fleet, group, worker)
+        # A named worker of a group holds a lease on its session and adopts those of dead peers.
+        self.lease_group = group if worker is not None and group is not None else None
         # A persistent session whenever the client id is fixed: messages published while this process
         # or the broker restarts wait in the broker instead of being lost (sent == stored).
         self.persistent = self.client_id is not None
@@ -120,8 +155,10 @@ class Ingest:
         self.stored_events = 0
         self.dropped = 0
         self.failures = 0
-        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue()
+        self.skipped = 0  # messages of other partitions, acknowledged unread
+        self._queue: queue.Queue[tuple[str, bytes, AckToken | None] | None] = queue.Queue()
         self._conn: Connection | None = None
+        self._leases: SessionLeases | None = None
         self._thread: threading.Thread | None = None
         self._processed = 0
         # device → monotonic time of its last live (not retained) message; written on paho's thread.
@@ -139,27 +176,73 @@ class Ingest:
             return [f"$share/{self.share_group}/{f}" for f in base]
         return base
 
+    def lease_prefix(self) -> str | None:
+        """Where the leases of this worker's group live in the store (None for an unnamed ingest)."""
+        return None if self.lease_group is None else f"ingest/{self.fleet}/{self.lease_group}/"
+
     def start(self) -> None:
-        """Connect, subscribe and start the writer thread."""
+        """Connect, subscribe and start the writer thread (and, for a named worker, the lease keeper)."""
         self._thread = threading.Thread(target=self._run, name="edgefleet-ingest", daemon=True)
         self._thread.start()
+        prefix = self.lease_prefix()
+        if prefix is not None and self.worker is not None and self.client_id is not None:
+            self._leases = SessionLeases(
+                self.store,
+                prefix,
+                prefix + self.worker,
+                owner=self.worker,
+                open_session=self._open_adopted,
+                lease_s=self.lease_s,
+            )
+            time.sleep(self._leases.take_own())
+            self._conn = self._open_session(self.client_id, self.partition[0] if self.partition else None)
+            self._leases.start()
+            return
+        if self.persistent and self.client_id is not None:
+            self._conn = self._open_session(self.client_id, None)
+            return
         self._conn = connect(
             self.options,
-            on_message=self._on_message,
+            on_message=lambda t, p, r: self._on_message(t, p, r, None, None),
             client_id=self.client_id,
-            persistent=self.persistent,
+            persistent=False,
             session_expiry_s=self.session_expiry_s,
             max_inflight=1000,
         )
         self._conn.subscribe([(f, 1) for f in self.filters()])
 
-    def _on_message(self, topic: str, payload: bytes, retain: bool) -> None:
+    def _open_session(self, client_id: str, part: int | None) -> Connection:
+        """Connect a persistent session that acknowledges after storing; `part`: the partition it keeps."""
+        conn = connect_manual_ack(
+            self.options,
+            lambda t, p, r, token: self._on_message(t, p, r, token, part),
+            client_id=client_id,
+            session_expiry_s=self.session_expiry_s,
+        )
+        conn.subscribe([(f, 1) for f in self.filters()])
+        return conn
+
+    def _open_adopted(self, lease_name: str) -> Connection:
+        """Resume a dead peer's session (its lease `PREFIX/WORKER`) under its client id."""
+        peer = lease_name.rsplit("/", 1)[1]
+        client_id = default_client_id(self.fleet, self.lease_group, peer)
+        assert client_id is not None
+        part = int(peer) if self.partition is not None else None
+        return self._open_session(client_id, part)
+
+    def _on_message(
+        self, topic: str, payload: bytes, retain: bool, token: AckToken | None, part: int | None
+    ) -> None:
         self.received += 1
-        if not retain:
-            device = device_from_topic(topic)
-            if device is not None:
-                self._heard[device] = time.monotonic()
-        self._queue.put((topic, payload))
+        device = device_from_topic(topic)
+        mine = part is None or self.partition is None or device is None
+        if not mine and partition_of(str(device), self.partition[1]) != part:  # type: ignore[index]
+            self.skipped += 1
+            ack(token)  # another worker's device: that worker stores it
+            return
+        if not retain and device is not None:
+            self._heard[device] = time.monotonic()
+        self._queue.put((topic, payload, token))
 
     def _run(self) -> None:
         while True:
@@ -174,15 +257,18 @@ class Ingest:
             deadline = time.monotonic() + self.max_delay_s
             stop = False
             while len(batch) < self.max_rows:
+                wait = min(IDLE_FLUSH_S, deadline - time.monotonic())
                 try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    nxt = self._queue.get(timeout=max(0.0, wait))
                 except queue.Empty:
                     break
                 if nxt is None:
                     stop = True
                     break
                 batch.append(nxt)
-            self._write(batch)
+            self._write([(topic, payload) for topic, payload, _ in batch])
+            for _, _, token in batch:
+                ack(token)  # stored (or refused for good): the broker may forget it
             self._processed += len(batch)
             if stop:
                 return
@@ -293,14 +379,21 @@ class Ingest:
         """Wait until everything received so far is written; False on timeout."""
         target = self.received
         deadline = time.monotonic() + timeout_s
-        while self._processed < target:
+        while self._processed + self.skipped < target:
             if time.monotonic() >= deadline:
                 return False
             time.sleep(0.02)
         return True
 
+    @property
+    def adoptions(self) -> int:
+        """How many dead peers' sessions this worker took over so far."""
+        return 0 if self._leases is None else self._leases.adoptions
+
     def close(self) -> None:
-        """Stop receiving, write what is queued, stop the writer."""
+        """Stop receiving, write what is queued, stop the writer; a named worker's peers adopt its session."""
+        if self._leases is not None:
+            self._leases.close(release=False)
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -308,3 +401,7 @@ class Ingest:
             self._queue.put(None)
             self._thread.join(30)
             self._thread = None
+        if self._leases is not None:
+            # Only now, with every batch written and acknowledged: a peer may resume the session.
+            self._leases.close(release=True)
+            self._leases = None

@@ -24,6 +24,10 @@ from edgefleet.sdk.fleet.errors import BrokerUnavailable
 CONNECT_TIMEOUT_S = 10.0
 
 MessageHandler = Callable[[str, bytes, bool], None]
+# (paho client, message id, QoS): what `ack_message` needs to acknowledge one message after storing it.
+AckToken = tuple[Any, int, int]
+# A handler that acknowledges its messages itself: it gets an AckToken (None for QoS 0).
+AckedMessageHandler = Callable[[str, bytes, bool, "AckToken | None"], None]
 log = logging.getLogger(__name__)
 
 
@@ -177,13 +181,17 @@ def connect(
     session_expiry_s: int = 3600,
     on_connect: Callable[[], None] | None = None,
     max_inflight: int = 64,
+    on_message_ack: AckedMessageHandler | None = None,
 ) -> Connection:
     """Connect to the first broker of the URL list that accepts, each with MQTT 5, or 3.1.1 when it refuses 5.
 
     A lost link is taken up by paho's reconnect loop: back to the first URL, then each next one in turn.
+    With `on_message_ack` (instead of `on_message`) paho acknowledges nothing: the handler acknowledges
+    each QoS 1 message with `ack_message(token)` once it is stored, so a killed process loses nothing.
     """
     kwargs: dict[str, Any] = dict(
         on_message=on_message,
+        on_message_ack=on_message_ack,
         client_id=client_id,
         persistent=persistent,
         session_expiry_s=session_expiry_s,
@@ -235,6 +243,7 @@ def _connect_once(
     on_connect: Callable[[], None] | None = None,
     max_inflight: int = 64,
     urls: tuple[str, ...] = (),
+    on_message_ack: AckedMessageHandler | None = None,
 ) -> Connection:
     """Connect with the options' MQTT version (QoS 1, reconnect with backoff); `persistent` keeps the session.
 
@@ -323,7 +332,14 @@ def _connect_once(
     client.on_disconnect = _on_disconnect
     client.on_connect_fail = _on_connect_fail
     client.on_subscribe = _on_subscribe
-    if on_message is not None:
+    if on_message_ack is not None:
+        # Set before CONNECT, so not even a resumed session's first message is acknowledged unstored.
+        client.manual_ack_set(True)
+        acked = on_message_ack
+        client.on_message = lambda c, u, m: acked(
+            m.topic, bytes(m.payload), bool(m.retain), (c, m.mid, m.qos) if m.qos > 0 else None
+        )
+    elif on_message is not None:
         handler = on_message
         client.on_message = lambda c, u, m: handler(m.topic, bytes(m.payload), bool(m.retain))
     props = Properties(PacketTypes.CONNECT)
@@ -360,3 +376,14 @@ def _connect_once(
             f"({reason}); check the username/password or certificates"
         )
     return conn
+
+
+def ack_message(token: AckToken | None) -> None:
+    """Acknowledge one message of an `on_message_ack` session; a lost connection is fine (redelivery)."""
+    if token is None:
+        return
+    client, mid, qos = token
+    try:
+        client.ack(mid, qos)
+    except (OSError, ValueError) as exc:
+        log.debug("ack of message %d not sent (%s); the broker will redeliver it", mid, exc)

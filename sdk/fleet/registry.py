@@ -115,9 +115,11 @@ def refresh(
     conn = connect(options, on_message=on_message)
     try:
         start = time.monotonic()
-        # Two SUBSCRIBEs: amqtt sends the retained states once per filter of a packet.
-        conn.subscribe([(state_topic_filter(fleet), 1)])
+        # Two SUBSCRIBEs: amqtt sends the retained states once per filter of a packet. The sync topic
+        # first: a SUBACK sent after the states' would queue behind their whole burst, which paho's
+        # thread works through with a store write each (past the SUBACK timeout at 5,000 devices).
         conn.subscribe([(sync, 1)])
+        conn.subscribe([(state_topic_filter(fleet), 1)])
         with lock:
             last[0] = time.monotonic()  # the burst starts after the SUBACK, however slow the link
         conn.publish(sync, b"", qos=1)

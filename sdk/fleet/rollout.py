@@ -6,6 +6,11 @@ host process killed mid-rollout is replaced by `Fleet.resume(id)`, which carries
 deploy command (same id) to every device still in flight; an agent that already finished answers with
 its stored outcome, one still downloading asks again for the chunks it misses. The engine's MQTT
 session is persistent (a client id per rollout), so events sent while no host ran wait in the broker.
+
+With several host workers (`edgefleet serve --worker NAME`) a rollout is driven by the one that holds
+its lease in the store (`rollouts.owner`, `lease_expires`): the engine takes it before it sends
+anything and renews it every second; when a renewal finds the lease taken (this process stalled past
+it and another worker took over), it stops at once without writing anything more.
 """
 
 from __future__ import annotations
@@ -41,18 +46,28 @@ from edgefleet.agent.core.protocol import (
     parse_device_message,
 )
 from edgefleet.sdk.fleet.delta import plan_patch
-from edgefleet.sdk.fleet.errors import RolloutNotFound
+from edgefleet.sdk.fleet.errors import RolloutConflict, RolloutNotFound
 from edgefleet.sdk.fleet.mqtt_url import Connection, MqttOptions, connect
 from edgefleet.sdk.fleet.progress import DeviceProgress, EngineView, RolloutRecord, engine_alive
 from edgefleet.sdk.fleet.strategy import AbortRules, TelemetrySample
-from edgefleet.sdk.fleet.transfer import Blob, BundleTransfer, TransferStats, choose_chunk_size
-from edgefleet.sdk.store import Store
+from edgefleet.sdk.fleet.transfer import (
+    Blob,
+    BundleTransfer,
+    RepairQueue,
+    TransferStats,
+    choose_chunk_size,
+)
+from edgefleet.sdk.store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EngineView", "RolloutEngine", "engine_alive"]
 
 BUSY_RETRY_S = 2.0
+# How long a worker's lease on a rollout lasts without renewal (renewed every LEASE_RENEW_S): another
+# worker takes a dead owner's rollout over this long after its last renewal.
+DEFAULT_LEASE_S = 10.0
+LEASE_RENEW_S = 1.0
 # Files cut into more chunks than this travel with their hash lists published once per file (retained,
 # `Topics.hashes`), not in every device's deploy command: the command's size stays the same whatever
 # the bundle's size (82 chunks cost 12.7 KB per device before).
@@ -81,6 +96,8 @@ class RolloutEngine:
         *,
         on_change: Callable[[EngineView], None] | None = None,
         tick_s: float = 0.1,
+        owner: str | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         row = store.rollout(rollout_id)
         if row is None:
@@ -116,6 +133,8 @@ class RolloutEngine:
         self._abort_request: str | None = None
         self._conn: Connection | None = None
         self._broadcast_due: float | None = None
+        # Devices' requests for missing chunks, served together every REPAIR_WINDOW_S (see RepairQueue).
+        self._repairs = RepairQueue()
         # Set by a message that lets the engine act now (the wave's last `download`, its last outcome):
         # the drain returns at once instead of at the end of its tick.
         self._wake = False
@@ -126,6 +145,11 @@ class RolloutEngine:
         self.started_at = time.time()
         self.timeline: dict[str, float] = {}
         self._known_bundles: list[dict[str, Any]] | None = None
+        # The lease: who drives the rollout (None: no lease, as before several workers existed).
+        self.owner = owner
+        self.lease_s = lease_s
+        self._renewed_at = 0.0
+        self.lost_lease = False
 
     @property
     def status(self) -> RolloutStatus:
@@ -151,6 +175,15 @@ class RolloutEngine:
         """Drive the rollout until it ends; returns the final status."""
         if self.status in ENDED_ROLLOUT:
             return self.status
+        if self.owner is not None:
+            if not self.store.claim_rollout(self.rollout_id, self.owner, self.lease_s):
+                row = self.store.rollout(self.rollout_id) or {}
+                raise RolloutConflict(
+                    f"rollout {self.rollout_id} is driven by worker {row.get('owner')!r} (its lease runs "
+                    f"{max(0.0, float(row.get('lease_expires') or 0) - time.time()):.0f} s more); watch it "
+                    "with `edgefleet rollout ID`"
+                )
+            self._renewed_at = time.monotonic()
         self._conn = connect(
             self.options,
             on_message=lambda t, p, r: self._inbox.put((t, p)),
@@ -171,17 +204,49 @@ class RolloutEngine:
             self._resume()
             while self.status not in ENDED_ROLLOUT:
                 self._drain(self.tick_s)
+                if not self._hold_lease():
+                    break
                 self._tick(time.time())
+                if not self._hold_lease():
+                    break
                 self.record.flush()
             return self.status
         finally:
-            if self._conn is not None and self.status in ENDED_ROLLOUT:
-                self._publish_hash_indexes(retain=False)
-            self._beat(force=True, final=True)
+            if not self.lost_lease:
+                if self._conn is not None and self.status in ENDED_ROLLOUT:
+                    self._publish_hash_indexes(retain=False)
+                self._beat(force=True, final=True)
             for blob in self.blobs.values():
                 blob.close()
             if self._conn is not None:
                 self._conn.close()
+            if self.owner is not None and not self.lost_lease:
+                self.store.release_rollout(self.rollout_id, self.owner)
+
+    def _hold_lease(self) -> bool:
+        """Renew the lease once a second; False (and stop driving) once another worker holds it."""
+        if self.owner is None or self.lost_lease:
+            return not self.lost_lease
+        now = time.monotonic()
+        if now - self._renewed_at < min(LEASE_RENEW_S, self.lease_s / 3):
+            return True
+        # A stall longer than the lease (a paused process) may have let another worker take over: a
+        # renewal decides before anything more is written.
+        renewed: bool | None
+        try:
+            renewed = self.store.renew_rollout_lease(self.rollout_id, self.owner, self.lease_s)
+        except StoreError as exc:
+            # The store is unreachable: go on while the lease surely still runs, then stop.
+            log.warning("rollout %s: lease not renewed: %s", self.rollout_id, exc)
+            renewed = None if now - self._renewed_at < self.lease_s / 2 else False
+        if renewed is None:
+            return True
+        if renewed:
+            self._renewed_at = now
+            return True
+        log.warning("rollout %s: another worker took it over; this one stops driving it", self.rollout_id)
+        self.lost_lease = True
+        return False
 
     # ---- bookkeeping --------------------------------------------------------------------------
 
@@ -352,10 +417,7 @@ class RolloutEngine:
             elif message.step in INSTALL_STEPS:
                 self._set_device(dev, DeviceStatus.INSTALLING, message.step)
         elif isinstance(message, Missing) and message.deploy == rid and message.sha256 in self.blobs:
-            assert self._conn is not None
-            self.blobs[message.sha256].repair(
-                self._conn, self.fleet, dev.device_id, message.ranges, self.stats
-            )
+            self._repairs.add(dev.device_id, self.blobs[message.sha256], message.ranges, time.time())
         elif isinstance(message, Deployed) and message.deploy == rid:
             if dev.status in IN_FLIGHT:
                 dev.deployed_at = time.time()
@@ -439,6 +501,9 @@ class RolloutEngine:
                     self._send_deploy(dev, first=False)
                 elif now - dev.sent_at > self.timeout_s:
                     self._set_device(dev, DeviceStatus.TIMED_OUT, f"no outcome within {self.timeout_s:g} s")
+        if self._repairs.due(now):
+            assert self._conn is not None
+            self._repairs.flush(self._conn, self.fleet, self.blobs, self.stats, self._receivers, now)
         if self._broadcast_due is not None:
             self._maybe_broadcast(now)
         if self.status == RolloutStatus.ABORTING:
@@ -466,7 +531,14 @@ class RolloutEngine:
             self.blobs[sha].broadcast(
                 self._conn, self.fleet, self.stats, should_stop=lambda: self._abort_request is not None
             )
+            self._repairs.note_broadcast(self.blobs[sha], time.time())
         self._mark(f"wave{wave}_broadcast_end")
+
+    def _receivers(self, sha: str) -> int:
+        """Devices downloading blob `sha` now (subscribed to its broadcast)."""
+        return sum(
+            1 for d in self.devices.values() if d.status == DeviceStatus.DOWNLOADING and sha in d.needs
+        )
 
     def _advance(self, now: float) -> None:
         wave = max(0, self.record.wave)

@@ -16,7 +16,14 @@ from typing import Any
 from edgefleet.agent.core.codes import FAILED_DEVICE, DeviceStatus, QualitySource
 from edgefleet.agent.core.events import Telemetry
 from edgefleet.agent.core.manifest import HealthPolicy
-from edgefleet.agent.core.quality import ACCURACY, METRIC_NAMES, METRICS, canonical_metric, passes
+from edgefleet.agent.core.quality import (
+    ACCURACY,
+    ALL_METRIC_NAMES,
+    ALL_METRICS,
+    METRICS,
+    canonical_metric,
+    passes,
+)
 from edgefleet.sdk.fleet.errors import StrategyError
 
 # Defaults of the telemetry rules: windows and live requests needed before a rule may abort (issue 14:
@@ -101,7 +108,7 @@ class TelemetrySample:
         for reading in message.quality:
             if reading.source == QualitySource.EVAL:
                 # A reading carries its own metric and may carry the others of its eval in `detail`.
-                for name in METRIC_NAMES:
+                for name in ALL_METRIC_NAMES:
                     value = reading.get(name)
                     if value is not None:
                         quality.setdefault(name, value)
@@ -110,7 +117,7 @@ class TelemetrySample:
         for reading in message.quality:
             if reading.source == QualitySource.SHADOW and reading.samples > 0:
                 shadow_samples = max(shadow_samples, int(reading.samples))
-                for name in METRIC_NAMES:
+                for name in ALL_METRIC_NAMES:
                     value = reading.get(name)
                     if value is not None:
                         shadow.setdefault(name, value)
@@ -263,7 +270,7 @@ class AbortRules:
         if passes(mean, floor, name):
             return None
         return (
-            f"live {name} {mean:.4f} with the replaced model is below the minimum {floor:g} "
+            f"live {name} {mean:.4f} with the replaced model {_misses(name)} {floor:g} "
             f"({total} live requests compared in {len(windows)} telemetry windows)"
         )
 
@@ -275,9 +282,14 @@ class AbortRules:
         if passes(mean, floor, name):
             return None
         return (
-            f"{label} {mean:.4f} on the updated devices is below the minimum {floor:g} "
+            f"{label} {mean:.4f} on the updated devices {_misses(name)} {floor:g} "
             f"({len(values)} telemetry windows)"
         )
+
+
+def _misses(name: str) -> str:
+    """How a value misses its bound: below a minimum, or above a maximum for a lower-is-better metric."""
+    return "is below the minimum" if ALL_METRICS[name].higher_is_better else "is above the maximum"
 
 
 def rules_with(rules: AbortRules, floors: Mapping[str, float]) -> AbortRules:

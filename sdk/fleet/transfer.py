@@ -1,4 +1,4 @@
-"""Moving bundle files to devices: chunks broadcast once per wave, repairs per device on request.
+"""Moving bundle files to devices: chunks broadcast once per wave, repairs on request (`RepairQueue`).
 
 The chunk size stays under the broker's packet limit (MQTT 5 CONNACK `Maximum Packet Size`), and the
 publisher waits for the broker's acknowledgements every window of chunks, so a 20 MB file never sits
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +37,18 @@ MIN_CHUNK_SIZE = 1024
 # Topic, fixed header and MQTT 5 properties of a chunk PUBLISH stay well under this.
 PACKET_OVERHEAD = 512
 PUBLISH_WINDOW = 32
+# Repair requests are gathered this long, so that devices missing the same chunk share one re-send.
+REPAIR_WINDOW_S = 0.5
+# A chunk sent to a device (or broadcast) is not sent again for this long: behind a slow link or a busy
+# broker it is still in flight, and a second copy only lengthens the queue it waits in. Short enough that
+# a chunk really lost (or refused for its hash) comes on the agent's next request after its 2 s + 4 s
+# back-off; the agent's pace-scaled wait (agent/deployment.py) keeps slower links from asking early.
+REPAIR_HOLDOFF_S = 5.0
+# A chunk asked for by at least max(REPAIR_BROADCAST_MIN, REPAIR_BROADCAST_SHARE × its receivers) devices
+# is re-broadcast once instead of unicast to each: the broker then delivers it to every device still
+# subscribed, at most 1/share as many deliveries as were asked for, in exchange for one publish.
+REPAIR_BROADCAST_MIN = 3
+REPAIR_BROADCAST_SHARE = 0.1
 # sha256 of no bytes: the digest of an empty file, which has no chunk and so no prefix digest.
 _EMPTY_SHA = hashlib.sha256(b"").hexdigest()
 
@@ -78,6 +91,8 @@ class TransferStats:
     broadcast_chunks: int = 0
     repair_bytes: int = 0
     repair_chunks: int = 0
+    # Of the repair chunks, those re-broadcast once for several devices (the rest went to one device each).
+    repair_broadcasts: int = 0
     command_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -93,6 +108,7 @@ class TransferStats:
             "broadcast_chunks": self.broadcast_chunks,
             "repair_bytes": self.repair_bytes,
             "repair_chunks": self.repair_chunks,
+            "repair_broadcasts": self.repair_broadcasts,
             "command_bytes": self.command_bytes,
             "total_bytes": self.total_bytes,
         }
@@ -178,6 +194,92 @@ class Blob:
             if self._handle is not None:
                 self._handle.close()
                 self._handle = None
+
+
+class RepairQueue:
+    """Repair requests gathered for REPAIR_WINDOW_S, then served: shared chunks broadcast once, the rest unicast.
+
+    Not thread-safe: the rollout engine adds and flushes from its own loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_s: float = REPAIR_WINDOW_S,
+        holdoff_s: float = REPAIR_HOLDOFF_S,
+        broadcast_min: int = REPAIR_BROADCAST_MIN,
+        broadcast_share: float = REPAIR_BROADCAST_SHARE,
+    ) -> None:
+        self.window_s = window_s
+        self.holdoff_s = holdoff_s
+        self.broadcast_min = broadcast_min
+        self.broadcast_share = broadcast_share
+        self._asks: dict[str, dict[int, set[str]]] = {}  # sha256 → chunk → devices asking
+        self._first_at: float | None = None
+        self._sent: dict[tuple[str, str], dict[int, float]] = {}  # (device, sha256) → chunk → sent at
+        self._broadcast: dict[str, dict[int, float]] = {}  # sha256 → chunk → broadcast at
+
+    def add(self, device: str, blob: Blob, ranges: Iterable[tuple[int, int]], now: float) -> None:
+        """Note one device's request for the chunks in `ranges` (inclusive) of `blob`."""
+        by_index = self._asks.setdefault(blob.sha256, {})
+        for start, end in ranges:
+            for index in range(max(0, start), min(end, blob.chunks - 1) + 1):
+                by_index.setdefault(index, set()).add(device)
+        if by_index and self._first_at is None:
+            self._first_at = now
+
+    def note_broadcast(self, blob: Blob, now: float) -> None:
+        """The whole blob was just broadcast: its chunks are in flight to every subscribed device."""
+        self._broadcast[blob.sha256] = dict.fromkeys(range(blob.chunks), now)
+
+    def due(self, now: float) -> bool:
+        """Whether requests wait and the oldest has waited the window."""
+        return self._first_at is not None and now - self._first_at >= self.window_s
+
+    def flush(
+        self,
+        conn: Any,
+        fleet: str,
+        blobs: Mapping[str, Blob],
+        stats: TransferStats,
+        receivers: Callable[[str], int],
+        now: float,
+    ) -> int:
+        """Serve every gathered request; `receivers(sha256)` counts the devices downloading that blob. Returns chunks sent."""
+        asks, self._asks, self._first_at = self._asks, {}, None
+        sent = 0
+        for sha, by_index in asks.items():
+            blob = blobs.get(sha)
+            if blob is None:
+                continue
+            threshold = max(self.broadcast_min, math.ceil(self.broadcast_share * receivers(sha)))
+            cast = self._broadcast.setdefault(sha, {})
+            for index, devices in sorted(by_index.items()):
+                if now - cast.get(index, -math.inf) < self.holdoff_s:
+                    continue
+                wanting = sorted(
+                    d
+                    for d in devices
+                    if now - self._sent.get((d, sha), {}).get(index, -math.inf) >= self.holdoff_s
+                )
+                data = blob.chunk(index) if wanting else None
+                if data is None:
+                    continue
+                if len(wanting) >= threshold:
+                    conn.publish(Topics.broadcast(fleet, sha, index), data, qos=1)
+                    cast[index] = now
+                    copies = 1
+                else:
+                    for device in wanting:
+                        conn.publish(Topics(fleet, device).repair(sha, index), data, qos=1)
+                        self._sent.setdefault((device, sha), {})[index] = now
+                    copies = len(wanting)
+                sent += copies
+                with stats.lock:
+                    stats.repair_bytes += copies * len(data)
+                    stats.repair_chunks += copies
+                    stats.repair_broadcasts += 1 if copies == 1 and len(wanting) >= threshold else 0
+        return sent
 
 
 class BundleTransfer:

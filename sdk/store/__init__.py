@@ -7,8 +7,9 @@ written in batches, old rows are pruned by a retention setting, and per-device s
 messages the broker dropped on the way. The quality columns are `accuracy`, `agreement` and `fidelity`
 (docs/quality.md).
 
-Modules: schema (tables, migrations, engine), base (transactions), devices, bundles, rollouts, events,
-telemetry (rows, gaps, series), batcher (background writer).
+Modules: schema (tables, migrations, engine), base (transactions), devices, bundles, rollouts (with
+their owner's lease), events, telemetry (rows, gaps, series), leases (ingest workers' sessions),
+batcher (background writer).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from edgefleet.sdk.store.batcher import TelemetryBatcher
 from edgefleet.sdk.store.bundles import BundlesMixin
 from edgefleet.sdk.store.devices import DevicesMixin
 from edgefleet.sdk.store.events import EventsMixin
+from edgefleet.sdk.store.leases import LeasesMixin
 from edgefleet.sdk.store.rollouts import RolloutsMixin
 from edgefleet.sdk.store.schema import (
     QUALITY_COLUMNS,
@@ -28,6 +30,7 @@ from edgefleet.sdk.store.schema import (
     devices,
     events,
     gaps,
+    leases,
     meta_table,
     metadata,
     rollout_devices,
@@ -37,7 +40,7 @@ from edgefleet.sdk.store.schema import (
 from edgefleet.sdk.store.telemetry import Gap, SeriesPoint, TelemetryMixin
 
 
-class Store(DevicesMixin, BundlesMixin, RolloutsMixin, EventsMixin, TelemetryMixin):
+class Store(DevicesMixin, BundlesMixin, RolloutsMixin, EventsMixin, TelemetryMixin, LeasesMixin):
     """The fleet's persistent state; safe to share between threads and between processes."""
 
 
@@ -55,6 +58,7 @@ __all__ = [
     "devices",
     "events",
     "gaps",
+    "leases",
     "meta_table",
     "metadata",
     "rollout_devices",

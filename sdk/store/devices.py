@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from edgefleet.sdk.store.base import StoreBase
 from edgefleet.sdk.store.schema import StoreError, devices, dialect_insert
@@ -47,14 +47,26 @@ class DevicesMixin(StoreBase):
         _check_fields({k for fields in changes.values() for k in fields})
         if not changes:
             return
+        # One executemany per set of columns changed (usually one: the rollout's desired model), rows in
+        # one order in every writer, so two transactions never wait on each other crosswise.
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for device_id in sorted(changes):
+            cols = tuple(sorted(changes[device_id]))
+            row = {f"new_{c}": changes[device_id][c] for c in cols}
+            groups.setdefault(cols, []).append({"b_fleet": fleet, "b_device": device_id, **row})
         with self._tx(write=True) as conn:
-            # Rows in one order in every writer: two transactions never wait on each other crosswise.
-            for device_id in sorted(changes):
-                conn.execute(
+            for cols, params in groups.items():
+                if not cols:
+                    continue
+                query = (
                     update(devices)
-                    .where((devices.c.fleet == fleet) & (devices.c.device_id == device_id))
-                    .values(**changes[device_id])
+                    .where(
+                        (devices.c.fleet == bindparam("b_fleet"))
+                        & (devices.c.device_id == bindparam("b_device"))
+                    )
+                    .values({c: bindparam(f"new_{c}") for c in cols})
                 )
+                conn.execute(query, params)
 
     def device(self, fleet: str, device_id: str) -> dict[str, Any] | None:
         """One device as a dict, or None."""

@@ -6,10 +6,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import select
 
 from edgefleet.sdk.store.base import StoreBase
-from edgefleet.sdk.store.schema import events
+from edgefleet.sdk.store.schema import dialect_insert, events
 
 
 class EventsMixin(StoreBase):
@@ -24,10 +24,12 @@ class EventsMixin(StoreBase):
         seq: int | None = None,
         ts: float | None = None,
     ) -> None:
-        """Append one device event (deploy progress, outcome, error)."""
+        """Append one device event (deploy progress, outcome, error); a redelivered one is dropped."""
         with self._tx(write=True) as conn:
             conn.execute(
-                insert(events).values(
+                dialect_insert(conn, events)
+                .on_conflict_do_nothing()
+                .values(
                     fleet=fleet,
                     device_id=device_id,
                     kind=kind,

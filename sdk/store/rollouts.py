@@ -1,4 +1,4 @@
-"""Rollouts and their per-device rows."""
+"""Rollouts, their per-device rows and the lease of the worker that drives each."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
+from edgefleet.agent.core.codes import ACTIVE_ROLLOUT
 from edgefleet.sdk.store.base import StoreBase
 from edgefleet.sdk.store.schema import StoreError, rollout_devices, rollouts
+
+# Statuses in which a rollout still needs a driver.
+_ACTIVE = sorted(str(s) for s in ACTIVE_ROLLOUT)
 
 
 class RolloutsMixin(StoreBase):
@@ -25,8 +29,14 @@ class RolloutsMixin(StoreBase):
         strategy: str,
         settings: Mapping[str, Any],
         targets: Sequence[tuple[str, int | None, int]],
+        owner: str | None = None,
+        lease_s: float = 0.0,
     ) -> None:
-        """Create a rollout and its per-device rows (device id, bundle id or None, wave) in one transaction."""
+        """Create a rollout and its per-device rows (device id, bundle id or None, wave) in one transaction.
+
+        With `owner`, the rollout is born leased to it for `lease_s` seconds: no other worker takes it
+        before its engine starts.
+        """
         now = time.time()
         with self._tx(write=True) as conn:
             conn.execute(
@@ -39,6 +49,8 @@ class RolloutsMixin(StoreBase):
                     settings=dict(settings),
                     created_at=now,
                     updated_at=now,
+                    owner=owner,
+                    lease_expires=None if owner is None else now + lease_s,
                 )
             )
             if targets:
@@ -113,16 +125,22 @@ class RolloutsMixin(StoreBase):
         if not updates:
             return
         now = time.time()
+        # One statement for the whole batch (executemany): 50 devices' statuses cost one round trip's
+        # worth, not 50 compiled UPDATEs, at the end of a rollout's wave where the caller waits.
+        query = (
+            update(rollout_devices)
+            .where(
+                (rollout_devices.c.rollout_id == bindparam("rid"))
+                & (rollout_devices.c.device_id == bindparam("dev"))
+            )
+            .values(status=bindparam("new_status"), reason=bindparam("new_reason"), updated_at=now)
+        )
+        params = [
+            {"rid": rollout_id, "dev": d, "new_status": status, "new_reason": reason}
+            for d, status, reason in sorted(updates)
+        ]
         with self._tx(write=True) as conn:
-            for device_id, status, reason in updates:
-                conn.execute(
-                    update(rollout_devices)
-                    .where(
-                        (rollout_devices.c.rollout_id == rollout_id)
-                        & (rollout_devices.c.device_id == device_id)
-                    )
-                    .values(status=status, reason=reason, updated_at=now)
-                )
+            conn.execute(query, params)
 
     def rollout(self, rollout_id: str) -> dict[str, Any] | None:
         """A rollout with its devices under the key `devices`, or None."""
@@ -146,6 +164,64 @@ class RolloutsMixin(StoreBase):
             query = query.where(rollouts.c.fleet == fleet)
         if status is not None:
             query = query.where(rollouts.c.status.in_(list(status)))
+        with self._tx() as conn:
+            return [dict(r._mapping) for r in conn.execute(query).all()]
+
+    def claim_rollout(self, rollout_id: str, owner: str, lease_s: float) -> bool:
+        """Become the rollout's driver for `lease_s` seconds; True when `owner` holds the lease now.
+
+        One conditional UPDATE: it succeeds only while the rollout has not ended and the lease is free,
+        expired or already `owner`'s, so two workers racing for a dead owner's rollout never both win.
+        """
+        now = time.time()
+        with self._tx(write=True) as conn:
+            result = conn.execute(
+                update(rollouts)
+                .where(
+                    (rollouts.c.id == rollout_id)
+                    & rollouts.c.status.in_(_ACTIVE)
+                    & (
+                        rollouts.c.owner.is_(None)
+                        | (rollouts.c.owner == owner)
+                        | rollouts.c.lease_expires.is_(None)
+                        | (rollouts.c.lease_expires < now)
+                    )
+                )
+                .values(owner=owner, lease_expires=now + lease_s)
+            )
+        return bool(result.rowcount)
+
+    def renew_rollout_lease(self, rollout_id: str, owner: str, lease_s: float) -> bool:
+        """Extend `owner`'s lease on a rollout; False when another worker took the rollout over."""
+        with self._tx(write=True) as conn:
+            result = conn.execute(
+                update(rollouts)
+                .where((rollouts.c.id == rollout_id) & (rollouts.c.owner == owner))
+                .values(lease_expires=time.time() + lease_s)
+            )
+        return bool(result.rowcount)
+
+    def release_rollout(self, rollout_id: str, owner: str) -> None:
+        """Let the lease run out now (the engine stopped), keeping `owner` as who drove it last."""
+        with self._tx(write=True) as conn:
+            conn.execute(
+                update(rollouts)
+                .where((rollouts.c.id == rollout_id) & (rollouts.c.owner == owner))
+                .values(lease_expires=0.0)
+            )
+
+    def orphaned_rollouts(self, fleet: str, now: float | None = None) -> list[dict[str, Any]]:
+        """Rollouts of a fleet that have not ended and whose lease is free or expired: ones to take over."""
+        now = time.time() if now is None else now
+        query = (
+            select(rollouts)
+            .where(
+                (rollouts.c.fleet == fleet)
+                & rollouts.c.status.in_(_ACTIVE)
+                & (rollouts.c.lease_expires.is_(None) | (rollouts.c.lease_expires < now))
+            )
+            .order_by(rollouts.c.created_at)
+        )
         with self._tx() as conn:
             return [dict(r._mapping) for r in conn.execute(query).all()]
 

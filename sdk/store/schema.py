@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 # 2: telemetry's `eval_accuracy` became `accuracy`, `fidelity` was added (the quality vocabulary,
 # docs/quality.md) and (fleet, device_id, seq, ts) became unique, so redeliveries insert nothing.
-SCHEMA_VERSION = 2
+# 3: a rollout has an owner and a lease (several `serve` workers, one drives it), events are unique
+# per device message (a redelivery to another worker inserts nothing), and the `leases` table.
+SCHEMA_VERSION = 3
 # Serializes create_all and migrations of processes that open the same PostgreSQL store at once.
 _PG_SCHEMA_LOCK = 0x6564_6765  # "edge"
 
@@ -113,6 +115,10 @@ rollouts = Table(
     Column("settings", JSON, nullable=False, default=dict),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    # The worker that drives the rollout and until when its lease runs; renewed by that worker, taken
+    # over by another one (an UPDATE conditional on the lease having expired) once it ran out.
+    Column("owner", String(128)),
+    Column("lease_expires", Float),
 )
 
 rollout_devices = Table(
@@ -138,6 +144,9 @@ events = Table(
     Column("kind", String(64), nullable=False),
     Column("payload", JSON, nullable=False),
     Index("ix_events_device_ts", "fleet", "device_id", "ts"),
+    # A device's event is (device, kind, seq, ts): a QoS 1 redelivery, to this or another ingest
+    # worker, conflicts here and is dropped. Host-written events (seq NULL) never conflict.
+    Index("ux_events_message", "fleet", "device_id", "kind", "seq", "ts", unique=True),
 )
 
 telemetry = Table(
@@ -169,6 +178,15 @@ telemetry = Table(
     # A device's message is (device, seq, ts): a QoS 1 redelivery, to this or another ingest process,
     # conflicts here and is dropped by INSERT ... ON CONFLICT DO NOTHING.
     Index("ux_telemetry_message", "fleet", "device_id", "seq", "ts", unique=True),
+)
+
+leases = Table(
+    "leases",
+    metadata,
+    # What is leased, e.g. `ingest/FLEET/GROUP/WORKER`: an ingest worker's broker session.
+    Column("name", String(256), primary_key=True),
+    Column("owner", String(128), nullable=False),
+    Column("expires", Float, nullable=False),
 )
 
 gaps = Table(
@@ -263,6 +281,7 @@ def prepare_schema(conn: Connection, safe_url: str) -> None:
     fresh = not inspect(conn).has_table("telemetry")
     if not fresh:
         _migrate_telemetry(conn)
+        _migrate_rollouts_events(conn)
     metadata.create_all(conn)
     row = conn.execute(select(meta_table.c.value).where(meta_table.c.key == "schema")).first()
     if row is None:
@@ -295,4 +314,26 @@ def _migrate_telemetry(conn: Connection) -> None:
             )
         )
         unique = next(ix for ix in telemetry.indexes if ix.name == "ux_telemetry_message")
+        unique.create(conn)
+
+
+def _migrate_rollouts_events(conn: Connection) -> None:
+    """Schema 2 → 3: rollouts get owner and lease_expires; duplicate device events go, events become unique."""
+    if inspect(conn).has_table("rollouts"):
+        names = {c["name"] for c in inspect(conn).get_columns("rollouts")}
+        if "owner" not in names:
+            conn.execute(text("ALTER TABLE rollouts ADD COLUMN owner VARCHAR(128)"))
+        if "lease_expires" not in names:
+            conn.execute(text("ALTER TABLE rollouts ADD COLUMN lease_expires FLOAT"))
+    if not inspect(conn).has_table("events"):
+        return  # create_all makes it with the index
+    indexes = {ix["name"] for ix in inspect(conn).get_indexes("events")}
+    if "ux_events_message" not in indexes:
+        conn.execute(
+            text(
+                "DELETE FROM events WHERE seq IS NOT NULL AND id NOT IN (SELECT MIN(id) FROM events "
+                "WHERE seq IS NOT NULL GROUP BY fleet, device_id, kind, seq, ts)"
+            )
+        )
+        unique = next(ix for ix in events.indexes if ix.name == "ux_events_message")
         unique.create(conn)

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 
 from edgefleet.sdk.store.base import StoreBase
@@ -61,6 +61,19 @@ class SeriesPoint:
     def eval_accuracy(self) -> float | None:
         """Old name of `accuracy` (the eval set's accuracy), for callers written before the vocabulary."""
         return self.accuracy
+
+
+@dataclass(frozen=True)
+class LatencyReading:
+    """One telemetry window's median latency, with the device's profile and the model version it served."""
+
+    device_id: str
+    profile: str | None
+    model_name: str | None
+    model_version: int | None
+    p50_ms: float
+    count: int
+    ts: float
 
 
 def _seq(value: Any) -> int | None:
@@ -263,6 +276,56 @@ class TelemetryMixin(StoreBase):
         for r in rows:
             buckets.setdefault(r.ts - (r.ts % bucket_s), []).append(r)
         return [_merge_bucket(ts, rs) for ts, rs in sorted(buckets.items())]
+
+    def latency_readings(
+        self, fleet: str, *, profile: str | None = None, since: float | None = None
+    ) -> dict[tuple[str | None, str | None, int | None], list[LatencyReading]]:
+        """Windows with a p50 latency, grouped by (profile, model name, model version), oldest first.
+
+        A row without a profile (an agent that did not report one) takes its device row's profile.
+        `profile` keeps one profile's groups; windows without requests (no p50) are left out.
+        """
+        prof = func.coalesce(telemetry.c.profile, devices.c.profile)
+        query = (
+            select(
+                telemetry.c.device_id,
+                prof.label("profile"),
+                telemetry.c.model_name,
+                telemetry.c.model_version,
+                telemetry.c.p50_ms,
+                telemetry.c.count,
+                telemetry.c.ts,
+            )
+            .select_from(
+                telemetry.outerjoin(
+                    devices,
+                    and_(devices.c.fleet == telemetry.c.fleet, devices.c.device_id == telemetry.c.device_id),
+                )
+            )
+            .where((telemetry.c.fleet == fleet) & telemetry.c.p50_ms.is_not(None))
+            .order_by(telemetry.c.ts, telemetry.c.id)
+        )
+        if profile is not None:
+            query = query.where(prof == profile)
+        if since is not None:
+            query = query.where(telemetry.c.ts >= since)
+        with self._tx() as conn:
+            rows = conn.execute(query).all()
+        out: dict[tuple[str | None, str | None, int | None], list[LatencyReading]] = {}
+        for row in rows:
+            r = row._mapping  # a Row's own `count` is tuple.count: read the columns by name
+            version = None if r["model_version"] is None else int(r["model_version"])
+            reading = LatencyReading(
+                r["device_id"],
+                r["profile"],
+                r["model_name"],
+                version,
+                float(r["p50_ms"]),
+                int(r["count"] or 0),
+                float(r["ts"]),
+            )
+            out.setdefault((r["profile"], r["model_name"], version), []).append(reading)
+        return out
 
     def prune(self, older_than_days: float | None = None) -> int:
         """Delete telemetry and events older than the retention; returns how many rows went."""

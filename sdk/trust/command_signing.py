@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,9 @@ from edgefleet.sdk.errors import EdgefleetError
 ONLINE_KEY_FILE = "online.key"
 DELEGATION_FILE = "online.json"
 DEFAULT_ONLINE_DAYS = 365
+# A key folder holding online.key, for host processes that are given no trusted key.
+COMMAND_KEYS_ENV = "EDGEFLEET_COMMAND_KEYS"
+log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -147,6 +151,40 @@ def signed_payload(signer: Optional[CommandSigner], payload: bytes, device: str)
 
 _CACHE: dict[tuple[str, float], Optional[CommandSigner]] = {}
 _CACHE_LOCK = threading.Lock()
+_WARNED: set[str] = set()  # fleets already warned about unsigned commands
+# fleet -> the key folders of its trusted fleet keys that hold an online key (use_command_keys).
+_FOLDERS: dict[str, list[Path]] = {}
+
+
+def use_command_keys(fleet: str, trusted_keys: Sequence[PathLike]) -> list[Path]:
+    """Sign `fleet`'s commands with the online key beside one of its trusted fleet keys; the folders found.
+
+    `edgefleet keys init --out DIR` writes `fleet.pub` and `online.key` into DIR, so a host that trusts
+    DIR/fleet.pub signs with DIR/online.key. Without a call the default key folder is used; a call that
+    finds no online key changes nothing. Fleet calls this with its `trusted_keys`; after a rotation to a
+    new key, call it with the new key (or `redelegate` the online key to the new root).
+    """
+    folders = [Path(k).parent for k in trusted_keys if (Path(k).parent / ONLINE_KEY_FILE).is_file()]
+    if folders:  # none found: an earlier choice for this fleet (or the default folder) stays
+        with _CACHE_LOCK:
+            _FOLDERS[fleet] = folders
+    return folders
+
+
+def command_key_dir(fleet: str) -> Path:
+    """Where the online key that signs `fleet`'s commands lies.
+
+    Its registered folder (`use_command_keys`), else `$EDGEFLEET_COMMAND_KEYS` (for host commands given
+    no trusted key, e.g. `edgefleet rollout --resume/--abort`), else the default key folder.
+    """
+    from edgefleet.sdk.trust.keys import default_key_dir
+
+    with _CACHE_LOCK:
+        folders = list(_FOLDERS.get(fleet, ()))
+    if folders:
+        return folders[0]
+    env = os.environ.get(COMMAND_KEYS_ENV)
+    return Path(env).expanduser() if env else default_key_dir()
 
 
 def sign_for_topic(topic: str, payload: bytes) -> bytes:
@@ -154,18 +192,29 @@ def sign_for_topic(topic: str, payload: bytes) -> bytes:
 
     Every host sender (rollouts, registry, key rotation, federated rounds) publishes through
     `Connection.publish`, which calls this: one place signs every command. The key is read from the
-    default key folder (`$EDGEFLEET_HOME/keys`), again whenever its file changes.
+    fleet's folder (`command_key_dir`: beside its trusted fleet key, else `$EDGEFLEET_HOME/keys`), again
+    whenever its file changes. Without an online key the command goes unsigned, and agents refuse it
+    with `command-unsigned` unless configured `require_signed_commands = false`.
     """
     from edgefleet.agent.core.topics import TopicKind, Topics
-    from edgefleet.sdk.trust.keys import default_key_dir
 
-    if Topics.kind_of(topic) != TopicKind.CMD:
+    parsed = Topics.parse(topic)
+    if parsed is None or parsed.kind != TopicKind.CMD:
         return payload
-    device = Topics.device_of(topic)
-    folder = default_key_dir()
+    device = parsed.device
+    folder = command_key_dir(parsed.fleet)
     try:
         stamp = (folder / ONLINE_KEY_FILE).stat().st_mtime
     except OSError:
+        if parsed.fleet not in _WARNED:
+            _WARNED.add(parsed.fleet)
+            log.warning(
+                "commands for fleet %s go unsigned: no %s in %s; agents refuse them (command-unsigned). "
+                "Run `edgefleet keys online` there, or pass the fleet key's folder (Fleet trusted_keys)",
+                parsed.fleet,
+                ONLINE_KEY_FILE,
+                folder,
+            )
         return payload
     with _CACHE_LOCK:
         key = (str(folder), stamp)

@@ -30,6 +30,21 @@ class Layout:
         return self.root / "ca" / "ca.key"
 
     @property
+    def host_ca_cert(self) -> Path:
+        """The host CA certificate: it signs host identities only, so only they pass the host listener."""
+        return self.root / "ca" / "host-ca.crt"
+
+    @property
+    def host_ca_key(self) -> Path:
+        """The host CA private key (0600)."""
+        return self.root / "ca" / "host-ca.key"
+
+    @property
+    def broker_host_ca(self) -> Path:
+        """The broker's copy of the host CA certificate (the host listener's `cafile`)."""
+        return self.broker_dir / "host-ca.crt"
+
+    @property
     def crl(self) -> Path:
         """The certificate revocation list Mosquitto reads (`crlfile`)."""
         return self.broker_dir / "crl.pem"
@@ -61,8 +76,13 @@ class Layout:
 
     @property
     def passwd(self) -> Path:
-        """The Mosquitto password file (password mode, 0600)."""
+        """The device listener's Mosquitto password file (password mode, 0600): devices only."""
         return self.broker_dir / "passwd"
+
+    @property
+    def host_passwd(self) -> Path:
+        """The host listener's password file (password mode, 0600): the host identity only."""
+        return self.broker_dir / "host.passwd"
 
     @property
     def conf(self) -> Path:

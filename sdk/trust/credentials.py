@@ -28,7 +28,10 @@ from edgefleet.sdk.trust.credential_files import STATE_FILE, Identity, Layout
 from edgefleet.sdk.trust.errors import CredentialsError
 from edgefleet.sdk.trust.mosquitto_auth import (
     DEFAULT_HOST_NAME,
+    HOST_CLIENT_ID_PREFIX,
+    ListenerFiles,
     acl_text,
+    mosquitto_conf_text,
     mosquitto_password_hash,
     verify_mosquitto_password,
 )
@@ -226,6 +229,7 @@ class Credentials:
             write_secret(layout.ca_key, key_pem(ca_key))
             write_public(layout.ca_cert, cert_pem(ca_cert))
             write_public(layout.broker_ca, cert_pem(ca_cert))
+            host_ca_key, host_ca_cert = make_ca(fleet, ca_days, label="host CA")
             server_key, server_cert = issue_cert(
                 ca_key, ca_cert, primary, fleet, server_names=names, days=days
             )
@@ -251,7 +255,16 @@ class Credentials:
                 "crl_number": 1,
             }
             creds = cls(path, state)
-            creds._issue_identity(ca_key, ca_cert, host_name, layout.host_dir, "host", state["host"])
+            creds._write_host_ca(host_ca_key, host_ca_cert)
+            creds._issue_identity(
+                ca_key,
+                ca_cert,
+                host_name,
+                layout.host_dir,
+                "host",
+                state["host"],
+                issuer=(host_ca_key, host_ca_cert),
+            )
             write_public(layout.crl, make_crl(ca_key, ca_cert, [], 1))
             write_public(layout.acl, acl_text(fleet, host_name).encode())
             creds._write_passwd()
@@ -266,13 +279,19 @@ class Credentials:
         folder: Path,
         stem: str,
         record: dict[str, Any],
+        issuer: tuple[EllipticCurvePrivateKey, x509.Certificate] | None = None,
     ) -> None:
-        """Write one client's files into `folder` and its public facts into `record`."""
+        """Write one client's files into `folder` and its public facts into `record`.
+
+        `ca.crt` (to check the broker) is always the fleet CA; `issuer` signs the client certificate
+        when it is another CA (the host CA for the host identity).
+        """
         private_dir(folder)
         write_public(folder / "ca.crt", cert_pem(ca_cert))
         record["issued"] = iso_time(utc_now())
         if self.auth == "cert":
-            key, cert = issue_cert(ca_key, ca_cert, name, self.fleet, days=int(self.state["leaf_days"]))
+            sign_key, sign_cert = issuer or (ca_key, ca_cert)
+            key, cert = issue_cert(sign_key, sign_cert, name, self.fleet, days=int(self.state["leaf_days"]))
             write_secret(folder / f"{stem}.key", key_pem(key))
             write_public(folder / f"{stem}.crt", cert_pem(cert))
             record["serial"] = format(cert.serial_number, "x")
@@ -305,19 +324,63 @@ class Credentials:
             )
         return key, cert
 
+    def _write_host_ca(self, key: EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+        """Write the host CA (its key beside the fleet CA's, its certificate for the broker too)."""
+        write_secret(self.layout.host_ca_key, key_pem(key))
+        write_public(self.layout.host_ca_cert, cert_pem(cert))
+        write_public(self.layout.broker_host_ca, cert_pem(cert))
+        self.state["host_ca"] = {
+            "not_after": iso_time(cert.not_valid_after_utc),
+            "subject": cert.subject.rfc4514_string(),
+        }
+
+    def upgrade_host_listener(self) -> bool:
+        """Give a folder made before the host listener what it needs; True when something was written.
+
+        Cert mode: a host CA and a host certificate it signs (the old host certificate, from the fleet
+        CA, would be refused by the host listener). Password mode: the host-only password file.
+        """
+        with _locked(self.root):
+            self._reload()
+            if self.auth == "password":
+                if self.layout.host_passwd.is_file():
+                    return False
+                self._write_passwd()
+                return True
+            if "host_ca" in self.state and self.layout.broker_host_ca.is_file():
+                return False
+            ca_key, ca_cert = self._load_ca()
+            host_ca_key, host_ca_cert = make_ca(self.fleet, CA_DAYS, label="host CA")
+            self._write_host_ca(host_ca_key, host_ca_cert)
+            self._issue_identity(
+                ca_key,
+                ca_cert,
+                self.host_name,
+                self.layout.host_dir,
+                "host",
+                self.state["host"],
+                issuer=(host_ca_key, host_ca_cert),
+            )
+            self._save()
+        return True
+
     def _save(self) -> None:
         # 0600: in password mode it holds the password hashes the passwd file is rebuilt from.
         atomic_write_json(self.layout.state, self.state, mode=0o600)
 
     def _write_passwd(self) -> None:
-        """Rebuild the Mosquitto password file from the state (password mode only)."""
+        """Rebuild the Mosquitto password files from the state (password mode only): devices, and the host."""
         if self.auth != "password":
             return
-        lines = [f"{self.host_name}:{self.state['host']['password_hash']}"]
-        for device_id, record in sorted(self.state["devices"].items()):
-            if record["status"] == "active":
-                lines.append(f"{device_id}:{record['password_hash']}")
-        write_secret(self.layout.passwd, ("\n".join(lines) + "\n").encode())
+        lines = [
+            f"{device_id}:{record['password_hash']}"
+            for device_id, record in sorted(self.state["devices"].items())
+            if record["status"] == "active"
+        ]
+        # Mosquitto reads an empty file fine; each listener accepts only the logins of its own file.
+        write_secret(self.layout.passwd, "".join(line + "\n" for line in lines).encode())
+        host_line = f"{self.host_name}:{self.state['host']['password_hash']}\n"
+        write_secret(self.layout.host_passwd, host_line.encode())
 
     def _write_crl(self, ca_key: EllipticCurvePrivateKey, ca_cert: x509.Certificate) -> None:
         revoked = [
@@ -357,6 +420,12 @@ class Credentials:
                 raise CredentialsError(
                     f"device id {device_id!r} is the host identity's name: a device under it would get the "
                     "host's rights; choose another id"
+                )
+            if device_id.startswith(HOST_CLIENT_ID_PREFIX):
+                raise CredentialsError(
+                    f"device id {device_id!r} starts with {HOST_CLIENT_ID_PREFIX!r}: the broker gives each "
+                    "device its id as client id, and host connections use ids with that prefix, so the two "
+                    "could disconnect each other; choose an id without it"
                 )
             record = self.state["devices"].get(device_id)
             if record is not None and record["status"] == "active":
@@ -438,53 +507,41 @@ class Credentials:
     # -- broker config --------------------------------------------------------------------------------
 
     def mosquitto_conf(
-        self, port: int = DEFAULT_TLS_PORT, bind: str | None = None, base: str | None = None
+        self,
+        port: int = DEFAULT_TLS_PORT,
+        bind: str | None = None,
+        base: str | None = None,
+        host_port: int | None = None,
     ) -> str:
-        """A Mosquitto 2.0 config: one TLS listener, no plaintext one, the CA, CRL or passwords, the ACL.
+        """A Mosquitto 2.0 config: a TLS listener for devices, one for the host, no plaintext one.
 
         Every file it names lies in `broker/`; `base` is where that folder will lie on the broker
-        machine, when that differs from here.
+        machine, when that differs from here. `host_port` defaults to `port + 1`. A folder made before
+        the host listener is upgraded first (`upgrade_host_listener`).
         """
         if not 0 < port < 65536:
             raise CredentialsError(f"--port {port}: use 1-65535 (8883 is MQTT over TLS)")
+        self.upgrade_host_listener()
         root = Path(base) if base else self.layout.broker_dir.resolve()
 
         def at(path: Path) -> str:
             return str(root / path.relative_to(self.layout.broker_dir))
 
         lay = self.layout
-        mode = "client certificates" if self.auth == "cert" else "usernames and passwords"
-        lines = [
-            f"# Mosquitto config for edgefleet fleet {self.fleet!r} ({mode}), by `edgefleet credentials`.",
-            "# One TLS listener and no plaintext one: nothing reaches the fleet's topics unencrypted.",
-            "# Mosquitto must be able to read these files (chown them to the broker's user, keep keys 0600).",
-            "per_listener_settings false",
-            "allow_anonymous false",
-            f"acl_file {at(lay.acl)}",
-        ]
-        if self.auth == "password":
-            lines.append(f"password_file {at(lay.passwd)}")
-        lines += [
-            "# Rollouts publish bursts of QoS 1 chunks; past this queue Mosquitto drops them silently.",
-            "max_queued_messages 0",
-            "",
-            f"listener {port}{' ' + bind if bind else ''}",
-            "tls_version tlsv1.2",
-            f"cafile {at(lay.broker_ca)}",
-            f"certfile {at(lay.server_cert)}",
-            f"keyfile {at(lay.server_key)}",
-        ]
-        if self.auth == "cert":
-            lines += [
-                "# Every client shows a certificate our CA signed and not revoked; its CN becomes the",
-                "# username the ACL's %u stands for.",
-                "require_certificate true",
-                "use_identity_as_username true",
-                f"crlfile {at(lay.crl)}",
-            ]
-        else:
-            lines.append("require_certificate false")
-        return "\n".join(lines) + "\n"
+        cert_mode = self.auth == "cert"
+        files = ListenerFiles(
+            acl=at(lay.acl),
+            server_cert=at(lay.server_cert),
+            server_key=at(lay.server_key),
+            device_ca=at(lay.broker_ca),
+            host_ca=at(lay.broker_host_ca) if cert_mode else None,
+            crl=at(lay.crl) if cert_mode else None,
+            device_passwd=None if cert_mode else at(lay.passwd),
+            host_passwd=None if cert_mode else at(lay.host_passwd),
+        )
+        return mosquitto_conf_text(
+            self.fleet, files, port=port, host_port=port + 1 if host_port is None else host_port, bind=bind
+        )
 
 
 def _url_host(host: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from dataclasses import dataclass
 
 from edgefleet.agent.core.protocol import Topics
 from edgefleet.sdk.trust.errors import CredentialsError
@@ -62,3 +63,102 @@ def acl_text(fleet: str, host_name: str = DEFAULT_HOST_NAME) -> str:
         f"topic write {Topics.broadcast_filter(fleet)}\n"
         f"topic write {Topics.host_filter(fleet)}\n"
     )
+
+
+# Host connections (ingest, rollouts, registry, federated rounds, the CLI) use client ids that start with
+# this; device ids may not, so no device's broker-assigned client id (its id) can equal a host's.
+HOST_CLIENT_ID_PREFIX = "edgefleet-"
+
+
+@dataclass(frozen=True)
+class ListenerFiles:
+    """Paths, as the broker machine sees them, that `mosquitto_conf_text` names."""
+
+    acl: str
+    server_cert: str
+    server_key: str
+    device_ca: str
+    host_ca: str | None  # cert mode: the host listener's cafile
+    crl: str | None  # cert mode
+    device_passwd: str | None  # password mode
+    host_passwd: str | None  # password mode
+
+
+def mosquitto_conf_text(
+    fleet: str, files: ListenerFiles, *, port: int, host_port: int, bind: str | None = None
+) -> str:
+    """A Mosquitto 2.0 config with two TLS listeners and no plaintext one: devices on `port`, the host on `host_port`.
+
+    The device listener replaces every client id with the device's identity (certificate CN or login
+    name): a device's certificate cannot connect under another device's client id, so it can neither
+    kick that device off nor clean-start away the commands queued for it. The host keeps choosing its
+    client ids (its processes connect side by side under one identity), so it gets a listener of its
+    own that only the host identity passes: a certificate from the host CA, or the host-only password file.
+    """
+    cert_mode = files.crl is not None
+    if port == host_port:
+        raise CredentialsError(
+            f"--port and --host-port are both {port}: the host listener needs a port of its own (e.g. {port + 1})"
+        )
+    for label, value in (("--port", port), ("--host-port", host_port)):
+        if not 0 < value < 65536:
+            raise CredentialsError(f"{label} {value}: use 1-65535 (8883 is MQTT over TLS)")
+    at = f" {bind}" if bind else ""
+    mode = "client certificates" if cert_mode else "usernames and passwords"
+    lines = [
+        f"# Mosquitto config for edgefleet fleet {fleet!r} ({mode}), by `edgefleet credentials`.",
+        "# Two TLS listeners and no plaintext one: nothing reaches the fleet's topics unencrypted.",
+        "# Mosquitto must be able to read these files (chown them to the broker's user, keep keys 0600).",
+        "# Each listener has its own authentication (who may connect there); both use the same ACL.",
+        "per_listener_settings true",
+        "# Rollouts publish bursts of QoS 1 chunks; past this queue Mosquitto drops them silently.",
+        "max_queued_messages 0",
+        "",
+        "# Devices. The client id a device asks for is replaced by its identity (certificate CN or login",
+        "# name), so one device's credentials cannot take over another device's session.",
+        f"listener {port}{at}",
+        "allow_anonymous false",
+        f"acl_file {files.acl}",
+        "tls_version tlsv1.2",
+        f"cafile {files.device_ca}",
+        f"certfile {files.server_cert}",
+        f"keyfile {files.server_key}",
+    ]
+    if cert_mode:
+        lines += [
+            "# Every device shows a certificate the fleet CA signed and not revoked; its CN becomes the",
+            "# username the ACL's %u stands for, and its client id.",
+            "require_certificate true",
+            "use_identity_as_username true",
+            f"crlfile {files.crl}",
+        ]
+    else:
+        lines += ["require_certificate false", f"password_file {files.device_passwd}"]
+    lines += [
+        "use_username_as_clientid true",
+        "",
+        "# The host identity only (rollouts, registry, ingest, CLI): its processes keep their own client ids.",
+        f"listener {host_port}{at}",
+        "allow_anonymous false",
+        f"acl_file {files.acl}",
+        "tls_version tlsv1.2",
+    ]
+    if cert_mode:
+        lines += [
+            "# Only certificates of the host CA pass here: no device certificate is accepted.",
+            f"cafile {files.host_ca}",
+            f"certfile {files.server_cert}",
+            f"keyfile {files.server_key}",
+            "require_certificate true",
+            "use_identity_as_username true",
+        ]
+    else:
+        lines += [
+            f"cafile {files.device_ca}",
+            f"certfile {files.server_cert}",
+            f"keyfile {files.server_key}",
+            "require_certificate false",
+            "# The host's login only: no device password is valid here.",
+            f"password_file {files.host_passwd}",
+        ]
+    return "\n".join(lines) + "\n"

@@ -82,13 +82,14 @@ def x509_name(common_name: str, fleet: str) -> x509.Name:
     )
 
 
-def make_ca(fleet: str, days: int) -> tuple[EllipticCurvePrivateKey, x509.Certificate]:
-    """A new self-signed CA for `fleet`, valid `days` days (from five minutes ago)."""
+def make_ca(fleet: str, days: int, label: str = "CA") -> tuple[EllipticCurvePrivateKey, x509.Certificate]:
+    """A new self-signed CA for `fleet`, valid `days` days (from five minutes ago); `label` ends its CN."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
     key = new_key()
-    name = x509_name(f"edgefleet {fleet} CA", fleet)
+    # Distinct subjects ("... CA", "... host CA"): OpenSSL looks issuers up by name.
+    name = x509_name(f"edgefleet {fleet} {label}", fleet)
     start = utc_now() - timedelta(minutes=5)  # tolerate a device clock a little behind
     cert = (
         x509.CertificateBuilder()
