@@ -58,7 +58,7 @@ MAX_RANGES_PER_REQUEST = 256
 MAX_HASH_FAILURES = 3
 MAX_REPAIR_INTERVAL_S = 30.0
 # The first request for missing chunks waits max(repair_after_s, REPAIR_GAP_FACTOR × the usual gap between
-# fresh chunks): behind a 1 Mbit/s link a 256 KiB chunk takes 2 s, so a fixed 2 s silence is no sign that
+# arriving chunks): behind a 1 Mbit/s link a 256 KiB chunk takes 2 s, so a fixed 2 s silence is no sign that
 # chunks stopped, and asking for every missing chunk then makes the host send the in-flight rest again.
 # Four usual gaps: were gaps random (exponential) around their mean, one that long happens ~2 % of the
 # time (e^-4), so a silence of four gaps means the stream stopped, not that one chunk was slow.
@@ -118,11 +118,11 @@ class PendingDeploy:
     repair_interval: float = 0.0
     received_at_request: int = -1
     hash_failures: int = 0
-    # The mean gap between fresh chunks (EWMA; 0 before two chunks came in one stream) and when the last
-    # fresh chunk of the current stream came (0 after a request or a reconnect: a gap across those
-    # measures our own wait or the outage, not the link).
+    # The mean gap between chunks (EWMA; 0 before two chunks came in one stream) and when the last chunk
+    # of the current stream came (0 after a reconnect: a gap across it measures the outage, not the link).
     chunk_gap: float = 0.0
     stream_at: float = 0.0
+    asked_at: float = 0.0
     # patch sha256 → (the full file's transfer spec, the base file the patch applies to)
     rebuilds: Dict[str, Tuple[FileTransfer, Path]] = field(default_factory=dict)
 
@@ -295,16 +295,34 @@ class DeployMachine:
             if exc.code == Code.UNKNOWN_TRANSFER and not repair:
                 return []  # a late broadcast for a transfer that just ended
             raise TransferError(exc.code, f"deploy {pending.command.id!r}: {exc.reason}") from None
-        if not fresh:
-            return []
-        pending.last_progress = now
+        # Any chunk, a copy included, shows the link's pace and that it still delivers: missing chunks
+        # queued behind copies (a repair that crossed the broadcast) are still on their way.
+        wait = self._repair_wait(pending)
         if pending.stream_at:
+            # A gap that spanned a request says "at least as long as the wait", so it counts as that
+            # long: left out, a link slower than repair_after_s is never learned (each of its gaps spans
+            # a request); counted whole, it would teach the stall, not the link.
             gap = now - pending.stream_at
+            if pending.asked_at > pending.stream_at:
+                gap = min(gap, wait)
             old = pending.chunk_gap
             pending.chunk_gap = gap if not old else old + GAP_EWMA_WEIGHT * (gap - old)
+            wait = self._repair_wait(pending)
+        elif not pending.chunk_gap:
+            # No pace yet: the first chunk took this long to come since the download began, which bounds
+            # one chunk's time (a slow link's first chunk must not make the second one look missing).
+            since = max(pending.started, self.reconnected_at)
+            wait = max(wait, min(MAX_REPAIR_INTERVAL_S, now - since))
         pending.stream_at = now
+        if not fresh:
+            # Copies defer the request, but only so far past the last fresh chunk: endless copies (other
+            # devices' re-broadcasts) must not keep this device from asking.
+            cap = pending.last_progress + MAX_REPAIR_INTERVAL_S
+            pending.next_repair = max(pending.next_repair, min(now + wait, cap))
+            return []
+        pending.last_progress = now
         # While chunks flow there is nothing to ask for; ask once they stop for longer than the link's pace.
-        pending.next_repair = now + self._repair_wait(pending)
+        pending.next_repair = now + wait
         actions: List[Action] = [Unsubscribe(sha256)] if transfer.complete else []
         return actions + self._maybe_complete(pending, now)
 
@@ -354,7 +372,7 @@ class DeployMachine:
             pending.repair_interval = min(MAX_REPAIR_INTERVAL_S, pending.repair_interval * 2)
         pending.received_at_request = received
         pending.next_repair = now + pending.repair_interval
-        pending.stream_at = 0.0
+        pending.asked_at = now
         actions: List[Action] = []
         for sha, transfer in pending.transfers.items():
             if not transfer.complete:
@@ -367,14 +385,22 @@ class DeployMachine:
                 actions.append(Send(Missing, fields))
         return actions
 
-    def reconnected(self, now: float) -> None:
-        """The broker connection is back: broadcasts sent meanwhile are gone, so ask for chunks soon."""
+    def reconnected(self, now: float, session_present: bool = False) -> None:
+        """The broker connection is back: ask for chunks soon, unless the broker kept the session.
+
+        Without its session the broker dropped what it queued for this device (broadcasts, repairs). With
+        it (`session_present` from the CONNACK) that queue is delivered now, so asking at once would only
+        fetch a second copy of chunks already on their way: the usual paced wait applies.
+        """
         self.reconnected_at = now
         pending = self.pending
         if pending is not None:
-            pending.next_repair = now + min(0.2, self.repair_after_s)
-            pending.repair_interval = 0.0
             pending.stream_at = 0.0
+            if session_present:
+                pending.next_repair = now + self._repair_wait(pending)
+            else:
+                pending.next_repair = now + min(0.2, self.repair_after_s)
+                pending.repair_interval = 0.0
 
     def _repair_wait(self, pending: PendingDeploy) -> float:
         """How long a silence must last before missing chunks are asked for: the link's pace, at least repair_after_s."""

@@ -4,6 +4,7 @@ the manifest name the task's metric (issue 17.1), scored against the fp32 model 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,16 +104,7 @@ def _build(root: Path, name: str, task: str, data: str = "") -> tuple[int, str, 
         ("detector", "auto", "map50"),
         ("embedder", "embedding", "embedding_cosine"),
         ("embedder", "classification", "agreement"),
-        pytest.param(
-            "ctc",
-            "ctc",
-            "token_error_rate",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="sdk/build/choose.py takes 1 - value as the drop of every non-accuracy metric; a "
-                "lower-is-better token error rate needs quality.drop() there (asked of its owner)",
-            ),
-        ),
+        ("ctc", "ctc", "token_error_rate"),
     ],
 )
 def test_build_task_names_its_metric_in_report_and_manifest(
@@ -186,11 +178,6 @@ def _labels(task: str, outputs: list[np.ndarray], rng: np.random.Generator) -> n
         ("embedder", "embedding", "embedding_cosine"),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="sdk/build/choose.py takes 1 - value as the drop of every non-accuracy metric, so a score against "
-    "labels below 1 (or a token error rate above 0) puts even fp32 over budget; quality.drop() fixes it",
-)
 def test_build_task_scores_labels_and_ships_them_with_the_bound(
     root: Path, name: str, task: str, metric: str
 ) -> None:
@@ -240,3 +227,70 @@ def test_build_refuses_labels_that_do_not_fit_the_task_before_building(root: Pat
     assert wrong_task != 0 and "detection labels `y` must be (N, G, 5)" in wrong_output
     assert one_hot != 0 and "look one-hot" in one_hot_output and "y.argmax(axis=1)" in one_hot_output
     assert "Traceback" not in wrong_output + one_hot_output
+
+
+def test_python_api_takes_the_task_for_a_build_and_a_release(root: Path) -> None:
+    # prepare
+    from edgefleet.sdk.build.builder import build
+    from edgefleet.sdk.build.errors import BuildError
+    from edgefleet.sdk.build.measure import TASK_ENV
+    from edgefleet.sdk.build.plan import PlanOptions
+    from edgefleet.sdk.build.release import build_release
+
+    only = PlanOptions(only=("onnx-fp32-opt",))
+    key = root / "keys" / "fleet.key"
+    # act
+    single = build(root / "embedder.onnx", "rpi4b", eval=root / "embedder.npz", task="embedding", plan=only)
+    release = build_release(
+        root / "detector.onnx", ["rpi4b"], root / "release", eval=root / "detector.npz", task="detection",
+        plan=only, private_key=key,
+    )  # fmt: skip
+    plain = build(root / "embedder.onnx", "rpi4b", eval=root / "embedder.npz", plan=only)
+    with pytest.raises(BuildError) as refused:
+        build(root / "embedder.onnx", "rpi4b", eval=root / "embedder.npz", task="segmentation", plan=only)
+    # assert: each call scores its own task, and leaves no task behind for the next
+    assert single.report["data"]["metric"] == "embedding_cosine"
+    assert release["rpi4b"].report["data"]["metric"] == "map50"
+    manifest = json.loads((root / "release" / "rpi4b" / "manifest.json").read_text())
+    assert manifest["eval"]["task"] == "detection" and manifest["health"]["metric"] == "map50"
+    assert plain.report["data"]["metric"] == "fidelity"
+    assert "task 'segmentation' is not one of" in str(refused.value)
+    assert TASK_ENV not in os.environ
+
+
+class TwoLayerCTC(Module):
+    """Per-frame scores (N, 12, 5) through a hidden layer that channel pruning can narrow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(8, 32)
+        self.proj = torch.nn.Linear(32, 5)
+
+    def forward(self, x: Any) -> Any:
+        return self.proj(torch.tanh(self.hidden(x)))
+
+
+def test_ctc_labels_reach_the_fine_tuning_after_pruning(root: Path) -> None:
+    # prepare: a CTC module and its own greedy decode as labels (its fp32 token error rate is 0)
+    from edgefleet.agent.core.quality_tasks import greedy_decode
+    from edgefleet.sdk.build.builder import build
+    from edgefleet.sdk.build.plan import PlanOptions
+
+    torch.manual_seed(0)
+    net = TwoLayerCTC().eval()
+    x = np.random.default_rng(2).standard_normal((48, 12, 8)).astype(np.float32)
+    rows = [r or [1] for r in greedy_decode(net(torch.from_numpy(x)).detach().numpy())]
+    y = np.full((len(rows), 13), -1, np.int64)
+    for i, row in enumerate(rows):
+        y[i, : len(row)] = row
+    plan = PlanOptions(prune_levels=(0.5,), finetune_epochs=1, only=("pruned50-onnx-fp32",))
+    # act
+    result = build(net, "rpi4b", calib={"x": x, "y": y}, task="ctc", max_accuracy_drop=0.9, plan=plan)
+    # assert: the pruning step fine-tuned on the labels with the CTC loss ("loss"; "kd_loss" without)
+    pruned = next(c for c in result.candidates if c.id == "pruned50-onnx-fp32")
+    assert pruned.status == "ok", pruned.reason
+    step = next(s for s in pruned.steps if s.get("step") == "prune-channels")
+    assert step["finetune"]["task"] == "ctc" and step["finetune"]["metric"] == "loss"
+    assert result.baseline.quality is not None and result.baseline.quality.metric == "token_error_rate"
+    assert result.baseline.quality.value == pytest.approx(0.0, abs=1e-9)
+    assert pruned.accuracy_drop == pytest.approx(pruned.quality.value if pruned.quality else -1.0)

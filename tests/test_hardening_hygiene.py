@@ -65,13 +65,13 @@ def test_make_test_installs_the_system_packages_its_tests_need() -> None:
     assert "scripts/ensure-system-deps.sh" in (ROOT / ".ci" / "run").read_text()
     assert os.access(script, os.X_OK)
     text = script.read_text()
-    for package in ("mosquitto", "chromium", "chromium-driver"):
+    for package in ("mosquitto", "chromium", "chromium-driver", "espeak-ng", "nats-server"):
         assert f"need+=({package}" in text or f" {package})" in text, package
 
 
 def test_the_install_step_does_nothing_when_everything_is_there(tmp_path: Path) -> None:
-    # prepare: stand-ins for the three commands on PATH, and an apt-get that must not run
-    for name in ("mosquitto", "chromium", "chromedriver"):
+    # prepare: stand-ins for the commands it checks on PATH, and an apt-get that must not run
+    for name in ("mosquitto", "chromium", "chromedriver", "npm", "espeak-ng", "nats-server"):
         (tmp_path / name).write_text("#!/bin/sh\n")
         (tmp_path / name).chmod(0o755)
     (tmp_path / "apt-get").write_text("#!/bin/sh\necho apt-get ran >&2\nexit 3\n")

@@ -120,3 +120,63 @@ def test_a_reconnect_asks_quickly_and_a_wait_across_a_request_does_not_slow_the_
     assert len(quick) == 1 and quick[0] - back <= STEP_S + 1e-6
     pending = device.machine.pending
     assert pending is not None and pending.chunk_gap < 3.0
+
+
+def test_copies_still_arriving_defer_the_request_but_not_forever(
+    device: Device, signed: SimpleNamespace
+) -> None:
+    # prepare: chunks 0-5 arrive at 1 s gaps (a pace of 1 s: 4 s of patience), 6-9 never come
+    sha, blocks = _model(device, signed)
+    for i in range(6):
+        device.chunk(sha, i, blocks[i])
+        device.clock.advance(1.0)
+    # act: copies of chunks already here keep coming every 1 s (a repair that crossed the broadcast)
+    asked: list[float] = []
+    for n in range(40):
+        device.chunk(sha, n % 6, blocks[n % 6])
+        asked += _run(device, 1.0)
+    # assert: no request while copies flowed in the first 30 s after the last fresh chunk, then one
+    last_fresh = device.clock.now - 40.0 - 1.0
+    assert asked, "the request never went"
+    assert 30.0 - STEP_S <= asked[0] - last_fresh <= 30.0 + REPAIR_GAP_FACTOR * 1.0 + STEP_S, asked
+
+
+def test_a_link_slower_than_the_repair_delay_from_the_start_is_asked_once_then_learned(
+    device: Device, signed: SimpleNamespace
+) -> None:
+    # prepare: every chunk takes 2.5 s, over the 2 s repair delay, from the first one on
+    sha, blocks = _model(device, signed)
+    asked: list[float] = []
+    # act
+    for i in range(len(blocks) - 1):
+        device.chunk(sha, i, blocks[i])
+        asked += _run(device, 2.5)
+    # assert: one request before the pace was known (the fixed delay asked after every chunk)
+    assert len(asked) == 1, asked
+
+
+def test_a_slow_first_chunk_sets_the_wait_for_the_second(device: Device, signed: SimpleNamespace) -> None:
+    # prepare: the first chunk comes 3 s after the deploy (1 Mbit/s: a 256 KiB chunk takes ~2 s)
+    sha, blocks = _model(device, signed)
+    asked = _run(device, 3.0)
+    # act: then one chunk every 2.5 s
+    for i in range(len(blocks) - 1):
+        device.chunk(sha, i, blocks[i])
+        asked += _run(device, 2.5)
+    # assert: only the request before any chunk came (the fixed delay asked again after the first chunk)
+    assert len(asked) == 1 and asked[0] <= device.clock.now - 2.5 * (len(blocks) - 1) - 0.5, asked
+
+
+def test_a_reconnect_to_a_kept_session_waits_the_links_pace(device: Device, signed: SimpleNamespace) -> None:
+    # prepare: chunks every 2 s (8 s of patience), then the connection drops and comes back
+    sha, blocks = _model(device, signed)
+    for i in range(4):
+        device.chunk(sha, i, blocks[i])
+        device.clock.advance(2.0)
+    device.tick(connected=False)
+    back = device.clock.now
+    # act: the broker kept the session (it delivers what it queued), and nothing comes
+    device.machine.reconnected(back, session_present=True)
+    asked = _run(device, 12.0)
+    # assert: no quick ask; the request comes after the paced wait
+    assert asked and asked[0] - back >= REPAIR_GAP_FACTOR * 2.0 - STEP_S, asked

@@ -283,8 +283,10 @@ def test_a_mixed_emulated_fleet_rolls_out_healthy_releases_with_default_flags(
     # The budgets follow this host's speed, so the test means the same on a fast or a loaded machine:
     # the rpi's own budget far above its model's latency, the Jetson's well below it (and still far
     # above the tiny model's). The test asserts outcomes, never a time.
-    heavy_ms = _median_ms(export_heavy(tmp_path / "probe.onnx", seed=0, layers=6))
-    budgets = {"rpi4b": max(100.0, 20 * heavy_ms), "jetson-orin-nano": max(1.0, heavy_ms / 4)}
+    # The Jetson's budget keeps a floor of 2.5 ms: on a loaded host the tiny model's p95 reached 1.65 ms
+    # (once above a 1 ms floor); the 10-layer model stays several times above it.
+    heavy_ms = _median_ms(export_heavy(tmp_path / "probe.onnx", seed=0, layers=10))
+    budgets = {"rpi4b": max(100.0, 20 * heavy_ms), "jetson-orin-nano": max(2.5, heavy_ms / 3)}
     with _agents(tmp_path, mosquitto.url, fleet_name, keys.public_path, ids, emulate=profiles):
         wait_online(fleet.store, fleet_name, fleet.options, ids)
         ports = [_port(tmp_path / d) for d in ids]
@@ -293,7 +295,7 @@ def test_a_mixed_emulated_fleet_rolls_out_healthy_releases_with_default_flags(
         with _traffic(ports):
             for version in range(1, 6):
                 models = {
-                    "rpi4b": export_heavy(tmp_path / f"h{version}.onnx", seed=version, layers=6),
+                    "rpi4b": export_heavy(tmp_path / f"h{version}.onnx", seed=version, layers=10),
                     "jetson-orin-nano": export_tiny_onnx(tmp_path / f"t{version}.onnx", seed=version),
                 }
                 bundles = [

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional, Union
 from edgefleet.sdk.build.analysis import check_student_early, resolve_student, sensitivity_report
 from edgefleet.sdk.build.bundle_out import write_bundle
 from edgefleet.sdk.build.candidate import BuildResult, Candidate
-from edgefleet.sdk.build.choose import choose, estimate_target_ms, make_report
+from edgefleet.sdk.build.choose import choose, estimate_target, make_report
 from edgefleet.sdk.build.errors import BuildError, DataError
 from edgefleet.sdk.build.inputs import (
     as_loaded,
@@ -44,11 +44,10 @@ from edgefleet.sdk.build.isolate import (
     make_runner,
     warm_modules,
 )
-from edgefleet.sdk.build.measure import build_task
+from edgefleet.sdk.build.measure import build_task, providers_scope, task_scope
 from edgefleet.sdk.build.model_io import (
     SOURCE_LABELS,
     DataLike,
-    Dataset,
     check_model_file,
     fit_to_inputs,
     load_dataset,
@@ -57,7 +56,7 @@ from edgefleet.sdk.build.model_io import (
 from edgefleet.sdk.build.plan import EXPORTERS, PT2_EXPORT, PlanOptions, Step, plan_candidates, source_limits
 from edgefleet.sdk.build.plugins import Unavailable, load_plugins
 from edgefleet.sdk.build.produce import Producer, known_step_modules, step_module
-from edgefleet.sdk.build.profile import resolve_profile, runtime_names
+from edgefleet.sdk.build.profile import host_gpu_providers, resolve_profile, runtime_names
 from edgefleet.sdk.build.release import release_version
 
 Progress = Optional[Callable[[str, float], None]]
@@ -85,6 +84,7 @@ def build(
     exporter: Optional[str] = None,
     isolate: bool = True,
     candidate_timeout: float = DEFAULT_CANDIDATE_TIMEOUT_S,
+    task: Optional[str] = None,
 ) -> BuildResult:
     """Build `model` for `profile`; with `out`, write the signed bundle and report.json into that folder.
 
@@ -100,7 +100,14 @@ def build(
     `isolate`: run each candidate's ONNX steps and measurements in a worker process (isolate.py), so a
     native crash or a hang fails that candidate ("crashed (signal 11)", "timed out after N s") and the
     build goes on; `candidate_timeout` is that deadline in seconds. False runs them in this process.
+    `task`: classification, detection, ctc, embedding or auto picks the quality metric (docs/quality.md,
+    `edgefleet build --task`); None keeps the surrounding `measure.task_scope`, else auto.
     """
+    if task is not None:
+        # One scope around the whole build: the candidate worker processes read the task from it too.
+        arguments = {k: v for k, v in locals().items() if k not in ("model", "profile", "task")}
+        with task_scope(checked_task(task)):
+            return build(model, profile, **arguments)
     # Everything a user can mistype is checked before the heavy imports (torch takes seconds).
     if not 0 <= max_accuracy_drop < 1:
         raise BuildError(f"--max-accuracy-drop must be in [0, 1) (0.01 = one point), got {max_accuracy_drop}")
@@ -155,10 +162,7 @@ def build(
     else:
         calib_ds = fit_to_inputs(calib_ds, loaded.inputs, "calibration")
         eval_ds = fit_to_inputs(eval_ds, loaded.inputs, "eval")
-    eval_ds = Dataset(
-        {k: v[:MAX_EVAL_SAMPLES] for k, v in eval_ds.inputs.items()},
-        None if eval_ds.labels is None else eval_ds.labels[:MAX_EVAL_SAMPLES],
-    )
+    eval_ds = eval_ds.head(MAX_EVAL_SAMPLES)  # inputs, labels and training targets alike
 
     # A static-batch .pt2 only runs at its own batch: every candidate is made and timed at it.
     batch = int(loaded.static_batch or getattr(prof, "batch_size", 1) or 1)
@@ -205,24 +209,37 @@ def build(
         data = WorkData(work, calib_ds.inputs, calib_ds.labels, eval_ds.inputs, eval_ds.labels)
         step_names = sorted({step.name for spec in specs for step in spec.onnx_steps})
         warm = warm_modules(known_step_modules(step_names), {s.format for s in specs}, bool(step_names))
-        runner = make_runner(isolate, data, prof, candidate_timeout, progress, warm)
-        try:
-            candidates, baseline, reference_files = _measure_all(
-                specs, producer, runner, loaded.static_batch, prof, batch, use_threads, latency_runs, progress
-            )
-            sensitivity = (
-                sensitivity_report(loaded, calib_ds, candidates, build_task(), progress, runner, batch)
-                if plan.sensitivity
-                else None
-            )
-        finally:
-            runner.close()
+        # A GPU profile's ONNX candidates are timed on this host's GPU when its onnxruntime has one
+        # (the scope reaches the worker processes through their environment); else on the CPU.
+        with providers_scope(host_gpu_providers(prof)):
+            runner = make_runner(isolate, data, prof, candidate_timeout, progress, warm)
+            try:
+                candidates, baseline, reference_files = _measure_all(
+                    specs,
+                    producer,
+                    runner,
+                    loaded.static_batch,
+                    prof,
+                    batch,
+                    use_threads,
+                    latency_runs,
+                    progress,
+                )
+                sensitivity = (
+                    sensitivity_report(loaded, calib_ds, candidates, build_task(), progress, runner, batch)
+                    if plan.sensitivity
+                    else None
+                )
+            finally:
+                runner.close()
         reference = load_reference(reference_files)
         if progress:
             progress("measured every candidate", 1.0)
         if baseline is None:
             raise BuildError("the plan has no fp32 baseline candidate to compare with")
-        chosen, reason = choose(candidates, baseline, max_accuracy_drop, max_bytes, p95_budget, plan.only)
+        chosen, reason = choose(
+            candidates, baseline, max_accuracy_drop, max_bytes, p95_budget, plan.only, profile=prof
+        )
         report = make_report(
             prof,
             baseline,
@@ -255,6 +272,17 @@ def build(
     finally:
         if own_tmp is not None:
             own_tmp.cleanup()
+
+
+def checked_task(task: str) -> str:
+    """`task` as `task_scope` takes it, or a BuildError naming the choices."""
+    from edgefleet.agent.core.quality import QualityError, check_task
+    from edgefleet.agent.core.quality_tasks import AUTO, TASKS
+
+    try:
+        return check_task(task)
+    except QualityError:
+        raise BuildError(f"task {task!r} is not one of {', '.join((*TASKS, AUTO))}") from None
 
 
 def _measure_all(
@@ -303,11 +331,11 @@ def _measure_all(
             cand.steps = [*steps, *measured.steps]
             cand.quality, cand.latency = measured.quality, measured.latency
             cand.speedup, cand.speedup_noise = measured.speedup, measured.speedup_noise
-            cand.estimate_ms = (
-                measured.estimate_ms
-                if measured.estimated
-                else estimate_target_ms(measured.path, prof, batch, spec.precision)
-            )
+            # The whole estimate, for the ops it has no cost for (report.json lists them); its figure is
+            # the worker's own when the worker estimated. The worker returns only the figure (isolate.py).
+            estimate = estimate_target(measured.path, prof, batch, spec.precision) or {}
+            cand.estimate_ms = measured.estimate_ms if measured.estimated else estimate.get("estimate_ms")
+            cand.unknown_op_types = tuple(estimate.get("unknown_op_types", ()))
             reference = reference or measured.reference
         except CandidateFailed as exc:
             cand.status, cand.reason = "failed", exc.reason

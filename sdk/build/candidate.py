@@ -36,6 +36,7 @@ class Candidate:
     score: Optional[float] = None
     speedup: Optional[float] = None  # fp32 p50 / this p50, timed in alternation with the fp32 baseline
     speedup_noise: Optional[float] = None  # relative half-width of the band around `speedup`
+    unknown_op_types: tuple[str, ...] = ()  # ops the estimator has no cost model for (guessed, listed)
 
     @property
     def speed_tie(self) -> bool:
@@ -70,6 +71,7 @@ class Candidate:
                 else None
             ),
             "estimated_target_latency_ms": self.estimate_ms,
+            "unknown_op_types": list(self.unknown_op_types),
             "speedup_vs_fp32": self.speedup,
             "speedup_noise": self.speedup_noise,
             "fixed_batch": self.fixed_batch,

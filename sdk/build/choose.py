@@ -17,6 +17,7 @@ import platform
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from edgefleet.agent.core.quality import drop
 from edgefleet.sdk.build.candidate import Candidate
 from edgefleet.sdk.build.errors import BudgetError, BuildError
 from edgefleet.sdk.build.model_io import (
@@ -157,10 +158,8 @@ def choose(
     for cand in candidates:
         if cand.status == "failed" or cand.quality is None:
             continue
-        if cand.quality.metric == "accuracy":
-            cand.accuracy_drop = base_value - cand.quality.value
-        else:
-            cand.accuracy_drop = 1.0 - cand.quality.value
+        # The contract's drop: fp32's value less the candidate's, turned round for a lower-is-better metric.
+        cand.accuracy_drop = drop(cand.quality.metric, base_value, cand.quality.value)
         reasons = budget_reasons(cand, baseline, max_drop, max_bytes, p95, by_estimate, by_gpu)
         estimated = estimated_speedup(cand, baseline)
         if by_gpu and gpu_provider(cand) and cand.speedup and cand.size_bytes:

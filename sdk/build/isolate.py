@@ -35,6 +35,7 @@ from typing import IO, Any, Callable, Optional, Union
 
 import numpy as np
 
+from edgefleet.sdk.build.errors import BuildError
 from edgefleet.sdk.build.measure import LatencyStats, Quality
 
 Progress = Optional[Callable[[str, float], None]]
@@ -52,7 +53,7 @@ _BOOT = (
 )
 
 
-class CandidateFailed(Exception):
+class CandidateFailed(BuildError):
     """The worker crashed, hung or raised on one candidate; `reason` is what report.json records."""
 
     def __init__(self, reason: str) -> None:

@@ -30,6 +30,7 @@ class Producer:
         progress: Progress,
         exporter: Optional[str] = None,
     ) -> None:
+        from edgefleet.sdk.build.inputs import compress_targets
         from edgefleet.sdk.build.measure import build_task
         from edgefleet.sdk.compress import CompressionContext
 
@@ -48,6 +49,12 @@ class Producer:
             # The build's --task, for the steps that train (distillation, fine-tuning after pruning).
             options={} if build_task() == "auto" else {"task": build_task()},
         )
+        # The training targets in the form the steps read (CTC lengths, raw-layout detection targets);
+        # detection boxes are the scorer's labels, not targets, and give None (teacher targets instead).
+        for key, ds in (("calib_targets", calib), ("eval_targets", eval_ds)):
+            targets = compress_targets(ds, build_task())
+            if targets is not ds.labels:
+                self.ctx.options[key] = targets
         self._variants: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
         self._onnx: dict[str, tuple[Path, list[dict[str, Any]]]] = {}
         self.samples = {k: v[:8] for k, v in calib.inputs.items()}

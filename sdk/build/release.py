@@ -28,15 +28,20 @@ def build_release(
     *,
     version: Optional[int] = None,
     overwrite: bool = False,
+    task: Optional[str] = None,
     **options: Any,
 ) -> dict[str, BuildResult]:
     """Build `model` for every profile into `out/<profile>/`, all with one name and one version.
 
     Every profile is resolved before the first build starts, so a mistyped one fails at once.
     `edgefleet deploy OUT/` then gives each device the bundle of its own profile. `options` are
-    `build()`'s keyword arguments.
+    `build()`'s keyword arguments; `task` (classification, detection, ctc, embedding, auto) picks the
+    quality metric of every build, as `edgefleet build --task` (None: the surrounding task_scope, else auto).
     """
-    from edgefleet.sdk.build.builder import build
+    from edgefleet.sdk.build.builder import build, checked_task
+
+    if task is not None:
+        checked_task(task)  # a mistyped task fails before the first build, like a mistyped profile
 
     if not profiles:
         raise BuildError("a release needs at least one --profile")
@@ -55,7 +60,9 @@ def build_release(
         target = out_dir / pname
         if target.exists() and overwrite:
             shutil.rmtree(target)
-        results[pname] = build(model, prof, out=target, version=number, overwrite=overwrite, **options)
+        results[pname] = build(
+            model, prof, out=target, version=number, overwrite=overwrite, task=task, **options
+        )
     return results
 
 

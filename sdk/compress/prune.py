@@ -144,7 +144,7 @@ def magnitude_prune(
     return PruneStats(before[0], after[0], before[1], after[1], used)
 
 
-class _ShapeError(Exception):
+class _ShapeError(CompressionError):
     """Pruning left a model that does not run; `original` is an untouched copy to restore."""
 
     def __init__(self, message: str, original: nn.Module) -> None:

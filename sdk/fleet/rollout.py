@@ -417,7 +417,10 @@ class RolloutEngine:
             elif message.step in INSTALL_STEPS:
                 self._set_device(dev, DeviceStatus.INSTALLING, message.step)
         elif isinstance(message, Missing) and message.deploy == rid and message.sha256 in self.blobs:
-            self._repairs.add(dev.device_id, self.blobs[message.sha256], message.ranges, time.time())
+            # A device that asks while the wave's broadcast is still due (it waits for slower devices to
+            # subscribe) gets every chunk from that broadcast, which covers each downloading device's needs.
+            if self._broadcast_due is None:
+                self._repairs.add(dev.device_id, self.blobs[message.sha256], message.ranges, time.time())
         elif isinstance(message, Deployed) and message.deploy == rid:
             if dev.status in IN_FLIGHT:
                 dev.deployed_at = time.time()

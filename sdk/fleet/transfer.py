@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -37,6 +38,8 @@ MIN_CHUNK_SIZE = 1024
 # Topic, fixed header and MQTT 5 properties of a chunk PUBLISH stay well under this.
 PACKET_OVERHEAD = 512
 PUBLISH_WINDOW = 32
+log = logging.getLogger(__name__)
+
 # Repair requests are gathered this long, so that devices missing the same chunk share one re-send.
 REPAIR_WINDOW_S = 0.5
 # A chunk sent to a device (or broadcast) is not sent again for this long: behind a slow link or a busy
@@ -265,7 +268,8 @@ class RepairQueue:
                 data = blob.chunk(index) if wanting else None
                 if data is None:
                     continue
-                if len(wanting) >= threshold:
+                shared = len(wanting) >= threshold
+                if shared:
                     conn.publish(Topics.broadcast(fleet, sha, index), data, qos=1)
                     cast[index] = now
                     copies = 1
@@ -278,7 +282,8 @@ class RepairQueue:
                 with stats.lock:
                     stats.repair_bytes += copies * len(data)
                     stats.repair_chunks += copies
-                    stats.repair_broadcasts += 1 if copies == 1 and len(wanting) >= threshold else 0
+                    stats.repair_broadcasts += int(shared)
+        log.debug("repairs: %d chunks sent for %d blobs", sent, len(asks))
         return sent
 
 
