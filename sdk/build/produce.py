@@ -17,6 +17,35 @@ Progress = Optional[Callable[[str, float], None]]
 BATCHED_ONNX_STEPS = ("ort-static-int8", "mixed-int8")
 
 
+def _inferred_task(model: Any, calib: Dataset, rows: int = 8) -> str:
+    """`auto` for the training steps: the scorer's `infer_task` on the torch model's outputs, else `auto`.
+
+    Only a torch model (the torch stage's input) is run; anything that cannot run here leaves `auto`,
+    which the steps train as classification, as before tasks existed.
+    """
+    import torch
+
+    from edgefleet.agent.core.quality_tasks import infer_task
+    from edgefleet.sdk.compress.tasks import as_batch, forward, set_mode
+
+    if not isinstance(model, torch.nn.Module):
+        return "auto"
+    labels = None if calib.labels is None else calib.labels[:rows]
+    was_training = model.training
+    try:
+        set_mode(model, False)  # this look must not update batch-norm statistics
+        with torch.no_grad():
+            outputs = [
+                o.numpy() for o in forward(model, as_batch({k: v[:rows] for k, v in calib.inputs.items()}))
+            ]
+    except Exception:  # a model that does not run on these rows fails later, with its own error
+        return "auto"
+    finally:
+        set_mode(model, was_training)
+    task = infer_task(outputs, labels=labels, reference=outputs if labels is None else None)
+    return "auto" if task == "classification" else task
+
+
 class Producer:
     """Produces candidate files, caching torch variants and ONNX exports shared between candidates."""
 
@@ -46,13 +75,19 @@ class Producer:
             eval_inputs=eval_ds.inputs,
             eval_labels=eval_ds.labels,
             progress=progress,
-            # The build's --task, for the steps that train (distillation, fine-tuning after pruning).
-            options={} if build_task() == "auto" else {"task": build_task()},
+            options={},
         )
+        # The build's --task, for the steps that train (distillation, fine-tuning after pruning); with
+        # `auto`, the one the scorer infers from the torch model's outputs on a few calibration rows.
+        task = build_task()
+        if task == "auto":
+            task = _inferred_task(loaded.model, calib)
+        if task != "auto":
+            self.ctx.options["task"] = task
         # The training targets in the form the steps read (CTC lengths, raw-layout detection targets);
         # detection boxes are the scorer's labels, not targets, and give None (teacher targets instead).
         for key, ds in (("calib_targets", calib), ("eval_targets", eval_ds)):
-            targets = compress_targets(ds, build_task())
+            targets = compress_targets(ds, task)
             if targets is not ds.labels:
                 self.ctx.options[key] = targets
         self._variants: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
