@@ -61,6 +61,8 @@ def install_aedes() -> Path:
                 capture_output=True,
                 text=True,
                 timeout=300,
+                # npm's own cache and logs go beside aedes, not into the home folder (~/.npm).
+                env={**os.environ, "npm_config_cache": str(home / ".npm-cache")},
             )
             if done.returncode != 0:
                 pytest.fail(f"npm install {AEDES_SPEC} failed in {home}:\n{done.stderr[-2000:]}")
