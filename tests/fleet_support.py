@@ -103,6 +103,17 @@ def wait_online(store: Store, fleet: str, options: Any, ids: list[str], timeout:
     wait_for(ready, timeout, f"devices {ids} online")
 
 
+def stored_seqs(store: Store, fleet: str, device: str) -> list[int]:
+    """The `seq` of every telemetry row a device has in the store, repeats kept (sent == stored checks)."""
+    from sqlalchemy import select
+
+    from edgefleet.sdk.store import telemetry
+
+    query = select(telemetry.c.seq).where((telemetry.c.fleet == fleet) & (telemetry.c.device_id == device))
+    with store.engine.connect() as conn:
+        return [int(s) for (s,) in conn.execute(query) if s is not None]
+
+
 def device_statuses(store: Store, rollout_id: str) -> dict[str, str]:
     """Device id → status within a rollout."""
     row = store.rollout(rollout_id)

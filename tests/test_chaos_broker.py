@@ -19,7 +19,7 @@ from edgefleet.agent.core.topics import Topics
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.store import Store
 from tests.chaos_support import ChaosProxy, TopicWatcher, export_wide_onnx, ranges
-from tests.fleet_support import agents, build_artifacts, device_statuses, wait_for, wait_online
+from tests.fleet_support import agents, build_artifacts, device_statuses, stored_seqs, wait_for, wait_online
 
 pytestmark = [pytest.mark.chaos, pytest.mark.broker, pytest.mark.slow]
 
@@ -168,17 +168,6 @@ def test_a_broker_killed_twice_mid_rollout_the_rollout_completes_and_each_device
 # 2. QoS 1 telemetry over persistent sessions: every sequence number sent is stored exactly once
 
 
-def _stored_seqs(store: Store, fleet: str, device: str) -> list[int]:
-    """The `seq` of every telemetry row of a device, repeats kept."""
-    from sqlalchemy import select
-
-    from edgefleet.sdk.store import telemetry
-
-    query = select(telemetry.c.seq).where((telemetry.c.fleet == fleet) & (telemetry.c.device_id == device))
-    with store.engine.connect() as conn:
-        return [int(s) for (s,) in conn.execute(query) if s is not None]
-
-
 def _run_for(seconds: float, proxy: ChaosProxy, ids: list[str]) -> None:
     """Let the agents publish for a while: until each sent `seconds` / interval more telemetry messages."""
     want = {d: len(proxy.sent_seqs("/telemetry", d)) + int(seconds / TELEMETRY_INTERVAL_S) for d in ids}
@@ -227,11 +216,11 @@ def test_qos1_telemetry_sent_equals_stored_across_ingest_and_broker_restarts(
         for device in ids:
             sent = set(proxy.sent_seqs("/telemetry", device))
             wait_for(
-                lambda d=device, s=sent: s <= set(_stored_seqs(store, fleet_name, d)),
+                lambda d=device, s=sent: s <= set(stored_seqs(store, fleet_name, d)),
                 30,
                 f"every telemetry message of {device} in the store",
             )
-            stored = _stored_seqs(store, fleet_name, device)
+            stored = stored_seqs(store, fleet_name, device)
             duplicates = sorted(s for s, n in Counter(stored).items() if n > 1)
             measured[device] = {"sent": len(sent), "stored": len(stored), "duplicates": len(duplicates)}
             assert duplicates == [], (device, duplicates)
@@ -257,7 +246,7 @@ def test_a_redelivered_telemetry_message_is_stored_once(store: Store, fleet_name
         == 2
     )
     assert store.add_telemetry(fleet_name, [{**row, "seq": 1}, {**row, "seq": 2, "ts": 1001.0}]) == 1
-    assert sorted(_stored_seqs(store, fleet_name, "r1")) == [1, 2, 3]
+    assert sorted(stored_seqs(store, fleet_name, "r1")) == [1, 2, 3]
     assert store.gaps(fleet_name, "r1") == []
 
 
@@ -302,14 +291,14 @@ def test_messages_dropped_at_the_broker_queue_limit_show_as_sequence_gaps(
             sent = set(proxy.sent_seqs("/telemetry", device))
             last = max(sent)
             wait_for(
-                lambda d=device, n=last: n in set(_stored_seqs(store, fleet_name, d)),
+                lambda d=device, n=last: n in set(stored_seqs(store, fleet_name, d)),
                 30,
                 f"the last telemetry of {device} in the store",
             )
         # assert: the store's gaps are exactly what was sent and never arrived, per device
         for device in ids:
             sent = set(proxy.sent_seqs("/telemetry", device))
-            missing = sent - set(_stored_seqs(store, fleet_name, device))
+            missing = sent - set(stored_seqs(store, fleet_name, device))
             assert missing, f"{device}: nothing was dropped; the queue limit did not bite"
             assert min(missing) > offline_from[device], (
                 "only messages sent while the ingest was away are lost"

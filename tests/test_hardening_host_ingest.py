@@ -23,7 +23,7 @@ from edgefleet.sdk.fleet.ingest import Ingest
 from edgefleet.sdk.fleet.mqtt_url import MqttOptions
 from edgefleet.sdk.store import Store
 from tests.chaos_support import ChaosProxy
-from tests.fleet_support import agents, build_artifacts, wait_for, wait_online
+from tests.fleet_support import agents, build_artifacts, stored_seqs, wait_for, wait_online
 
 pytestmark = [pytest.mark.broker]
 
@@ -41,16 +41,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
     yield s
     s.close()
-
-
-def _stored_seqs(store: Store, fleet: str, device: str) -> list[int]:
-    from sqlalchemy import select
-
-    from edgefleet.sdk.store import telemetry
-
-    query = select(telemetry.c.seq).where((telemetry.c.fleet == fleet) & (telemetry.c.device_id == device))
-    with store.engine.connect() as conn:
-        return [int(s) for (s,) in conn.execute(query) if s is not None]
 
 
 def _run_for(seconds: float, proxy: ChaosProxy, ids: list[str]) -> None:
@@ -109,11 +99,11 @@ def test_serve_ingest_stores_every_telemetry_message_across_broker_and_serve_res
         for device in ids:
             sent = set(proxy.sent_seqs("/telemetry", device))
             wait_for(
-                lambda d=device, s=sent: s <= set(_stored_seqs(store, fleet_name, d)),
+                lambda d=device, s=sent: s <= set(stored_seqs(store, fleet_name, d)),
                 30,
                 f"every telemetry message of {device} in the store",
             )
-            stored = _stored_seqs(store, fleet_name, device)
+            stored = stored_seqs(store, fleet_name, device)
             measured[device] = {"sent": len(sent), "stored": len(set(stored))}
             assert sorted(s for s, n in Counter(stored).items() if n > 1) == []
             assert set(stored) == sent, (device, len(sent - set(stored)), "lost")

@@ -24,7 +24,7 @@ import pytest
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.store import Store
 from tests.chaos_support import ChaosProxy, export_wide_onnx
-from tests.fleet_support import agents, build_artifacts, device_statuses, wait_for, wait_online
+from tests.fleet_support import agents, build_artifacts, device_statuses, stored_seqs, wait_for, wait_online
 from tests.nats_support import NatsCluster, nats_cluster  # noqa: F401 - the fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker, pytest.mark.chaos]
@@ -51,20 +51,9 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def _stored_seqs(store: Store, fleet: str, device: str) -> list[int]:
-    """The `seq` of every telemetry row of a device, repeats kept."""
-    from sqlalchemy import select
-
-    from edgefleet.sdk.store import telemetry
-
-    query = select(telemetry.c.seq).where((telemetry.c.fleet == fleet) & (telemetry.c.device_id == device))
-    with store.engine.connect() as conn:
-        return [int(s) for (s,) in conn.execute(query) if s is not None]
-
-
 def _all_stored(store: Store, fleet: str, device: str, sent: set[int]) -> bool:
     """Whether every seq in `sent` is in the store."""
-    return sent <= set(_stored_seqs(store, fleet, device))
+    return sent <= set(stored_seqs(store, fleet, device))
 
 
 def _progress_of(store: Store, fleet: str, rollout_id: str) -> set[str]:
@@ -142,7 +131,7 @@ def test_a_node_killed_mid_rollout_devices_move_to_another_node_and_nothing_is_l
                 60,
                 f"every telemetry message of {device} in the store",
             )
-            stored = _stored_seqs(store, fleet_name, device)
+            stored = stored_seqs(store, fleet_name, device)
             duplicates = sorted(s for s, n in Counter(stored).items() if n > 1)
             measured[device] = {"sent": len(sent), "stored": len(stored), "duplicates": len(duplicates)}
             assert sent, f"{device} sent no telemetry"

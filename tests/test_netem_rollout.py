@@ -21,7 +21,7 @@ import pytest
 from edgefleet.sdk.fleet.client import Fleet
 from edgefleet.sdk.store import Store
 from tests.fault_proxy import FaultProxy
-from tests.fleet_support import agents, build_artifacts, device_statuses, wait_for, wait_online
+from tests.fleet_support import agents, build_artifacts, device_statuses, stored_seqs, wait_for, wait_online
 
 pytestmark = [pytest.mark.chaos, pytest.mark.broker, pytest.mark.slow]
 
@@ -49,16 +49,6 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
     yield s
     s.close()
-
-
-def _stored_seqs(store: Store, fleet: str, device: str) -> list[int]:
-    from sqlalchemy import select
-
-    from edgefleet.sdk.store import telemetry
-
-    query = select(telemetry.c.seq).where((telemetry.c.fleet == fleet) & (telemetry.c.device_id == device))
-    with store.engine.connect() as conn:
-        return [int(s) for (s,) in conn.execute(query) if s is not None]
 
 
 def _sent_seqs(proxy: FaultProxy, device: str) -> set[int]:
@@ -124,11 +114,11 @@ def test_a_5mb_rollout_over_a_slow_lossy_link_completes_installs_once_and_loses_
         for device in ids:
             sent = _sent_seqs(proxy, device)
             wait_for(
-                lambda d=device, s=sent: s <= set(_stored_seqs(store, fleet_name, d)),
+                lambda d=device, s=sent: s <= set(stored_seqs(store, fleet_name, d)),
                 60,
                 f"every telemetry message of {device} in the store",
             )
-            stored = _stored_seqs(store, fleet_name, device)
+            stored = stored_seqs(store, fleet_name, device)
             measured[f"{device}_telemetry_sent"] = len(sent)
             measured[f"{device}_telemetry_stored"] = len(set(stored))
             assert sorted(s for s, n in Counter(stored).items() if n > 1) == []
