@@ -17,20 +17,24 @@ from typing import Any, Callable, Optional
 
 from edgefleet.sdk.build.errors import BuildError
 from edgefleet.sdk.build.model_io import Dataset, LoadedModel, check_model_file, load_model
+from edgefleet.sdk.build.model_script import check_script, script_ref
 from edgefleet.sdk.build.plan import PlanOptions
 
 Progress = Optional[Callable[[str, float], None]]
 SENSITIVITY_SAMPLES = 256  # one forward pass per layer over these rows: seconds on a CNN, minutes on MiniLM
 STUDENT_FILE_HINT = (
-    "give the student as TorchScript (torch.jit.save(torch.jit.script(student), 'student.pt')), or as an "
-    "nn.Module through the Python API (build(..., plan=PlanOptions(student=module)))"
+    "give the student as TorchScript (torch.jit.save(torch.jit.script(student), 'student.pt')), as "
+    "STUDENT.py:NAME (your script that builds it), or as an nn.Module through the Python API "
+    "(build(..., plan=PlanOptions(student=module)))"
 )
 
 
 def check_student_early(plan: PlanOptions) -> None:
     """A `--student` path that does not exist or is not a torch file fails before anything heavy runs."""
     student = plan.student
-    if isinstance(student, (str, Path)) and str(student) != "auto":
+    if isinstance(student, (str, Path)) and script_ref(student) is not None:
+        check_script(student)
+    elif isinstance(student, (str, Path)) and str(student) != "auto":
         path = Path(student)
         if not path.is_file():
             raise BuildError(f"--student {path}: no such file; {STUDENT_FILE_HINT}, or pass --student auto")
@@ -52,8 +56,8 @@ def resolve_student(plan: PlanOptions) -> PlanOptions:
         ) from exc
     if not isinstance(student, (str, Path)) or str(student) == "auto":
         return plan
-    loaded: LoadedModel = load_model(Path(student))
-    if loaded.kind != "torchscript":
+    loaded: LoadedModel = load_model(student if script_ref(student) else Path(student))
+    if loaded.kind not in ("torchscript", "module"):
         raise BuildError(
             f"--student {Path(student).name} is a {loaded.kind} model; distillation trains the student, and only "
             f"TorchScript or an nn.Module can be trained: {STUDENT_FILE_HINT}"

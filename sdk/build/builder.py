@@ -44,6 +44,7 @@ from edgefleet.sdk.build.isolate import (
     make_runner,
     warm_modules,
 )
+from edgefleet.sdk.build.isolate_torch import ConversionFailed, ForkedCalls
 from edgefleet.sdk.build.measure import build_task, providers_scope, task_scope
 from edgefleet.sdk.build.model_io import (
     SOURCE_LABELS,
@@ -99,7 +100,9 @@ def build(
     an ExportedProgram, falling back to its module; torchscript otherwise).
     `isolate`: run each candidate's ONNX steps and measurements in a worker process (isolate.py), so a
     native crash or a hang fails that candidate ("crashed (signal 11)", "timed out after N s") and the
-    build goes on; `candidate_timeout` is that deadline in seconds. False runs them in this process.
+    build goes on; `candidate_timeout` is that deadline in seconds. The torch → ONNX and torch → TFLite
+    conversions run each in a child forked from this process under the same deadline (isolate_torch.py).
+    False runs all of it in this process.
     `task`: classification, detection, ctc, embedding or auto picks the quality metric (docs/quality.md,
     `edgefleet build --task`); None keeps the surrounding `measure.task_scope`, else auto.
     """
@@ -205,7 +208,8 @@ def build(
     work = Path(own_tmp.name) if own_tmp is not None else Path(workdir)  # type: ignore[arg-type]
     work.mkdir(parents=True, exist_ok=True)
     try:
-        producer = Producer(loaded, calib_ds, eval_ds, work, batch, progress, exporter)
+        calls = ForkedCalls(candidate_timeout, progress, isolate)
+        producer = Producer(loaded, calib_ds, eval_ds, work, batch, progress, exporter, calls)
         data = WorkData(work, calib_ds.inputs, calib_ds.labels, eval_ds.inputs, eval_ds.labels)
         step_names = sorted({step.name for spec in specs for step in spec.onnx_steps})
         warm = warm_modules(known_step_modules(step_names), {s.format for s in specs}, bool(step_names))
@@ -262,6 +266,8 @@ def build(
             "mode": runner.mode,
             "candidate_timeout_s": candidate_timeout if isolate else None,
             "worker_restarts": runner.restarts,
+            "conversions": calls.mode,  # torch → ONNX / TFLite: "fork" (a child each) or "in-process"
+            "conversion_crashes": calls.crashes,
         }
         bundle_dir = None
         if out_dir is not None:
@@ -337,7 +343,7 @@ def _measure_all(
             cand.estimate_ms = measured.estimate_ms if measured.estimated else estimate.get("estimate_ms")
             cand.unknown_op_types = tuple(estimate.get("unknown_op_types", ()))
             reference = reference or measured.reference
-        except CandidateFailed as exc:
+        except (CandidateFailed, ConversionFailed) as exc:
             cand.status, cand.reason = "failed", exc.reason
         except Exception as exc:  # any plug-in failure is reported and the search goes on
             cand.status, cand.reason = "failed", failure_reason(exc)

@@ -4,8 +4,9 @@ onnxruntime and LiteRT are C++ libraries: a graph they choke on can kill the pro
 SIGABRT, or never return. The build therefore runs each candidate's ONNX-stage steps (quantizers and
 optimizers, which load the graph) and its measurements (outputs, quality, latency, the target estimate)
 in one worker process (`python -c` bootstrap into `main()` below, never a fork of the torch-holding
-parent), reused from candidate to candidate. The parent keeps the torch stage (exports, pruning,
-TFLite conversion) and waits for each answer with a deadline:
+parent), reused from candidate to candidate. The parent keeps the torch stage: pruning runs there, and
+the conversions (torch → ONNX with its parity check, torch → TFLite) each run in a child forked from it
+(isolate_torch.py). The parent waits for each answer with a deadline:
 
 - the worker dies by a signal → the candidate fails with "crashed (signal 11)" (SIGSEGV; SIGABRT is 6),
 - it exits on its own → "crashed (exit code N)",

@@ -1,7 +1,8 @@
 """Load what `edgefleet build` is given: TorchScript / ExportedProgram / .onnx / .tflite files and .npz data.
 
 Nothing here unpickles: TorchScript and ExportedProgram archives load through torch's own formats, so a
-model file cannot run arbitrary code on the build host.
+model file cannot run arbitrary code on the build host. Code runs only when the user names their own
+script as FILE.py:NAME (model_script.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from edgefleet.converters.base import TensorSpec
 from edgefleet.sdk.build.errors import DataError, ModelLoadError
+from edgefleet.sdk.build.model_script import check_script, load_script_model, script_ref
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript", ".jit")
 
@@ -48,7 +50,15 @@ SOURCE_LABELS = {
 
 
 def load_model(path: Union[str, Path]) -> LoadedModel:
-    """Open a model file by suffix, with an error naming the problem for missing/corrupt/truncated files."""
+    """Open a model file by suffix (or run FILE.py:NAME), with an error naming what is wrong and the fix."""
+    ref = script_ref(path)
+    if ref is not None:
+        import torch
+
+        model = load_script_model(path)
+        if isinstance(model, torch.export.ExportedProgram):
+            return exported_source(model, ref[0])
+        return LoadedModel(stage="torch", model=model, source=ref[0], kind="module")
     path = Path(path)
     suffix = check_model_file(path)
     if suffix == ".onnx":
@@ -60,6 +70,9 @@ def load_model(path: Union[str, Path]) -> LoadedModel:
 
 def check_model_file(path: Path) -> str:
     """The file's lower-case suffix once it exists, is a non-empty file of a known format (no heavy imports)."""
+    if script_ref(path) is not None:  # FILE.py:NAME, the user's model script (model_script.py)
+        check_script(path)
+        return ".py"
     if not path.exists():
         raise ModelLoadError(f"model file {path} does not exist; check the path")
     if not path.is_file():
@@ -79,6 +92,8 @@ def check_model_file(path: Path) -> str:
 
 def source_kind(path: Path) -> str:
     """The source kind of a model file from its suffix and archive listing, without importing torch."""
+    if script_ref(path) is not None:
+        return "module"  # what the script returns is built as a Python nn.Module
     suffix = path.suffix.lower()
     if suffix in (".onnx", ".tflite"):
         return suffix[1:]
@@ -133,7 +148,8 @@ def _load_torch(path: Path) -> LoadedModel:
         raise ModelLoadError(
             f"{path.name} is not a TorchScript or ExportedProgram archive (corrupt or truncated?); save the "
             "model with torch.jit.save(torch.jit.script(m), ...) or torch.export.save(torch.export.export(m, "
-            "args), ...) — pickled nn.Modules are refused because loading them runs code"
+            "args), ...) — pickled nn.Modules are refused because loading them runs code; to build from your "
+            "Python code, name it as MODEL.py:NAME"
         )
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()

@@ -30,7 +30,9 @@ STUDENT_NEEDS_TORCH = (
 STUDENT_AUTO_NEEDS_MODULE = (
     "--student auto makes the student from the model's own layers (a shallower transformer or narrower "
     "nn.Conv2d/nn.Linear layers), so it needs the model as a Python nn.Module; {source} holds a graph: "
-    "give your own student with --student STUDENT.pt (TorchScript: torch.jit.save(torch.jit.script(s), ...))"
+    "give the model as MODEL.py:NAME (your script that builds it and loads its weights), or your own "
+    "student with --student STUDENT.pt (TorchScript: torch.jit.save(torch.jit.script(s), ...)) or "
+    "STUDENT.py:NAME"
 )
 STATIC_CALIBRATIONS = ("minmax", "entropy", "percentile")
 

@@ -6,6 +6,8 @@ import copy
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from edgefleet.sdk.build.isolate import DEFAULT_CANDIDATE_TIMEOUT_S
+from edgefleet.sdk.build.isolate_torch import ForkedCalls
 from edgefleet.sdk.build.model_io import (
     Dataset,
     LoadedModel,
@@ -58,6 +60,7 @@ class Producer:
         batch_size: int,
         progress: Progress,
         exporter: Optional[str] = None,
+        calls: Optional[ForkedCalls] = None,
     ) -> None:
         from edgefleet.sdk.build.inputs import compress_targets
         from edgefleet.sdk.build.measure import build_task
@@ -68,6 +71,8 @@ class Producer:
         self.workdir = workdir
         self.batch_size = batch_size
         self.exporter = exporter  # None: the converter's default for the source (converters/torch_onnx.py)
+        # Conversions load graphs in native runtimes (parity, LiteRT): each runs in a forked child.
+        self.calls = calls if calls is not None else ForkedCalls(DEFAULT_CANDIDATE_TIMEOUT_S, progress)
         self.ctx = CompressionContext(
             workdir=workdir / "steps",
             calib=calib.inputs,
@@ -121,10 +126,15 @@ class Producer:
             index = len(self._onnx)
             options: dict[str, Any] = {"exporter": self.exporter} if self.exporter else {}
             converter = CONVERTERS.get("torch-onnx")(**options)
-            result = converter.convert(model, self.workdir / f"variant{index}.onnx", self.samples)
+            out, samples = self.workdir / f"variant{index}.onnx", self.samples
+
+            def export(progress: Progress) -> tuple[Any, dict[str, Any]]:
+                return converter.convert(model, out, samples), converter.describe()
+
+            result, about = self.calls.call(export, f"{spec.id}: exporting to ONNX")
             self._onnx[key] = (
                 result.path,
-                [*described, {**converter.describe(), "parity": result.parity.to_dict(), **result.details}],
+                [*described, {**about, "parity": result.parity.to_dict(), **result.details}],
             )
         return self._onnx[key]
 
@@ -138,17 +148,27 @@ class Producer:
         if spec.format == "tflite":
             model, described = self._variant(spec)
             out = self.workdir / f"{spec.id}.tflite"
+            ctx, samples = self.ctx, self.samples
             if spec.tflite_quant is not None:
                 plugin = COMPRESSORS.get(spec.tflite_quant.name)(
                     batch_size=self.batch_size, **spec.tflite_quant.params
                 )
-                path = plugin.apply(model, self.ctx)
-                return Path(path), [*described, plugin.describe()], self.batch_size
+
+                def quantize(progress: Progress) -> tuple[Any, dict[str, Any]]:
+                    ctx.progress = progress  # in the child: its progress goes up the pipe
+                    return plugin.apply(model, ctx), plugin.describe()
+
+                path, about = self.calls.call(quantize, f"{spec.id}: converting and quantizing to TFLite")
+                return Path(path), [*described, about], self.batch_size
             converter = CONVERTERS.get("torch-tflite")(batch_size=self.batch_size)
-            result = converter.convert(model, out, self.samples)
+
+            def convert(progress: Progress) -> tuple[Any, dict[str, Any]]:
+                return converter.convert(model, out, samples), converter.describe()
+
+            result, about = self.calls.call(convert, f"{spec.id}: converting to TFLite")
             return (
                 result.path,
-                [*described, {**converter.describe(), "parity": result.parity.to_dict()}],
+                [*described, {**about, "parity": result.parity.to_dict()}],
                 result.fixed_batch,
             )
         path, steps, fixed, pending = self.prepare(spec)

@@ -127,7 +127,10 @@ def register(app: typer.Typer) -> None:
     @app.command("build")
     def build_command(
         model: Path = typer.Argument(
-            ..., help="torch.export .pt2 (dynamic or static batch), TorchScript .pt, .onnx or .tflite file."
+            ...,
+            help="torch.export .pt2 (dynamic or static batch), TorchScript .pt, .onnx or .tflite file, or "
+            "MODEL.py:NAME — your script's nn.Module (instance, class, or function returning one), which "
+            "structured pruning and --student auto need.",
         ),
         profile: list[str] = typer.Option(
             ...,
@@ -191,7 +194,11 @@ def register(app: typer.Typer) -> None:
             None,
             "--student",
             help="Add a distilled-student candidate: 'auto' (a shallower copy of a transformer, a narrower "
-            "copy of a CNN; needs an nn.Module through the Python API) or a TorchScript student .pt.",
+            "copy of a CNN; needs MODEL.py:NAME or an nn.Module through the Python API), a TorchScript "
+            "student .pt, or STUDENT.py:NAME.",
+        ),
+        student_epochs: int = typer.Option(
+            30, "--student-epochs", min=1, help="Distillation epochs for the --student candidate."
         ),
         threads: Optional[int] = typer.Option(
             None, "--threads", help="Threads for host latency (default: the profile's)."
@@ -218,6 +225,7 @@ def register(app: typer.Typer) -> None:
             finetune_epochs=finetune_epochs,
             only=tuple(s.strip() for s in only.split(",") if s.strip()) if only else (),
             student=student,
+            student_epochs=student_epochs,
             sensitivity=not no_sensitivity,
         )
         log_path = build_log_path(out)

@@ -144,7 +144,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("finetune")
     def finetune(
-        model: Path = typer.Argument(..., help="TorchScript .pt or torch.export .pt2 model to train."),
+        model: Path = typer.Argument(
+            ...,
+            help="TorchScript .pt, torch.export .pt2, or MODEL.py:NAME (your script's nn.Module) to train.",
+        ),
         data: Path = typer.Option(
             ..., "--data", help=".npz: one array per model input (or 'x') and labels 'y'."
         ),

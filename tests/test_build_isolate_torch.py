@@ -1,0 +1,161 @@
+"""The torch stage's conversions in a forked child: a crash or hang in a converter fails one candidate.
+
+The misbehaving conversions are real: the model's forward reads a null pointer, aborts or sleeps, but
+only while LiteRT's converter traces it (its frames are on the stack), so the fp32 ONNX baseline exports
+and the build goes on past the TFLite candidates.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from build_support import FakeProfile  # noqa: E402
+
+from edgefleet.sdk.build.builder import build  # noqa: E402
+from edgefleet.sdk.build.isolate_torch import ConversionFailed, ForkedCalls, fork_available  # noqa: E402
+from edgefleet.sdk.build.plan import PlanOptions  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not fork_available(), reason="conversions are forked on Linux only")
+
+
+def _segv(progress: Any) -> None:
+    ctypes.string_at(0)
+
+
+def _abort(progress: Any) -> None:
+    os.abort()
+
+
+def _hang(progress: Any) -> None:
+    progress("sleeping", 0.5)
+    time.sleep(3600)
+
+
+def _raise(progress: Any) -> None:
+    raise ValueError("this conversion always fails\nsecond line")
+
+
+def test_forked_call_returns_the_result_and_relays_progress() -> None:
+    # prepare: a torch computation in the child (one thread there: libgomp is not fork-safe)
+    torch.set_num_threads(2)
+    net = torch.nn.Conv2d(3, 8, 3)
+    net(torch.zeros(2, 3, 16, 16))  # the parent's OpenMP team exists before the fork
+    seen: list[tuple[str, float]] = []
+    calls = ForkedCalls(60.0, lambda message, fraction: seen.append((message, fraction)))
+
+    def work(progress: Any) -> tuple[int, list[int]]:
+        progress("halfway", 0.5)
+        return os.getpid(), list(net(torch.ones(1, 3, 16, 16)).shape)
+
+    # act
+    pid, shape = calls.call(work, "a test conversion")
+    # assert: it ran elsewhere, answered, and its progress came through
+    assert pid != os.getpid()
+    assert shape == [1, 8, 14, 14]
+    assert seen == [("halfway", 0.5)]
+    assert calls.mode == "fork" and calls.crashes == 0
+
+
+@pytest.mark.parametrize(
+    ("fn", "reason"),
+    [
+        (_segv, "crashed (signal 11): SIGSEGV while a test conversion"),
+        (_abort, "crashed (signal 6): SIGABRT while a test conversion"),
+        (_raise, "ValueError: this conversion always fails"),
+    ],
+)
+def test_a_failing_child_becomes_a_reason(fn: Any, reason: str) -> None:
+    calls = ForkedCalls(60.0)
+    with pytest.raises(ConversionFailed) as failed:
+        calls.call(fn, "a test conversion")
+    assert failed.value.reason.startswith(reason), failed.value.reason
+    assert calls.crashes == (0 if fn is _raise else 1)
+
+
+def test_a_hung_child_is_killed_at_its_deadline() -> None:
+    calls = ForkedCalls(2.0)
+    started = time.monotonic()
+    with pytest.raises(ConversionFailed) as hung:
+        calls.call(_hang, "a test conversion")
+    # the stage named is the last the child reported
+    assert hung.value.reason == "timed out after 2 s (while sleeping); the conversion was stopped"
+    assert time.monotonic() - started < 60  # killed, not waited out (an hour)
+
+
+def test_an_unpicklable_result_is_a_clear_failure() -> None:
+    with pytest.raises(ConversionFailed, match="cannot be sent back to the build"):
+        ForkedCalls(60.0).call(lambda progress: lambda: None, "a test conversion")
+
+
+def test_in_process_mode_runs_here() -> None:
+    calls = ForkedCalls(60.0, isolate=False)
+    assert calls.mode == "in-process"
+    assert calls.call(lambda progress: os.getpid(), "here") == os.getpid()
+
+
+def test_bad_timeout_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        ForkedCalls(0)
+
+
+class TracedBadly(torch.nn.Module):
+    """A small classifier whose forward misbehaves only while LiteRT's converter traces it."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(256, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any("litert" in frame.filename for frame in inspect.stack(0)):
+            if self.how == "segv":
+                ctypes.string_at(0)
+            elif self.how == "hang":
+                time.sleep(3600)
+        return self.body(x)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("how", "reason"), [("segv", "crashed (signal 11)"), ("hang", "timed out after 45 s")]
+)
+def test_build_goes_on_past_a_crashing_tflite_conversion(how: str, reason: str, tmp_path: Path) -> None:
+    pytest.importorskip("litert_torch")
+    # prepare: an ONNX baseline that exports fine, and TFLite candidates whose conversion misbehaves
+    torch.manual_seed(0)
+    model = TracedBadly(how).eval()
+    x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    profile = FakeProfile(precisions=("fp32",), runtimes=("onnxruntime-cpu", "tflite"))
+    plan = PlanOptions(prune_levels=(), mixed_precision=False, static_calibrations=(), sensitivity=False)
+    from edgefleet.sdk.trust.keys import init_keys
+
+    key = init_keys(tmp_path / "keys").private_path
+    # act
+    result = build(
+        model, profile, eval={"x": x}, calib={"x": x}, plan=plan, out=tmp_path / "bundle", latency_runs=5,
+        candidate_timeout=45.0, private_key=key,
+    )  # fmt: skip
+    # assert: every TFLite candidate failed with the cause, the ONNX ones were measured, one was chosen
+    tflite = [c for c in result.candidates if c.spec.format == "tflite"]
+    onnx = [c for c in result.candidates if c.spec.format == "onnx"]
+    assert tflite and all(c.status == "failed" and c.reason.startswith(reason) for c in tflite), [
+        (c.id, c.reason) for c in tflite
+    ]
+    assert onnx and all(c.status != "failed" for c in onnx)
+    assert result.chosen.spec.format == "onnx"
+    report = json.loads((tmp_path / "bundle" / "report.json").read_text())
+    assert report["isolation"]["conversions"] == "fork"
+    assert report["isolation"]["conversion_crashes"] == len(tflite)
