@@ -657,8 +657,11 @@ def rollout_phase(
     while not row.get("finished"):
         if time.time() - began > timeout + 60:
             break
-        time.sleep(0.25)
-        row = api(serve.url, "GET", f"/api/rollouts/{rollout_id}")
+        # What a watching user's dashboard does: status and counts once a second; the per-device rows
+        # (5,000 of them at the largest size) once, at the end.
+        time.sleep(1.0)
+        row = api(serve.url, "GET", f"/api/rollouts/{rollout_id}?devices=false")
+    row = api(serve.url, "GET", f"/api/rollouts/{rollout_id}")
     ended = time.time()
     cpu1 = (serve.cpu(), broker_cpu(mosquitto_pid), pool.cpu(), time.monotonic())
     pool.call({"cmd": "stop"})

@@ -165,10 +165,25 @@ def test_rollouts_list_and_progress(client: TestClient, filled: dict[str, Any]) 
     assert [r["id"] for r in only_running] == [running_id]
 
 
+def test_rollout_without_device_rows_keeps_the_progress(client: TestClient, filled: dict[str, Any]) -> None:
+    # prepare
+    done_id, running_id = filled["rollouts"]
+    # act: the frequent poll's form, and the full one
+    for rollout_id in (done_id, running_id):
+        light = client.get(f"/api/rollouts/{rollout_id}", params={"devices": "false"}).json()
+        full = client.get(f"/api/rollouts/{rollout_id}").json()
+        # assert: the same rollout and progress, counted in SQL instead of from the rows
+        assert "devices" not in light and len(full["devices"]) == full["progress"]["total"]
+        assert light["progress"] == full["progress"]
+        assert {k: v for k, v in full.items() if k not in ("devices",)} == light
+
+
 def test_unknown_rollout_is_404(client: TestClient) -> None:
     r = client.get("/api/rollouts/nope")
     assert r.status_code == 404
     assert "GET /api/rollouts" in r.json()["detail"]
+    r = client.get("/api/rollouts/nope", params={"devices": "false"})
+    assert r.status_code == 404
 
 
 def test_bundles_list_and_detail(client: TestClient, filled: dict[str, Any]) -> None:

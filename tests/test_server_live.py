@@ -104,6 +104,38 @@ def test_feed_reports_only_what_changed() -> None:
         ChangeFeed(lambda: marks, poll_s=0)
 
 
+async def _connected() -> bool:
+    return False
+
+
+def test_feed_reads_the_store_only_while_someone_listens() -> None:
+    import asyncio
+
+    state = {"reads": 0, "telemetry": 1}
+
+    def marks() -> dict[str, Any]:
+        state["reads"] += 1
+        return {"telemetry": state["telemetry"]}
+
+    async def run() -> tuple[int, int, str]:
+        feed = ChangeFeed(marks, poll_s=0.01)
+        await feed.start()
+        await asyncio.sleep(0.3)  # ~30 poll periods with nobody listening
+        idle_reads = state["reads"]
+        state["telemetry"] = 2  # a change while nobody listened
+        stream = feed.stream({}, _connected)
+        await stream.__anext__()  # hello
+        notice = await asyncio.wait_for(stream.__anext__(), timeout=10)
+        await feed.stop()
+        await stream.aclose()
+        return idle_reads, state["reads"], notice
+
+    idle_reads, reads, notice = asyncio.run(run())
+    assert idle_reads == 1  # the first poll only: the baseline
+    assert reads > idle_reads
+    assert notice.startswith("event: telemetry")  # the change made while idle still reaches the client
+
+
 def test_feed_survives_a_store_outage() -> None:
     import asyncio
 
@@ -117,11 +149,14 @@ def test_feed_survives_a_store_outage() -> None:
 
     async def run() -> ChangeFeed:
         feed = ChangeFeed(marks, poll_s=0.01)
+        stream = feed.stream({}, _connected)
+        await stream.__anext__()  # a subscriber: the feed polls only while someone listens
         await feed.start()
         deadline = time.monotonic() + 10
         while feed.polls < 3 and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         await feed.stop()
+        await stream.aclose()
         return feed
 
     feed = asyncio.run(run())

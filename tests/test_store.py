@@ -106,6 +106,27 @@ def test_one_batch_from_many_devices_tracks_each_ones_sequence(store: Store, fle
     assert gaps == {("pi-0", 5, 6), ("pi-2", 3, 3)}
 
 
+def test_one_ingest_batch_of_telemetry_events_and_states_in_one_transaction(store: Store, fleet: str) -> None:
+    # prepare: a device's messages of one batch, interleaved by kind: telemetry 1, 2, event 3,
+    # state 4, telemetry 6 (5 lost), event 7; then the same batch redelivered
+    now = time.time()
+    tel = [_telemetry("pi-1", s, now + s) for s in (1, 2, 6)]
+    evts = [
+        {"device_id": "pi-1", "kind": "deploy", "payload": {"step": "verify"}, "seq": 3, "ts": now + 3},
+        {"device_id": "pi-1", "kind": "deploy", "payload": {"step": "done"}, "seq": 7, "ts": now + 7},
+    ]
+    # act
+    first = store.add_messages(fleet, tel, evts, [("pi-1", 4)])
+    again = store.add_messages(fleet, tel, evts, [("pi-1", 4)])
+    # assert: everything once, one gap across the kinds (5), the last sequence number is the event's
+    assert first == (3, 2)
+    assert again == (0, 0)
+    assert [(g.first_missing, g.last_missing) for g in store.gaps(fleet, "pi-1")] == [(5, 5)]
+    assert store.device(fleet, "pi-1")["last_seq"] == 7  # type: ignore[index]
+    assert sorted(e["payload"]["step"] for e in store.events(fleet, "pi-1")) == ["done", "verify"]
+    assert store.add_messages(fleet, [], [], []) == (0, 0)
+
+
 def test_values_json_cannot_hold_are_stored_as_text(store: Store, fleet: str) -> None:
     # prepare: a numpy number and a path in the metrics, as a user's own code might send them
     row = {**_telemetry("pi-1", 1, time.time()), "temperature_c": np.float32(51.5), "model_path": Path("/m")}

@@ -243,7 +243,7 @@ class Fleet:
         if soak_s < 0 or timeout_s <= 0:
             raise FleetError("soak must be >= 0 s and the device timeout > 0 s")
         if rollout_id is not None and (
-            not valid_name(rollout_id) or self.store.rollout(rollout_id) is not None
+            not valid_name(rollout_id) or self.store.rollout(rollout_id, devices=False) is not None
         ):
             raise RolloutConflict(
                 f"rollout id {rollout_id!r} is taken or malformed: use a new id of 1-128 letters, digits, "
@@ -378,7 +378,7 @@ class Fleet:
         """Take a rollout's lease, waiting out what is left of a dead owner's (its heartbeat went stale first)."""
         deadline = time.time() + self.lease_s + 1.0
         while not self.store.claim_rollout(rollout_id, self.owner, self.lease_s):
-            row = self.store.rollout(rollout_id) or {}
+            row = self.store.rollout(rollout_id, devices=False) or {}
             expires = float(row.get("lease_expires") or 0.0)
             if engine_alive(row) or expires > deadline or time.time() >= deadline:
                 return False  # alive again, or a lease longer than ours: a live owner

@@ -310,8 +310,11 @@ class Ingest:
             self.presumed_offline += 1
 
     def _write(self, batch: list[tuple[str, bytes]]) -> None:
-        """Write a batch in arrival order: telemetry runs go in one statement, events one by one."""
-        pending: list[dict[str, Any]] = []
+        """Write a batch: states into the device rows in arrival order, then telemetry, events and every
+        sequence number in one transaction (Store.add_messages)."""
+        rows: list[dict[str, Any]] = []
+        event_rows: list[dict[str, Any]] = []
+        seqs: list[tuple[str, int]] = []
         for topic, payload in batch:
             kind = str(Topics.kind_of(topic))
             device = device_from_topic(topic)
@@ -330,35 +333,35 @@ class Ingest:
                 self._presumed_offline.discard(device)  # a birth or a Last Will says it for sure
                 if message.online:
                     self._limits[device] = liveness_limit(message.info)
-            elif device in self._presumed_offline:
+                self._retry(lambda m=message: apply_state(self.store, self.fleet, m))
+                if message.seq >= 0:
+                    seqs.append((device, message.seq))
+                continue
+            if device in self._presumed_offline:
                 # Presumed gone, yet it speaks: it is back (a slow spell, not a lost link).
                 self._presumed_offline.discard(device)
                 self._retry(lambda d=device: self.store.upsert_device(self.fleet, d, online=True))
             if kind == "telemetry" and isinstance(message, Telemetry):
-                pending.append(flatten_telemetry(message))
+                rows.append(flatten_telemetry(message))
                 continue
-            self._flush(pending)
-            pending = []
-            self._retry(lambda m=message, k=kind: self._write_other(k, m))
-        self._flush(pending)
+            event_rows.append(
+                {
+                    "device_id": message.device,
+                    "kind": message.TYPE,
+                    "payload": message.to_obj(),
+                    "seq": message.seq,
+                    "ts": message.ts,
+                }
+            )
+        if rows or event_rows or seqs:
+            self._retry(lambda: self._add(rows, event_rows, seqs))
 
-    def _write_other(self, kind: str, message: Any) -> None:
-        if isinstance(message, State):
-            apply_state(self.store, self.fleet, message)
-            if message.seq >= 0:
-                self.store.note_sequence(self.fleet, message.device, message.seq)
-            return
-        obj = message.to_obj()
-        self.store.add_event(self.fleet, message.device, message.TYPE, obj, seq=message.seq, ts=message.ts)
-        self.store.note_sequence(self.fleet, message.device, message.seq)
-        self.stored_events += 1
-
-    def _flush(self, rows: list[dict[str, Any]]) -> None:
-        if rows:
-            self._retry(lambda: self._add_rows(rows))
-
-    def _add_rows(self, rows: list[dict[str, Any]]) -> None:
-        self.stored_telemetry += self.store.add_telemetry(self.fleet, rows)
+    def _add(
+        self, rows: list[dict[str, Any]], event_rows: list[dict[str, Any]], seqs: list[tuple[str, int]]
+    ) -> None:
+        written, stored = self.store.add_messages(self.fleet, rows, event_rows, seqs)
+        self.stored_telemetry += written
+        self.stored_events += stored
 
     def _retry(self, action: Any, attempts: int = 8) -> None:
         """Run a store write, backing off on failure (a locked SQLite file, a restarting PostgreSQL)."""

@@ -171,7 +171,7 @@ class RolloutRecord:
         """The reason when another process (CLI, API) asked for an abort through the store, else None."""
         if self.status != RolloutStatus.RUNNING:
             return None
-        row = self.store.rollout(self.rollout_id)
+        row = self.store.rollout(self.rollout_id, devices=False)  # polled every 0.5 s: one row
         if row is not None and row["status"] == RolloutStatus.ABORTING:
             return str(row.get("reason") or "aborted by request")
         return None

@@ -177,7 +177,7 @@ class RolloutEngine:
             return self.status
         if self.owner is not None:
             if not self.store.claim_rollout(self.rollout_id, self.owner, self.lease_s):
-                row = self.store.rollout(self.rollout_id) or {}
+                row = self.store.rollout(self.rollout_id, devices=False) or {}
                 raise RolloutConflict(
                     f"rollout {self.rollout_id} is driven by worker {row.get('owner')!r} (its lease runs "
                     f"{max(0.0, float(row.get('lease_expires') or 0) - time.time()):.0f} s more); watch it "

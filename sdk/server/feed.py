@@ -66,6 +66,11 @@ class ChangeFeed:
         delay = self.poll_s
         while True:
             await asyncio.sleep(delay)
+            if not self._subscribers and self._last is not None:
+                # Nobody listens: reading every device row each second would only compete with the
+                # ingest (measured: a fifth of serve's CPU at 5,000 devices). The marks kept are
+                # stale, so the first poll after someone subscribes notifies every kind that moved.
+                continue
             try:
                 marks = await asyncio.to_thread(self._marks)
             except Exception as exc:

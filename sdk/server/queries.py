@@ -20,6 +20,9 @@ from edgefleet.sdk.store import (
     rollouts,
     telemetry,
 )
+from edgefleet.sdk.store import (
+    devices as devices_table,
+)
 
 # The largest ids and versions the store's columns hold (bundles.id is a 32-bit INTEGER on PostgreSQL,
 # versions are BIGINT): larger numbers in a request are refused (422) before they reach the database.
@@ -220,7 +223,12 @@ def progress(devices: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for dev in devices:
         status = str(dev.get("status") or "unknown")
         by_status[status] = by_status.get(status, 0) + 1
-    total = len(devices)
+    return progress_of_counts(by_status)
+
+
+def progress_of_counts(by_status: Mapping[str, int]) -> dict[str, Any]:
+    """A rollout's progress from its device counts by status (`Store.rollout_status_counts`)."""
+    total = sum(by_status.values())
     finished = sum(n for s, n in by_status.items() if s in FINISHED_DEVICE_STATUSES)
     succeeded = sum(n for s, n in by_status.items() if s in SUCCESS_DEVICE_STATUSES)
     return {
@@ -235,10 +243,11 @@ def progress(devices: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def rollout_view(rollout: Mapping[str, Any]) -> dict[str, Any]:
-    """A rollout row (with `devices`) as the API shows it: its progress added, finished flagged."""
+def rollout_view(rollout: Mapping[str, Any], counts: Optional[Mapping[str, int]] = None) -> dict[str, Any]:
+    """A rollout row as the API shows it: its progress added (from `devices`, or from `counts` for a row
+    read without them), finished flagged."""
     out = dict(rollout)
-    out["progress"] = progress(out.get("devices", []))
+    out["progress"] = progress(out.get("devices", [])) if counts is None else progress_of_counts(counts)
     out["finished"] = str(out.get("status")) in FINISHED_ROLLOUT_STATUSES
     return jsonable(out)
 
@@ -270,21 +279,25 @@ def change_marks(store: Store, fleet: str) -> dict[str, Any]:
             .select_from(rollout_devices.join(rollouts, rollouts.c.id == rollout_devices.c.rollout_id))
             .where(rollouts.c.fleet == fleet)
         ).one()
-    dev_rows = store.devices(fleet)
-    # last_seen and last_seq move with every telemetry message: leave them to the telemetry mark.
-    dev_mark = [
-        (
-            d["device_id"],
-            d["online"],
-            d["profile"],
-            d["active_model"],
-            d["active_version"],
-            d["desired_model"],
-            d["desired_version"],
-            d["agent_version"],
-        )
-        for d in dev_rows
-    ]
+        # last_seen and last_seq move with every telemetry message: leave them to the telemetry mark.
+        # Only these columns, as tuples: no JSON columns decoded for thousands of devices a second.
+        dev_mark = [
+            tuple(row)
+            for row in conn.execute(
+                select(
+                    devices_table.c.device_id,
+                    devices_table.c.online,
+                    devices_table.c.profile,
+                    devices_table.c.active_model,
+                    devices_table.c.active_version,
+                    devices_table.c.desired_model,
+                    devices_table.c.desired_version,
+                    devices_table.c.agent_version,
+                )
+                .where(devices_table.c.fleet == fleet)
+                .order_by(devices_table.c.device_id)
+            ).all()
+        ]
     return {
         "devices": dev_mark,
         "telemetry": [tel[0], tel[1]],

@@ -91,8 +91,8 @@ def list_rollouts(
     return queries.rollouts_with_devices(ctx.store, ctx.fleet, status=status, limit=limit)
 
 
-def _require_rollout(ctx: ServerContext, rollout_id: str) -> dict[str, Any]:
-    row = ctx.store.rollout(rollout_id)
+def _require_rollout(ctx: ServerContext, rollout_id: str, devices: bool = True) -> dict[str, Any]:
+    row = ctx.store.rollout(rollout_id, devices=devices)
     if row is None or row.get("fleet") != ctx.fleet:
         recent = [r["id"] for r in ctx.store.rollouts(ctx.fleet)[:10]]
         raise NotFound(
@@ -103,9 +103,18 @@ def _require_rollout(ctx: ServerContext, rollout_id: str) -> dict[str, Any]:
 
 
 @router.get("/rollouts/{rollout_id}", summary="One rollout: status, reason, per-device progress")
-def get_rollout(rollout_id: str, ctx: ServerContext = Depends(get_ctx)) -> dict[str, Any]:
-    """One rollout with its devices and progress."""
-    return queries.rollout_view(_require_rollout(ctx, rollout_id))
+def get_rollout(
+    rollout_id: str,
+    ctx: ServerContext = Depends(get_ctx),
+    devices: bool = Query(
+        True, description="false: leave out the per-device rows (progress counts stay), for frequent polls"
+    ),
+) -> dict[str, Any]:
+    """One rollout with its devices and progress (`?devices=false`: without the device rows)."""
+    row = _require_rollout(ctx, rollout_id, devices)
+    if devices:
+        return queries.rollout_view(row)
+    return queries.rollout_view(row, counts=ctx.store.rollout_status_counts(rollout_id))
 
 
 @router.post("/rollouts", status_code=202, summary="Start a rollout (needs the server attached to a broker)")
@@ -135,7 +144,7 @@ def abort_rollout(
     rollout_id: str, body: Optional[AbortRequest] = None, ctx: ServerContext = Depends(get_ctx)
 ) -> dict[str, Any]:
     """Abort a rollout that has not ended; 409 when it already has."""
-    row = _require_rollout(ctx, rollout_id)
+    row = _require_rollout(ctx, rollout_id, devices=False)
     if ctx.actions is None:
         raise Unavailable(NO_ACTIONS)
     if str(row["status"]) in queries.FINISHED_ROLLOUT_STATUSES:

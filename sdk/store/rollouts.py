@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 
 from edgefleet.agent.core.codes import ACTIVE_ROLLOUT
 from edgefleet.sdk.store.base import StoreBase
@@ -142,12 +142,18 @@ class RolloutsMixin(StoreBase):
         with self._tx(write=True) as conn:
             conn.execute(query, params)
 
-    def rollout(self, rollout_id: str) -> dict[str, Any] | None:
-        """A rollout with its devices under the key `devices`, or None."""
+    def rollout(self, rollout_id: str, devices: bool = True) -> dict[str, Any] | None:
+        """A rollout with its devices under the key `devices` (unless `devices=False`), or None.
+
+        `devices=False` reads one row: what a status poll needs (abort requested? lease holder?),
+        where the per-device rows of a 5,000-device rollout cost a read and a decode each time.
+        """
         with self._tx() as conn:
             row = conn.execute(select(rollouts).where(rollouts.c.id == rollout_id)).first()
             if row is None:
                 return None
+            if not devices:
+                return dict(row._mapping)
             devs = conn.execute(
                 select(rollout_devices)
                 .where(rollout_devices.c.rollout_id == rollout_id)
@@ -156,6 +162,16 @@ class RolloutsMixin(StoreBase):
         out = dict(row._mapping)
         out["devices"] = [dict(d._mapping) for d in devs]
         return out
+
+    def rollout_status_counts(self, rollout_id: str) -> dict[str, int]:
+        """How many of a rollout's devices are in each status (one GROUP BY, no device rows)."""
+        query = (
+            select(rollout_devices.c.status, func.count())
+            .where(rollout_devices.c.rollout_id == rollout_id)
+            .group_by(rollout_devices.c.status)
+        )
+        with self._tx() as conn:
+            return {str(status or "unknown"): int(n) for status, n in conn.execute(query).all()}
 
     def rollouts(self, fleet: str | None = None, status: Iterable[str] | None = None) -> list[dict[str, Any]]:
         """Rollouts, newest first, optionally of one fleet and in the given statuses."""

@@ -120,6 +120,55 @@ class TelemetryMixin(StoreBase):
             )
             return len(result.all())
 
+    def add_messages(
+        self,
+        fleet: str,
+        messages: Sequence[Mapping[str, Any]],
+        event_rows: Sequence[Mapping[str, Any]] = (),
+        seqs: Sequence[tuple[str, Any]] = (),
+    ) -> tuple[int, int]:
+        """One ingest batch in one transaction: telemetry `messages`, `event_rows` (device_id, kind,
+        payload, seq, ts) and the sequence numbers of any other message (states), gaps checked once for
+        all. Redeliveries are skipped. Returns (telemetry rows written, events written).
+
+        One commit per batch instead of two or three per event: a 5,000-device rollout sends tens of
+        thousands of events, and per-event commits left the ingest a minute behind (bench/load.py).
+        """
+        rows = [telemetry_row(fleet, m) for m in messages]
+        events_in = [
+            {
+                "fleet": fleet,
+                "device_id": str(e["device_id"]),
+                "kind": str(e["kind"]),
+                "payload": dict(e["payload"]),
+                "seq": _seq(e.get("seq")),
+                "ts": float(e.get("ts") or time.time()),
+            }
+            for e in event_rows
+        ]
+        every_seq = [
+            *((r["device_id"], r["seq"]) for r in rows),
+            *((e["device_id"], e["seq"]) for e in events_in),
+            *seqs,
+        ]
+        if not rows and not events_in and not every_seq:
+            return 0, 0
+        with self._tx(write=True) as conn:
+            self._track_sequences(conn, fleet, every_seq)
+            written = 0
+            if rows:
+                result = conn.execute(
+                    dialect_insert(conn, telemetry).on_conflict_do_nothing().returning(telemetry.c.id), rows
+                )
+                written = len(result.all())
+            stored_events = 0
+            if events_in:
+                result = conn.execute(
+                    dialect_insert(conn, events).on_conflict_do_nothing().returning(events.c.id), events_in
+                )
+                stored_events = len(result.all())
+        return written, stored_events
+
     def note_sequence(self, fleet: str, device_id: str, seq: int | None) -> None:
         """Check one sequence number of a non-telemetry message (state, evt) for gaps."""
         with self._tx(write=True) as conn:
