@@ -4,6 +4,7 @@ The engine (sdk/fleet/rollout.py) decides; this record remembers. Everything a r
 to carry on lives here: the current wave and soak deadline (in `settings`), when each device was told,
 what each ran before (so an abort restores it), and each device's status in `rollout_devices`.
 Writes are collected and flushed a few times per tick instead of one transaction per event.
+`RolloutBundle` is a rolled-out bundle's stored row with its manifest's gates read once.
 """
 
 from __future__ import annotations
@@ -13,8 +14,23 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgefleet.agent.core.codes import RESTORE_DESIRED, DeviceStatus, RolloutStatus
+from edgefleet.agent.core.codes import RESTORE_DESIRED, DeviceStatus, InstallStep, RolloutStatus
+from edgefleet.agent.core.errors import VerifyError
+from edgefleet.agent.core.manifest import Manifest
 from edgefleet.sdk.store import Store
+
+# The steps after the download: a device reporting one of them is installing.
+INSTALL_STEPS = frozenset(
+    {
+        InstallStep.DOWNLOADED,
+        InstallStep.VERIFY,
+        InstallStep.WRITE,
+        InstallStep.LOAD,
+        InstallStep.HEALTH,
+        InstallStep.SWITCH,
+    }
+)
+
 
 HEARTBEAT_S = 1.0
 # An engine that has not written its heartbeat for this long is gone; another process may take over.
@@ -175,3 +191,19 @@ class RolloutRecord:
         if row is not None and row["status"] == RolloutStatus.ABORTING:
             return str(row.get("reason") or "aborted by request")
         return None
+
+
+class RolloutBundle:
+    """A stored bundle row of the rollout, with what the engine reads from its manifest parsed once."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.row = row
+        self.name = str(row["name"])
+        self.version = int(row["version"])
+        try:
+            manifest: Manifest | None = Manifest.from_dict(row.get("manifest") or {})
+        except VerifyError:
+            # A row stored by an older host with a manifest this one no longer reads: no manifest gates.
+            manifest = None
+        self.health = manifest.health if manifest is not None else None
+        self.eval_metric = manifest.eval.metric if manifest is not None else None

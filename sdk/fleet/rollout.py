@@ -30,8 +30,7 @@ from edgefleet.agent.core.codes import (
     InstallStep,
     RolloutStatus,
 )
-from edgefleet.agent.core.errors import ProtocolError, VerifyError
-from edgefleet.agent.core.manifest import Manifest
+from edgefleet.agent.core.errors import ProtocolError
 from edgefleet.agent.core.protocol import (
     Deployed,
     DeviceMessage,
@@ -48,7 +47,14 @@ from edgefleet.agent.core.protocol import (
 from edgefleet.sdk.fleet.delta import plan_patch
 from edgefleet.sdk.fleet.errors import RolloutConflict, RolloutNotFound
 from edgefleet.sdk.fleet.mqtt_url import Connection, MqttOptions, connect
-from edgefleet.sdk.fleet.progress import DeviceProgress, EngineView, RolloutRecord, engine_alive
+from edgefleet.sdk.fleet.progress import (
+    INSTALL_STEPS,
+    DeviceProgress,
+    EngineView,
+    RolloutBundle,
+    RolloutRecord,
+    engine_alive,
+)
 from edgefleet.sdk.fleet.strategy import AbortRules, TelemetrySample
 from edgefleet.sdk.fleet.transfer import (
     Blob,
@@ -72,17 +78,6 @@ LEASE_RENEW_S = 1.0
 # `Topics.hashes`), not in every device's deploy command: the command's size stays the same whatever
 # the bundle's size (82 chunks cost 12.7 KB per device before).
 INLINE_HASH_CHUNKS = 8
-# The steps after the download: a device reporting one of them is installing.
-INSTALL_STEPS = frozenset(
-    {
-        InstallStep.DOWNLOADED,
-        InstallStep.VERIFY,
-        InstallStep.WRITE,
-        InstallStep.LOAD,
-        InstallStep.HEALTH,
-        InstallStep.SWITCH,
-    }
-)
 
 
 class RolloutEngine:
@@ -118,12 +113,12 @@ class RolloutEngine:
         self.timeout_s = float(settings.get("timeout_s", 600.0))
         self.ready_timeout_s = float(settings.get("ready_timeout_s", 10.0))
         self.tick_s = tick_s
-        self.bundles: dict[int, _Bundle] = {}
+        self.bundles: dict[int, RolloutBundle] = {}
         for bid in {d.bundle_id for d in self.devices.values() if d.bundle_id is not None}:
             brow = store.bundle(int(bid))
             if brow is None:
                 raise RolloutNotFound(f"rollout {rollout_id}: bundle {bid} is no longer in the store")
-            self.bundles[int(bid)] = _Bundle(brow)
+            self.bundles[int(bid)] = RolloutBundle(brow)
         self.transfers: dict[int, BundleTransfer] = {}
         self.blobs: dict[str, Blob] = {}
         self.chunk_size = int(settings.get("chunk_size") or 0) or 256 * 1024
@@ -608,19 +603,3 @@ class RolloutEngine:
             else:
                 self._set_device(dev, DeviceStatus.ABORTED, "still installing when the rollout aborted")
         self._set_status(RolloutStatus.ABORTED, self.reason)
-
-
-class _Bundle:
-    """A stored bundle row of the rollout, with what the engine reads from its manifest parsed once."""
-
-    def __init__(self, row: dict[str, Any]) -> None:
-        self.row = row
-        self.name = str(row["name"])
-        self.version = int(row["version"])
-        try:
-            manifest: Manifest | None = Manifest.from_dict(row.get("manifest") or {})
-        except VerifyError:
-            # A row stored by an older host with a manifest this one no longer reads: no manifest gates.
-            manifest = None
-        self.health = manifest.health if manifest is not None else None
-        self.eval_metric = manifest.eval.metric if manifest is not None else None
