@@ -98,6 +98,37 @@ def test_an_unpicklable_result_is_a_clear_failure() -> None:
         ForkedCalls(60.0).call(lambda progress: lambda: None, "a test conversion")
 
 
+def test_a_stream_locked_by_another_thread_at_the_fork_does_not_hang_the_child(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # prepare: sys.stdout is a pipe nobody reads, and a thread is stuck in a write to it, holding the
+    # stream's lock (as a progress display refreshing the terminal might at the moment of the fork)
+    import sys
+    import threading
+
+    read_fd, write_fd = os.pipe()
+    stuck = os.fdopen(write_fd, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", stuck)
+
+    def write_forever() -> None:
+        try:
+            stuck.write("x" * 10_000_000 + "\n")
+        except (OSError, ValueError):
+            pass  # the pipe closed at the end of the test
+
+    writer = threading.Thread(target=write_forever, daemon=True)
+    writer.start()
+    time.sleep(0.5)
+    try:
+        # act: a conversion that prints, as torch.onnx does
+        answer = ForkedCalls(30.0).call(lambda progress: print("exporting...") or 42, "printing")
+    finally:
+        os.close(read_fd)
+        writer.join(5)
+    # assert: it answered instead of waiting on the inherited lock until the deadline
+    assert answer == 42
+
+
 def test_in_process_mode_runs_here() -> None:
     calls = ForkedCalls(60.0, isolate=False)
     assert calls.mode == "in-process"

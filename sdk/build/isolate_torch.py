@@ -141,11 +141,34 @@ def _reap(pid: int) -> int:
             return 0
 
 
+def _fresh_streams() -> None:
+    """New sys.stdout/sys.stderr objects on the same descriptors, for the child's prints.
+
+    Only the forking thread lives on in the child: had another thread (a progress display refreshing
+    the terminal) held a stream's internal lock at the fork, the converter's first print would wait on
+    it forever. Fresh objects have fresh locks; logging's own locks are reset by the logging module.
+    """
+    import logging
+
+    replaced: dict[int, Any] = {}  # id of the parent's stream object -> the child's fresh one
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        try:
+            fresh = os.fdopen(os.dup(fd), "w", buffering=1, encoding="utf-8", errors="replace")
+        except OSError:  # no such descriptor (a daemon): keep what there is
+            continue
+        replaced[id(getattr(sys, name))] = fresh
+        setattr(sys, name, fresh)
+    for handler in logging.root.handlers:
+        if isinstance(handler, logging.StreamHandler) and id(handler.stream) in replaced:
+            handler.setStream(replaced[id(handler.stream)])
+
+
 def _child(fn: Callable[[Progress], Any], fd: int) -> None:
     """Run `fn` and send its result (or its failure) down `fd`; exit without the parent's teardown."""
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the parent decides
+        _fresh_streams()
         try:
             import torch
 
