@@ -238,6 +238,7 @@ class AgentPool:
         rate: float,
         first: int = 0,
         mqtt_version: str = "5",
+        connect_rate: float = 0.0,
     ) -> None:
         # A list of brokers (the nodes of a cluster): process i talks to broker i modulo their number.
         brokers = [broker] if isinstance(broker, str) else list(broker)
@@ -272,6 +273,8 @@ class AgentPool:
                         str(key),
                         "--telemetry-interval",
                         str(1.0 / rate),
+                        "--connect-rate",
+                        str(connect_rate / processes),
                     ],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
@@ -280,7 +283,8 @@ class AgentPool:
                 self.procs.append(proc)
                 self.readers.append(LineReader(proc))
                 start += count
-            self.ready = [r.read(240) for r in self.readers]
+            paced = devices / connect_rate if connect_rate > 0 else 0.0
+            self.ready = [r.read(240 + paced) for r in self.readers]
         except BaseException:
             self.kill()
             raise
@@ -923,6 +927,7 @@ def scale_main(
         "nofile_limit": nofile,
         "processes_min": args.processes,
         "devices_per_process": args.devices_per_process,
+        "connect_rate_per_s": args.connect_rate or None,
         "command": "python " + " ".join(sys.argv),
         "failures": checks.failures,
         "ok": not checks.failures,
@@ -984,6 +989,13 @@ def main() -> None:
         type=int,
         default=1250,
         help="scaling mode: at most this many simulated devices per process",
+    )
+    parser.add_argument(
+        "--connect-rate",
+        type=float,
+        default=0.0,
+        help="scaling mode: devices connecting per second, fleet-wide (default 0: all at once, as after a "
+        "broker restart; a fleet booting over a minute is e.g. 100)",
     )
     parser.add_argument("--bundle-mb", type=float, default=1.0, help="size of the rolled-out model")
     parser.add_argument("--rollout-timeout", type=float, default=300.0, help="seconds a device may take")

@@ -547,10 +547,15 @@ class Pool:
         """Spread the fleet's sends evenly over one period: device k of `total` goes at k/total of it."""
         return (self.devices[i].number % self.total) / self.total / self.rate
 
-    def connect_all(self, timeout_s: float) -> float:
-        """Connect every device; wait until each has its CONNACK, SUBACK and birth PUBACK. Returns seconds."""
+    def connect_all(self, timeout_s: float, rate: float = 0.0) -> float:
+        """Connect every device (at most `rate` a second; 0: at once); wait until each has its CONNACK,
+        SUBACK and birth PUBACK, `timeout_s` at most after the last one started. Returns seconds."""
         start = time.monotonic()
-        for dev in self.devices:
+        for index, dev in enumerate(self.devices):
+            if rate > 0:
+                # A fleet that boots over a minute, not in one burst: keep the loop turning meanwhile.
+                while (due := start + index / rate - time.monotonic()) > 0:
+                    self.step(min(due, 0.05))
             for attempt in range(5):
                 try:
                     dev.connect()
@@ -563,7 +568,7 @@ class Pool:
                         ) from exc
                     time.sleep(0.1 * 2**attempt)
             self.step(0)
-        deadline = start + timeout_s
+        deadline = time.monotonic() + timeout_s
         while not all(d.connected and d.subscribed and d.birth_acked for d in self.devices):
             if time.monotonic() > deadline:
                 ready = sum(d.connected and d.subscribed and d.birth_acked for d in self.devices)
@@ -697,6 +702,9 @@ def main() -> None:
     )
     parser.add_argument("--connect-timeout", type=float, default=120.0)
     parser.add_argument(
+        "--connect-rate", type=float, default=0.0, help="connections a second from this process (0: at once)"
+    )
+    parser.add_argument(
         "--mqtt-version",
         choices=("5", "3.1.1"),
         default="5",
@@ -716,7 +724,7 @@ def main() -> None:
         args.telemetry_interval,
         args.mqtt_version,
     )
-    seconds = pool.connect_all(args.connect_timeout)
+    seconds = pool.connect_all(args.connect_timeout, args.connect_rate)
     pool.watch_stdin()
     pool.reply({"ready": True, "devices": len(pool.devices), "connect_s": round(seconds, 3)})
     try:

@@ -149,6 +149,7 @@ def scale_step(
             tmp,
             args.big_rate,
             mqtt_version=broker.mqtt_version,
+            connect_rate=args.connect_rate,
         )
         births = load.wait_online(db, fleet, devices, timeout=600, announced=True)
         out.update(connect_s=round(pool.connect_s, 2), births_stored_s=round(births, 2))
