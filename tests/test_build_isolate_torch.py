@@ -8,25 +8,29 @@ and the build goes on past the TFLite candidates.
 from __future__ import annotations
 
 import ctypes
-import inspect
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from build_support import FakeProfile  # noqa: E402
-
-from edgefleet.sdk.build.builder import build  # noqa: E402
 from edgefleet.sdk.build.isolate_torch import ConversionFailed, ForkedCalls, fork_available  # noqa: E402
-from edgefleet.sdk.build.plan import PlanOptions  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not fork_available(), reason="conversions are forked on Linux only")
+
+
+@pytest.fixture(autouse=True)
+def _no_fork_hazard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The children here run only this file's own code (never XLA or TensorFlow), so they may fork even
+    when another test loaded those into this process; only the hazard test sees the real check."""
+    if "tensorflow" not in request.node.name:
+        from edgefleet.sdk.build import isolate_torch
+
+        monkeypatch.setattr(isolate_torch, "fork_hazard", lambda: None)
 
 
 def _segv(progress: Any) -> None:
@@ -93,6 +97,21 @@ def test_a_hung_child_is_killed_at_its_deadline() -> None:
     assert time.monotonic() - started < 60  # killed, not waited out (an hour)
 
 
+def test_a_process_already_running_tensorflow_converts_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    # prepare: a fork-unsafe runtime loaded in this process (as in a session that converted before);
+    # a forked child would hang in it, so the call must not fork
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "tensorflow", types.ModuleType("tensorflow"))
+    calls = ForkedCalls(60.0)
+    # act
+    pid = calls.call(lambda progress: os.getpid(), "a conversion")
+    # assert: it ran here, and why is recorded for report.json
+    assert pid == os.getpid()
+    assert calls.unforked == ["a conversion: TensorFlow is loaded in this process"]
+
+
 def test_an_unpicklable_result_is_a_clear_failure() -> None:
     with pytest.raises(ConversionFailed, match="cannot be sent back to the build"):
         ForkedCalls(60.0).call(lambda progress: lambda: None, "a test conversion")
@@ -140,17 +159,32 @@ def test_bad_timeout_is_a_clear_error() -> None:
         ForkedCalls(0)
 
 
-class TracedBadly(torch.nn.Module):
-    """A small classifier whose forward misbehaves only while LiteRT's converter traces it."""
+# A user's build script: the model class lives in its `__main__` (a fresh interpreter could not unpickle
+# it; the forked conversion has it in memory). Its forward misbehaves only while LiteRT's converter
+# traces it. It runs in an interpreter of its own, so that a fork-unsafe runtime another test loaded
+# into this process (XLA, which would make the build convert in-process) cannot turn the crash into
+# pytest's own.
+BUILD_SCRIPT = """
+import ctypes, inspect, json, sys, time
 
-    def __init__(self, how: str) -> None:
+import numpy as np
+import torch
+
+from build_support import FakeProfile
+from edgefleet.sdk.build.builder import build
+from edgefleet.sdk.build.plan import PlanOptions
+from edgefleet.sdk.trust.keys import init_keys
+
+
+class TracedBadly(torch.nn.Module):
+    def __init__(self, how):
         super().__init__()
         self.how = how
         self.body = torch.nn.Sequential(
             torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(256, 10)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         if any("litert" in frame.filename for frame in inspect.stack(0)):
             if self.how == "segv":
                 ctypes.string_at(0)
@@ -159,34 +193,60 @@ class TracedBadly(torch.nn.Module):
         return self.body(x)
 
 
+how, out = sys.argv[1], sys.argv[2]
+torch.manual_seed(0)
+x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+result = build(
+    TracedBadly(how).eval(),
+    FakeProfile(precisions=("fp32",), runtimes=("onnxruntime-cpu", "tflite")),
+    eval={"x": x},
+    calib={"x": x},
+    plan=PlanOptions(prune_levels=(), mixed_precision=False, static_calibrations=(), sensitivity=False),
+    out=out + "/bundle",
+    latency_runs=5,
+    candidate_timeout=45.0,
+    private_key=init_keys(out + "/keys").private_path,
+)
+print(json.dumps({
+    "candidates": [[c.spec.format, c.id, c.status, c.reason] for c in result.candidates],
+    "chosen": result.chosen.spec.format,
+}))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("how", "reason"), [("segv", "crashed (signal 11)"), ("hang", "timed out after 45 s")]
 )
 def test_build_goes_on_past_a_crashing_tflite_conversion(how: str, reason: str, tmp_path: Path) -> None:
     pytest.importorskip("litert_torch")
-    # prepare: an ONNX baseline that exports fine, and TFLite candidates whose conversion misbehaves
-    torch.manual_seed(0)
-    model = TracedBadly(how).eval()
-    x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
-    profile = FakeProfile(precisions=("fp32",), runtimes=("onnxruntime-cpu", "tflite"))
-    plan = PlanOptions(prune_levels=(), mixed_precision=False, static_calibrations=(), sensitivity=False)
-    from edgefleet.sdk.trust.keys import init_keys
+    import subprocess
+    import sys
 
-    key = init_keys(tmp_path / "keys").private_path
+    # prepare: an ONNX baseline that exports fine, and TFLite candidates whose conversion misbehaves
+    script = tmp_path / "build_it.py"
+    script.write_text(BUILD_SCRIPT)
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
     # act
-    result = build(
-        model, profile, eval={"x": x}, calib={"x": x}, plan=plan, out=tmp_path / "bundle", latency_runs=5,
-        candidate_timeout=45.0, private_key=key,
-    )  # fmt: skip
-    # assert: every TFLite candidate failed with the cause, the ONNX ones were measured, one was chosen
-    tflite = [c for c in result.candidates if c.spec.format == "tflite"]
-    onnx = [c for c in result.candidates if c.spec.format == "onnx"]
-    assert tflite and all(c.status == "failed" and c.reason.startswith(reason) for c in tflite), [
-        (c.id, c.reason) for c in tflite
-    ]
-    assert onnx and all(c.status != "failed" for c in onnx)
-    assert result.chosen.spec.format == "onnx"
+    run = subprocess.run(
+        [sys.executable, str(script), how, str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    # assert: the build finished; every TFLite candidate failed with the cause, the ONNX ones were
+    # measured, one was chosen
+    assert run.returncode == 0, run.stderr[-3000:]
+    answer = json.loads(run.stdout.strip().splitlines()[-1])
+    tflite = [c for c in answer["candidates"] if c[0] == "tflite"]
+    onnx = [c for c in answer["candidates"] if c[0] == "onnx"]
+    assert tflite and all(c[2] == "failed" and c[3].startswith(reason) for c in tflite), tflite
+    assert onnx and all(c[2] != "failed" for c in onnx)
+    assert answer["chosen"] == "onnx"
     report = json.loads((tmp_path / "bundle" / "report.json").read_text())
     assert report["isolation"]["conversions"] == "fork"
     assert report["isolation"]["conversion_crashes"] == len(tflite)
+    assert report["isolation"]["conversions_unforked"] == []

@@ -268,6 +268,7 @@ def build(
             "worker_restarts": runner.restarts,
             "conversions": calls.mode,  # torch → ONNX / TFLite: "fork" (a child each) or "in-process"
             "conversion_crashes": calls.crashes,
+            "conversions_unforked": calls.unforked,  # ran in this process: a child would have hung
         }
         bundle_dir = None
         if out_dir is not None:

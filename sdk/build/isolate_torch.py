@@ -16,7 +16,9 @@ OpenMP (libgomp) is not fork-safe — a child that starts a parallel region with
 hangs (measured: the first convolution never returned); with one thread it never enters a team. Pruning,
 which trains, stays in the parent: it is torch-only (no graph loaded by a native runtime) and its result,
 a torch model, is what the conversions read. Where fork is missing (not Linux) the conversions run in
-the build's process, and report.json says so.
+the build's process, and report.json says so. XLA (JAX, under litert-torch) and TensorFlow are not
+fork-safe at all: when either already runs in the build's process (a Python session that converted a
+model before), the conversions run in-process and report.json lists them (`fork_hazard`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,22 @@ class ConversionFailed(BuildError):
         self.reason = reason
 
 
+def fork_hazard() -> Optional[str]:
+    """Why forking this process now would hang the child, or None.
+
+    XLA (JAX, which litert-torch lowers through) and TensorFlow keep thread pools that a forked child
+    inherits without their threads: measured here, a TFLite conversion forked from a process that had
+    already run one in-process hung in JAX's lowering for good. The build itself never starts them (its
+    conversions run in children), but a Python session that converted a model before may have.
+    """
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    if bridge is not None and getattr(bridge, "_backends", None):
+        return "JAX/XLA already runs in this process"
+    if "tensorflow" in sys.modules:
+        return "TensorFlow is loaded in this process"
+    return None
+
+
 def fork_available() -> bool:
     """Whether conversions can run in a forked child here (Linux; macOS' frameworks are not fork-safe)."""
     return hasattr(os, "fork") and sys.platform.startswith("linux")
@@ -60,10 +78,16 @@ class ForkedCalls:
         self.progress = progress
         self.mode = "fork" if isolate and fork_available() else "in-process"
         self.crashes = 0  # children that crashed or timed out
+        self.unforked: list[str] = []  # why some conversions ran in this process after all
 
     def call(self, fn: Callable[[Progress], T], what: str) -> T:
         """`fn(progress)` in a child; its picklable result here, or ConversionFailed with the reason."""
         if self.mode != "fork":
+            return fn(self.progress)
+        hazard = fork_hazard()
+        if hazard is not None:
+            # A child would hang, not crash: convert here, unprotected, and say so in report.json.
+            self.unforked.append(f"{what}: {hazard}")
             return fn(self.progress)
         read_fd, write_fd = os.pipe()
         pid = os.fork()
@@ -204,4 +228,4 @@ def _child(fn: Callable[[Progress], Any], fd: int) -> None:
         os._exit(code)  # never run the parent's atexit handlers or finalizers twice
 
 
-__all__ = ["ConversionFailed", "ForkedCalls", "fork_available"]
+__all__ = ["ConversionFailed", "ForkedCalls", "fork_available", "fork_hazard"]
