@@ -103,6 +103,7 @@ def test_a_process_already_running_tensorflow_converts_in_process(monkeypatch: p
     import sys
     import types
 
+    monkeypatch.delitem(sys.modules, "jax._src.xla_bridge", raising=False)  # another test's, if any
     monkeypatch.setitem(sys.modules, "tensorflow", types.ModuleType("tensorflow"))
     calls = ForkedCalls(60.0)
     # act

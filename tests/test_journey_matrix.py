@@ -356,12 +356,18 @@ def _manifest_sha(bundle: Path) -> str:
 
 @pytest.mark.parametrize("source", ["pt2-dynamic", "pt2-batch1"])
 def test_cli_pt2_only_tflite_fp32_installs_and_serves_the_hosts_predictions(
-    world: World, fleet: Fleet, source: str
+    world: World, fleet: Fleet, source: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # prepare: the command line, with the real rpi4b profile (both runtimes)
+    # prepare: the command line, with the real rpi4b profile (both runtimes). Whether TFLite
+    # fp32 beats the onnxruntime fp32 baseline on this x86 host is a coin toss for a model this small
+    # (0.80x-1.1x in full runs), and the pick then follows the timing; this journey is about the TFLite
+    # model's install and answers, so the two count as equally fast here.
     from typer.testing import CliRunner
 
+    from edgefleet.sdk.build.candidate import Candidate
     from edgefleet.sdk.cli import app
+
+    monkeypatch.setattr(Candidate, "speed_tie", property(lambda self: self.speedup is not None))
 
     out = world.root / "cli" / source
     # act
